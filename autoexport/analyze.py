@@ -1,0 +1,375 @@
+"""Stage 1, analyze: build the model, run the real test pipeline and data preprocessor on samples,
+and describe the nested inputs and raw outputs as a flat tensor manifest."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import samples as sample_data
+from .boundaries import TensorBoundary, boundary_for, heads_of, output_namer_for
+from .errors import UserInputError
+from .manifest import (DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
+                       get_by_path, iter_tensors, path_to_identifier, path_to_str)
+
+log = logging.getLogger("autoexport")
+
+
+@dataclass
+class PreparedSample:
+    """A sample after the test pipeline and the data preprocessor: what the model's forward receives."""
+
+    name: str
+    role: str  # "export" or "heldout"
+    origin: str
+    num_points: int
+    inputs: dict
+    data_samples: list
+
+
+@dataclass
+class Analysis:
+    model: torch.nn.Module
+    cfg: Any
+    config_path: Path
+    checkpoint: str | None
+    model_type: str
+    device: str
+    boundary: TensorBoundary
+    samples: list[PreparedSample]
+    manifest: Manifest
+    metainfo: list[dict]  # data sample metainfo per batch item, as recorded from the first export sample
+    preprocess: dict = field(default_factory=dict)
+    postprocess: dict = field(default_factory=dict)
+
+    @property
+    def export_samples(self) -> list[PreparedSample]:
+        return [s for s in self.samples if s.role == "export"]
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+def load_config(config_path: Path) -> Any:
+    from mmengine.config import Config
+
+    try:
+        return Config.fromfile(str(config_path))
+    except Exception as err:  # mmengine raises many types for syntax, missing bases, bad imports
+        raise UserInputError(f"config {config_path} could not be loaded: {type(err).__name__}: {err}") from None
+
+
+def build_model(cfg: Any, device: str, seed: int) -> torch.nn.Module:
+    import mmdet3d.datasets.transforms  # noqa: F401  registers the pipeline transforms
+    import mmdet3d.models  # noqa: F401  registers models; not register_all_modules, whose metrics need dataset SDKs
+    from mmdet3d.apis.inference import convert_SyncBN
+    from mmdet3d.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    init_default_scope(cfg.get("default_scope", "mmdet3d"))
+    if "model" not in cfg:
+        raise UserInputError("the config has no `model` section")
+    model_cfg = copy.deepcopy(cfg.model)
+    convert_SyncBN(model_cfg)
+    model_cfg.train_cfg = None
+    torch.manual_seed(seed)  # random weights are reproducible when no checkpoint is given
+    try:
+        model = MODELS.build(model_cfg)
+    except KeyError as err:
+        raise UserInputError(f"the config's model could not be built: {err}. If it is defined outside mmdet3d, "
+                             "add its package to the config's custom_imports") from None
+    model.cfg = cfg
+    model.dataset_meta = {"classes": list(cfg.get("class_names", []))}
+    return model.to(device).eval()
+
+
+def load_checkpoint_strict(model: torch.nn.Module, path: str) -> None:
+    """Load weights, refusing a checkpoint that does not fit: the user must not get a half-random model."""
+    ckpt_path = Path(path).expanduser()
+    if not ckpt_path.is_file():
+        raise UserInputError(f"checkpoint not found: {ckpt_path}")
+    try:
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception:
+            # mmengine checkpoints pickle their `meta` (dataset info, config text); this is the user's own file.
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserInputError(f"checkpoint {ckpt_path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserInputError(f"checkpoint {ckpt_path} holds no state_dict of tensors")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing keys ({some(missing)})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected keys ({some(unexpected)})")
+        if mismatched:
+            k = mismatched[0]
+            details.append(f"{len(mismatched)} shape mismatches (e.g. {k}: checkpoint {tuple(state[k].shape)}, "
+                           f"model {tuple(expected[k].shape)})")
+        raise UserInputError(f"checkpoint {ckpt_path} does not fit {type(model).__name__} "
+                             f"({len(expected)} tensors expected): " + "; ".join(details)
+                             + ". Is it the checkpoint for this config?")
+    model.load_state_dict(state, strict=True)
+    meta = checkpoint.get("meta", {}) if isinstance(checkpoint, dict) else {}
+    if isinstance(meta, dict) and "dataset_meta" in meta:
+        model.dataset_meta = meta["dataset_meta"]
+
+
+# ---- samples -------------------------------------------------------------------------------------
+
+def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], workdir: Path,
+                    seed: int) -> tuple[list[PreparedSample], dict]:
+    """Run the config's test pipeline and the model's data preprocessor on each sample."""
+    from mmdet3d.structures import get_box_type
+    from mmengine.dataset import Compose, pseudo_collate
+
+    pipeline_cfg = sample_data.test_pipeline_of(cfg)
+    modalities = sample_data.modalities_of(pipeline_cfg)
+    if "camera" in modalities:
+        raise UserInputError("this config's test pipeline loads images; camera and multi-modal sample synthesis "
+                             "is not supported yet (lidar-only pipelines are)")
+    if "lidar" not in modalities:
+        raise UserInputError("the config's test pipeline loads no point cloud (no LoadPointsFromFile)")
+    fmt = sample_data.point_cloud_format(cfg, pipeline_cfg)
+    dataset_cfg = cfg.get("test_dataloader", {}).get("dataset", {})
+    box_type_3d, box_mode_3d = get_box_type(dataset_cfg.get("box_type_3d", "LiDAR"))
+    if sample_files:
+        sources = sample_data.user_samples(sample_files, fmt, workdir, seed, box_type_3d, box_mode_3d)
+    else:
+        sources = sample_data.synthesize_samples(fmt, workdir, seed, box_type_3d, box_mode_3d)
+    pipeline = Compose(pipeline_cfg)
+    prepared = []
+    for source in sources:
+        try:
+            packed = pipeline(copy.deepcopy(source.info))
+        except Exception as err:
+            raise UserInputError(f"the test pipeline failed on {source.origin}: {type(err).__name__}: {err}") from None
+        with torch.no_grad():
+            batch = model.data_preprocessor(pseudo_collate([packed]), False)
+        prepared.append(PreparedSample(source.name, source.role, source.origin, source.num_points,
+                                       batch["inputs"], batch["data_samples"]))
+        log.info("  %s: %d points (%s)", source.name, source.num_points, source.origin)
+    preprocess = {
+        "point_cloud": {"load_dim": fmt.load_dim, "use_dim": fmt.use_dim, "sweeps_num": fmt.sweeps_num,
+                        "point_cloud_range": fmt.point_cloud_range, "dataset_type": fmt.dataset_type},
+        "test_pipeline": [t.get("type") for t in pipeline_cfg],
+        "data_preprocessor": _plain(cfg.model.get("data_preprocessor", {})),
+    }
+    return prepared, preprocess
+
+
+# ---- manifest ------------------------------------------------------------------------------------
+
+class _TensorUseRecorder(TorchFunctionMode):
+    """Records which of the watched tensors any torch function receives."""
+
+    def __init__(self, watched: dict[int, str]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.used: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        for leaf in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(leaf, torch.Tensor) and id(leaf) in self.watched:
+                self.used.add(self.watched[id(leaf)])
+        return func(*args, **(kwargs or {}))
+
+
+def _clone_nested(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _clone_nested(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone_nested(v) for v in obj)
+    return obj
+
+
+def prune_nested(obj: Any, keep: set[str], prefix: tuple = ()) -> Any:
+    """Drop tensor leaves whose path is not in `keep`; containers left empty are dropped too."""
+    if isinstance(obj, torch.Tensor):
+        return obj if path_to_str(prefix) in keep else None
+    if isinstance(obj, dict):
+        pruned = {k: prune_nested(v, keep, prefix + (k,)) for k, v in obj.items()}
+        return {k: v for k, v in pruned.items() if v is not None} or None
+    if isinstance(obj, (list, tuple)):
+        items = [prune_nested(v, keep, prefix + (i,)) for i, v in enumerate(obj)]
+        return None if all(v is None for v in items) else type(obj)(items)
+    return obj
+
+
+def _outputs_equal(a: Any, b: Any) -> bool:
+    fa, fb = list(iter_tensors(a)), list(iter_tensors(b))
+    return len(fa) == len(fb) and all(pa == pb and torch.equal(ta, tb) for (pa, ta), (pb, tb) in zip(fa, fb))
+
+
+def _find_dynamic_dims(per_sample: list[dict[str, torch.Tensor]]) -> dict[tuple[str, int], tuple[int, ...]]:
+    """(path, dim) -> values across samples, for every dim that is not the same in all samples."""
+    varying = {}
+    for path, tensor in per_sample[0].items():
+        for dim in range(tensor.dim()):
+            values = tuple(int(s[path].shape[dim]) for s in per_sample)
+            if len(set(values)) > 1:
+                varying[(path, dim)] = values
+    return varying
+
+
+def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: Any,
+                   samples: list[PreparedSample]) -> Manifest:
+    export_samples = [s for s in samples if s.role == "export"]
+    flat = [{path_to_str(("inputs",) + p): t for p, t in iter_tensors(s.inputs)} for s in export_samples]
+    for sample, tensors in zip(export_samples[1:], flat[1:]):
+        if list(tensors) != list(flat[0]) or any(tensors[k].dtype != flat[0][k].dtype or tensors[k].dim() != flat[0][k].dim()
+                                                for k in tensors):
+            raise UserInputError(f"sample {sample.name} produced a different input structure than {export_samples[0].name}; "
+                                 "samples must come from the same dataset format")
+
+    # Which inputs the model reads, and which it writes into (e.g. PillarFeatureNet's legacy mode).
+    first = export_samples[0]
+    inputs = _clone_nested(first.inputs)
+    before = {path_to_str(("inputs",) + p): t.clone() for p, t in iter_tensors(inputs)}
+    recorder = _TensorUseRecorder({id(t): path_to_str(("inputs",) + p) for p, t in iter_tensors(inputs)})
+    with torch.no_grad(), recorder:
+        outputs = forward(model, inputs, first.data_samples)
+    after = {path_to_str(("inputs",) + p): t for p, t in iter_tensors(inputs)}
+    mutated = {k for k in before if not torch.equal(before[k], after[k])}
+    for path in sorted(mutated):
+        log.warning("  input mutation: the model writes into %s in place; every run gets a fresh copy", path)
+    used = recorder.used
+    unused = [p for p in flat[0] if p not in used]
+    if unused:
+        # Confirm the model gives identical outputs without them before leaving them out.
+        pruned = prune_nested(_clone_nested(first.inputs), {p[len("inputs."):] for p in used}) or {}
+        try:
+            with torch.no_grad():
+                same = _outputs_equal(forward(model, pruned, first.data_samples), forward(model, _clone_nested(first.inputs), first.data_samples))
+        except Exception:
+            same = False
+        if not same:
+            unused = []
+    if unused:
+        log.info("  inputs the model never reads (left out of the signature): %s", ", ".join(unused))
+
+    # Dynamic dims: a dim that differs between export samples; dims with identical values share a name.
+    varying = _find_dynamic_dims([{k: v for k, v in f.items() if k not in unused} for f in flat])
+    dims: dict[str, DynamicDim] = {}
+    by_values: dict[tuple[int, ...], str] = {}
+    specs: list[TensorSpec] = []
+    names: set[str] = set()
+    for path, tensor in flat[0].items():
+        if path in unused:
+            continue
+        name = path_to_identifier(path)
+        while name in names:
+            name += "_"
+        names.add(name)
+        dynamic: dict[int, str] = {}
+        for dim in range(tensor.dim()):
+            values = varying.get((path, dim))
+            if values is None:
+                continue
+            if values not in by_values:
+                dim_name = dim_name_for(path, dim, name)
+                while dim_name in dims:
+                    dim_name += "_"
+                by_values[values] = dim_name
+                dims[dim_name] = DynamicDim(dim_name, list(values))
+            dynamic[dim] = by_values[values]
+        specs.append(TensorSpec(name=name, path=path, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype),
+                                dynamic_dims=dynamic, description=describe_input(path),
+                                mutated_by_model=path in mutated))
+
+    # Outputs: flatten the raw head outputs and name them through the head's registry entry.
+    namer = output_namer_for(model, boundary)
+    with torch.no_grad():
+        second_outputs = forward(model, _clone_nested(export_samples[1].inputs), export_samples[1].data_samples)
+    out_specs = []
+    for path, tensor in iter_tensors(outputs):
+        other = get_by_path(second_outputs, path)
+        dynamic = {}
+        for dim in range(tensor.dim()):
+            values = (int(tensor.shape[dim]), int(other.shape[dim]))
+            if values[0] != values[1]:
+                dynamic[dim] = by_values.get(values) or f"{namer(path)}_dim{dim}"
+        out_specs.append(OutputSpec(name=namer(path), index_path=list(path), shape=list(tensor.shape),
+                                    dtype=dtype_name(tensor.dtype), dynamic_dims=dynamic))
+    if len({o.name for o in out_specs}) != len(out_specs):
+        raise RuntimeError(f"output names collide: {[o.name for o in out_specs]}")
+    if not out_specs:
+        raise UserInputError(f"{type(model).__name__}'s tensor forward returned no tensors; nothing to export")
+
+    structure = _structure_of(first.inputs, ("inputs",), {s.path: s.name for s in specs})
+    return Manifest(inputs=specs, outputs=out_specs, dims=dims, structure=structure, unused_inputs=unused,
+                    batch_size=len(first.data_samples))
+
+
+def _structure_of(obj: Any, prefix: tuple, names: dict[str, str]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        name = names.get(path_to_str(prefix))
+        return {"tensor": name} if name else None
+    if isinstance(obj, dict):
+        items = {k: _structure_of(v, prefix + (k,), names) for k, v in obj.items()}
+        return {k: v for k, v in items.items() if v is not None} or None
+    if isinstance(obj, (list, tuple)):
+        items = [_structure_of(v, prefix + (i,), names) for i, v in enumerate(obj)]
+        return None if all(v is None for v in items) else items
+    return None
+
+
+def _plain(obj: Any) -> Any:
+    """Config sections as JSON-friendly plain data."""
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)
+
+
+def postprocess_info(model: torch.nn.Module, cfg: Any, boundary: TensorBoundary) -> dict:
+    """What a host-side decoder needs: head classes, their config (anchors, box coder) and test_cfg."""
+    heads = heads_of(model, boundary)
+    model_cfg = cfg.model
+    head_cfgs = {attr: _plain(model_cfg.get(attr)) for attr in boundary.head_attrs if model_cfg.get(attr) is not None}
+    return {"head_types": [type(h).__name__ for h in heads], "heads": head_cfgs,
+            "test_cfg": _plain(model_cfg.get("test_cfg", {})),
+            "classes": list(getattr(model, "dataset_meta", {}).get("classes", []))}
+
+
+def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files: list[Path],
+            seed: int = 0) -> Analysis:
+    cfg = load_config(config_path)
+    model = build_model(cfg, device, seed)
+    if checkpoint:
+        load_checkpoint_strict(model, checkpoint)
+    log.info("  model %s: %.2f M parameters, %s weights", type(model).__name__,
+             sum(p.numel() for p in model.parameters()) / 1e6, "checkpoint" if checkpoint else "random")
+    with tempfile.TemporaryDirectory(prefix="autoexport-samples-") as workdir:
+        samples, preprocess = prepare_samples(model, cfg, sample_files, Path(workdir), seed)
+    boundary, forward = boundary_for(model)
+    manifest = build_manifest(model, boundary, forward, samples)
+    metainfo = [dict(s.metainfo) for s in samples[0].data_samples]
+    return Analysis(model=model, cfg=cfg, config_path=config_path, checkpoint=checkpoint,
+                    model_type=type(model).__name__, device=device, boundary=boundary, samples=samples,
+                    manifest=manifest, metainfo=metainfo, preprocess=preprocess,
+                    postprocess=postprocess_info(model, cfg, boundary))

@@ -1,0 +1,127 @@
+"""Command line: `autoexport --config X [...]` exports; `autoexport verify OUT_DIR` re-checks an export."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PARITY_FAILED, AutoExportError
+
+log = logging.getLogger("autoexport")
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autoexport",
+        description="Export an MMDetection3D model to torch.export (model.pt2) and ONNX, with numeric parity "
+                    "against eager PyTorch. `autoexport verify OUT_DIR` re-checks an existing export.",
+        epilog="exit codes: 0 ok, 1 parity failed, 2 bad input, 3 export failed")
+    p.add_argument("--config", required=True,
+                   help="config file, or the name of a config shipped with mmdet3d (e.g. "
+                        "pointpillars_hv_secfpn_8xb6-160e_kitti-3d-3class)")
+    p.add_argument("--checkpoint", help="weights (.pth); random weights when omitted")
+    p.add_argument("--output-dir", type=Path, help="where to write the export (default: exported_models/<config>)")
+    p.add_argument("--format", choices=["pt2", "onnx", "both"], default="both")
+    p.add_argument("--device", default="cpu", help="torch device for the model and eager/PT2 runs (default cpu)")
+    p.add_argument("--sample", action="append", type=Path, default=[], metavar="FILE",
+                   help="your own sample file in the dataset's format (repeatable); synthesized when omitted")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and synthesized samples")
+    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the parity check")
+    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the parity check")
+    p.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
+    p.add_argument("--version", action="version", version=f"autoexport {__version__}")
+    return p
+
+
+def _verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autoexport verify",
+                                description="Re-run every parity check of an export from its stored inputs.")
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--atol", type=float)
+    p.add_argument("--rtol", type=float)
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    # Libraries (onnxscript's optimizer, torch.export) log at INFO too; only autoexport's own lines are progress.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        # mmengine and torch warnings (CPU usage, deprecations) say nothing about the export.
+        warnings.filterwarnings("ignore")
+        logging.getLogger("mmengine").setLevel(logging.ERROR)
+
+
+def _run_export(argv: list[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from .pipeline import ExportOptions, run_export
+    from .verify import Tolerance
+
+    config_name = Path(args.config).stem if args.config.endswith(".py") else Path(args.config).name
+    options = ExportOptions(
+        config=args.config,
+        output_dir=args.output_dir or Path("exported_models") / config_name,
+        checkpoint=args.checkpoint,
+        formats=("pt2", "onnx") if args.format == "both" else (args.format,),
+        device=args.device,
+        samples=args.sample,
+        overwrite=args.overwrite,
+        seed=args.seed,
+        tolerance=Tolerance(args.atol, args.rtol),
+        verbose=args.verbose,
+    )
+    result = run_export(options)
+    log.info("exported %s to %s: %s", result.metadata["model_type"], result.output_dir,
+             ", ".join(sorted(p.name for p in result.output_dir.iterdir())))
+    return EXIT_OK
+
+
+def _run_verify(argv: list[str]) -> int:
+    args = _verify_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from .errors import UserInputError
+    from .pipeline import ExportResult
+    from .verify import Tolerance
+
+    if not (args.output_dir / "metadata.json").is_file():
+        raise UserInputError(f"{args.output_dir} is not an autoexport output directory (no metadata.json)")
+    result = ExportResult.load(args.output_dir)
+    stored = result.metadata["parity"]["tolerance"]
+    tol = Tolerance(args.atol if args.atol is not None else stored["atol"],
+                    args.rtol if args.rtol is not None else stored["rtol"], stored.get("precision", "fp32"))
+    report = result.verify(tol)
+    log.info("%s", report.table())
+    log.info("verify: %s", "all checks passed" if report.passed else f"{len(report.failures())} checks FAILED")
+    return EXIT_OK if report.passed else EXIT_PARITY_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "verify":
+            return _run_verify(argv[1:])
+        if argv and argv[0] == "export":
+            argv = argv[1:]
+        return _run_export(argv)
+    except AutoExportError as err:
+        log.error("autoexport: error: %s", err)
+        return err.exit_code
+    except KeyboardInterrupt:
+        log.error("autoexport: interrupted; nothing was written to the output directory")
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,159 @@
+"""Stage 3, export: torch.export the generated wrapper (with export patches applied) and translate the
+same ExportedProgram to ONNX. Failures are turned into messages that name the op, the module and what to do."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import ExportFailedError
+from .manifest import Manifest
+from .patches import AppliedPatch, PatchContext, export_patches
+
+log = logging.getLogger("autoexport")
+
+ONNX_OPSET = 18
+
+
+@dataclass
+class ExportedArtifacts:
+    program: torch.export.ExportedProgram
+    patches: list[AppliedPatch] = field(default_factory=list)
+    mutated_user_inputs: list[str] = field(default_factory=list)
+
+
+def dynamic_shapes_for(manifest: Manifest) -> tuple[dict[int, Any] | None, ...]:
+    dims = {name: torch.export.Dim(name, min=d.min, max=d.max) if d.max else torch.export.Dim(name, min=d.min)
+            for name, d in manifest.dims.items()}
+    return tuple({i: dims[n] for i, n in t.dynamic_dims.items()} or None for t in manifest.inputs)
+
+
+class _ModuleTracker:
+    """Keeps the stack of module paths being executed, so a failure can name the module it happened in."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.stack: list[tuple[str, str]] = []
+        self._handles = []
+        for name, module in model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(self._enter(name or "<model>", type(module).__name__)))
+            self._handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, name: str, class_name: str):  # noqa: ANN202
+        def hook(module, args):  # noqa: ANN001, ANN202
+            self.stack.append((name, class_name))
+        return hook
+
+    def _leave(self, module, args, output):  # noqa: ANN001, ANN202
+        if self.stack:
+            self.stack.pop()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+_SOURCE_MARKERS = ("/mmdet3d/", "/mmcv/", "/mmdet/", "/mmengine/", "wrapper.py", "/autoexport/patches.py")
+
+
+def _innermost_model_frame(err: BaseException) -> str | None:
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if any(m in f.filename for m in _SOURCE_MARKERS)]
+    if not frames:
+        return None
+    frame = frames[-1]
+    short = re.sub(r".*/site-packages/", "", frame.filename)
+    return f"{short}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
+
+
+def _classify(err: BaseException) -> tuple[str, str]:
+    """(what went wrong, what to do) for the export errors we know."""
+    text = f"{type(err).__name__}: {err}"
+    if "DataDependent" in text or "data-dependent" in text or "GuardOnDataDependentSymNode" in text:
+        return ("data-dependent control flow or shape (a Python branch, loop or .item() on tensor values)",
+                "register an export patch for this class in autoexport/patches.py that computes the same result "
+                "with static shapes (see the PointPillarsScatter patch)")
+    if "data pointer" in text or "_ext" in text or "FakeTensor" in text:
+        return ("a C++/CUDA extension op (mmcv._ext) that torch.export cannot see into",
+                "substitute an exportable implementation of the op (pure PyTorch or a torch.library custom op) "
+                "through an export patch in autoexport/patches.py")
+    return ("an operation torch.export could not trace", "run with --verbose for the full trace; if the module is "
+            "export-hostile, register an export patch for its class in autoexport/patches.py")
+
+
+def describe_export_failure(stage: str, err: BaseException, module_stack: list[tuple[str, str]], verbose: bool) -> str:
+    what, todo = _classify(err)
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    where = f" in module `{module_stack[-1][0]}` ({module_stack[-1][1]})" if module_stack else ""
+    lines = [f"{stage} failed{where}: {what}.", f"  error: {type(err).__name__}: {first_line[:400]}"]
+    frame = _innermost_model_frame(err)
+    if frame:
+        lines.append(f"  at {frame}")
+    lines.append(f"  what to do: {todo}.")
+    if verbose:
+        lines.append("".join(traceback.format_exception(err)))
+    return "\n".join(lines)
+
+
+def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: Manifest,
+                   example: tuple[torch.Tensor, ...], verbose: bool = False) -> ExportedArtifacts:
+    tracker = _ModuleTracker(model)
+    try:
+        with export_patches(model, PatchContext(batch_size=manifest.batch_size)) as applied:
+            for patch in applied:
+                log.info("  patch %s.%s (used at %s)", patch.target, patch.method, ", ".join(patch.module_paths[:3]))
+            program = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes_for(manifest), strict=False)
+    except Exception as err:
+        raise ExportFailedError(describe_export_failure("torch.export", err, tracker.stack, verbose)) from err
+    finally:
+        tracker.remove()
+    mutated = list(program.graph_signature.user_inputs_to_mutate.values())
+    return ExportedArtifacts(program=program, patches=applied, mutated_user_inputs=mutated)
+
+
+def save_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
+    torch.export.save(program, str(path))
+
+
+def export_onnx(program: torch.export.ExportedProgram, manifest: Manifest, path: Path, verbose: bool = False) -> None:
+    """Translate the ExportedProgram (not a re-trace of the module) to ONNX with named inputs and outputs."""
+    sink = io.StringIO()
+    try:
+        # The dynamo exporter prints its own progress; keep it for --verbose only.
+        with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
+            onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=manifest.input_names,
+                                             output_names=manifest.output_names, opset_version=ONNX_OPSET,
+                                             optimize=True, verbose=verbose)
+    except Exception as err:
+        ops = sorted(set(re.findall(r"(aten::\w+(?:\.\w+)?|mmcv::\w+|torch\.ops\.\w+\.\w+)", str(err))))
+        hint = f" (ops: {', '.join(ops)})" if ops else ""
+        raise ExportFailedError(
+            f"ONNX translation failed{hint}: {type(err).__name__}: {str(err).strip().splitlines()[0][:400]}\n"
+            "  what to do: register an ONNX translation for the op, or an export patch that replaces it; "
+            "--format pt2 still works" + ("" if not verbose else "\n" + "".join(traceback.format_exception(err)))
+        ) from err
+    onnx_program.save(str(path), external_data=False)
+
+
+@contextlib.contextmanager
+def quiet_export_logs(verbose: bool) -> Iterator[None]:
+    """torch.export warns loudly about things that do not affect the result; keep that for --verbose."""
+    if verbose:
+        yield
+        return
+    names = ["torch._dynamo", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch.onnx"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -1,0 +1,93 @@
+"""Every way to execute an export behind one interface: flat numpy inputs in, named numpy outputs out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+Feed = dict[str, np.ndarray]
+
+
+class Runner(ABC):
+    """Runs one artifact. Inputs are copied for every call, so a model that mutates its inputs cannot
+    leak state from one run into the next."""
+
+    name: str = "runner"
+
+    def __init__(self, input_names: Sequence[str], output_names: Sequence[str]) -> None:
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
+
+    @abstractmethod
+    def infer(self, feed: Feed) -> dict[str, np.ndarray]: ...
+
+    def _check_feed(self, feed: Feed) -> None:
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise KeyError(f"{self.name}: inputs missing from feed: {missing}")
+
+    def _named(self, outputs: Sequence[torch.Tensor | np.ndarray]) -> dict[str, np.ndarray]:
+        if len(outputs) != len(self.output_names):
+            raise RuntimeError(f"{self.name}: {len(outputs)} outputs, expected {len(self.output_names)}")
+        return {name: (o.detach().cpu().numpy() if isinstance(o, torch.Tensor) else np.asarray(o))
+                for name, o in zip(self.output_names, outputs)}
+
+
+class _TorchRunner(Runner):
+    def __init__(self, module: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str],
+                 device: str = "cpu") -> None:
+        super().__init__(input_names, output_names)
+        self.module = module
+        self.device = device
+
+    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+        self._check_feed(feed)
+        args = [torch.from_numpy(np.array(feed[n], copy=True)).to(self.device) for n in self.input_names]
+        with torch.no_grad():
+            outputs = self.module(*args)
+        return self._named(outputs)
+
+
+class EagerRunner(_TorchRunner):
+    """The generated wrapper around the original, unpatched mmdet3d model: the parity reference."""
+
+    name = "eager"
+
+
+class PT2Runner(_TorchRunner):
+    """model.pt2 through torch.export.load(...).module()."""
+
+    name = "pt2"
+
+    @classmethod
+    def from_file(cls, path: Path, input_names: Sequence[str], output_names: Sequence[str],
+                  device: str = "cpu") -> "PT2Runner":
+        program = torch.export.load(str(path))
+        return cls(program.module().to(device), input_names, output_names, device)
+
+
+class OnnxRuntimeRunner(Runner):
+    """model.onnx through ONNX Runtime (CPU execution provider unless told otherwise)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, input_names: Sequence[str], output_names: Sequence[str],
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        import onnxruntime as ort
+
+        super().__init__(input_names, output_names)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        graph_inputs = [i.name for i in self.session.get_inputs()]
+        if graph_inputs != self.input_names:
+            raise RuntimeError(f"{path}: graph inputs {graph_inputs} do not match the manifest {self.input_names}")
+
+    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
+        self._check_feed(feed)
+        outputs = self.session.run(self.output_names, {n: np.ascontiguousarray(feed[n]) for n in self.input_names})
+        return self._named(outputs)

@@ -1,0 +1,332 @@
+"""Sample data for analysis, export and parity, in the dataset's own on-disk format.
+
+The test pipeline of the config is the consumer: we write files it can load (KITTI-style
+`.bin` clouds, nuScenes-style clouds plus sweeps) and the info dict it starts from, so the
+real loading, range filtering and packing code runs. Synthesized scenes have a ground plane,
+box-shaped objects and vertical clutter with lidar-like range falloff, not uniform noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import UserInputError
+
+# Transforms whose presence tells which modality a pipeline needs.
+_POINT_LOADERS = {"LoadPointsFromFile"}
+_SWEEP_LOADERS = {"LoadPointsFromMultiSweeps"}
+_IMAGE_LOADERS = {"LoadImageFromFileMono3D", "LoadMultiViewImageFromFiles", "LoadImageFromFile",
+                  "LoadImageFromNDArray", "MonoDet3DInferencerLoader", "MultiModalityDet3DInferencerLoader"}
+
+# Raw intensity scale per dataset class: KITTI stores reflectance in [0, 1], nuScenes/Lyft in [0, 255].
+_INTENSITY_SCALE = {"NuScenesDataset": 255.0, "LyftDataset": 255.0}
+
+
+@dataclass
+class PointCloudFormat:
+    """What the config's test pipeline expects to read from disk."""
+
+    load_dim: int
+    use_dim: list[int]
+    point_cloud_range: list[float]
+    sweeps_num: int = 0  # 0: the pipeline loads no sweeps
+    intensity_scale: float = 1.0
+    dataset_type: str = ""
+
+
+@dataclass
+class SampleSource:
+    """One sample before the pipeline: the info dict it starts from and the files it reads."""
+
+    name: str  # e.g. sample_0, heldout_0
+    role: str  # "export" (used to trace and find dynamic dims) or "heldout" (parity only)
+    info: dict[str, Any]
+    files: list[Path]
+    num_points: int  # points in the main cloud file
+    origin: str  # "synthesized" or the user's file (and how it was derived)
+
+
+def iter_pipeline_transforms(pipeline: Iterable[dict]) -> Iterable[dict]:
+    """Transforms of a pipeline config, descending into wrappers such as MultiScaleFlipAug3D."""
+    for transform in pipeline:
+        yield transform
+        inner = transform.get("transforms")
+        if isinstance(inner, (list, tuple)):
+            yield from iter_pipeline_transforms(inner)
+
+
+def test_pipeline_of(cfg: Any) -> list[dict]:
+    """The config's test pipeline (test_dataloader's dataset, through dataset wrappers)."""
+    dataset = cfg.get("test_dataloader", {}).get("dataset", {})
+    while isinstance(dataset, dict) and "pipeline" not in dataset and "dataset" in dataset:
+        dataset = dataset["dataset"]
+    pipeline = dataset.get("pipeline") if isinstance(dataset, dict) else None
+    pipeline = pipeline or cfg.get("test_pipeline")
+    if not pipeline:
+        raise UserInputError("the config defines no test pipeline (test_dataloader.dataset.pipeline or test_pipeline)")
+    return list(pipeline)
+
+
+def dataset_type_of(cfg: Any) -> str:
+    dataset = cfg.get("test_dataloader", {}).get("dataset", {})
+    while isinstance(dataset, dict) and "dataset" in dataset and "pipeline" not in dataset:
+        dataset = dataset["dataset"]
+    return dataset.get("type", "") if isinstance(dataset, dict) else ""
+
+
+def modalities_of(pipeline: list[dict]) -> set[str]:
+    types = {t.get("type") for t in iter_pipeline_transforms(pipeline)}
+    found = set()
+    if types & _POINT_LOADERS:
+        found.add("lidar")
+    if types & _IMAGE_LOADERS:
+        found.add("camera")
+    return found
+
+
+def point_cloud_format(cfg: Any, pipeline: list[dict]) -> PointCloudFormat:
+    transforms = list(iter_pipeline_transforms(pipeline))
+    loader = next(t for t in transforms if t.get("type") in _POINT_LOADERS)
+    load_dim = int(loader.get("load_dim", 6))
+    use_dim = loader.get("use_dim", [0, 1, 2])
+    use_dim = list(range(use_dim)) if isinstance(use_dim, int) else list(use_dim)
+    sweeps = next((t for t in transforms if t.get("type") in _SWEEP_LOADERS), None)
+    pc_range = next((t["point_cloud_range"] for t in transforms if t.get("type") == "PointsRangeFilter"), None)
+    if pc_range is None:
+        voxel_layer = cfg.model.get("data_preprocessor", {}).get("voxel_layer", {}) or {}
+        pc_range = voxel_layer.get("point_cloud_range", [-40.0, -40.0, -3.0, 40.0, 40.0, 1.0])
+    dataset_type = dataset_type_of(cfg)
+    return PointCloudFormat(
+        load_dim=load_dim,
+        use_dim=use_dim,
+        point_cloud_range=[float(v) for v in pc_range],
+        sweeps_num=int(sweeps.get("sweeps_num", 10)) if sweeps else 0,
+        intensity_scale=_INTENSITY_SCALE.get(dataset_type, 1.0),
+        dataset_type=dataset_type,
+    )
+
+
+# ---- synthesized scenes --------------------------------------------------------------------------
+
+# Object classes as (length, width, height) in meters.
+_OBJECT_SIZES = {"car": (4.2, 1.8, 1.6), "pedestrian": (0.7, 0.7, 1.75), "cyclist": (1.8, 0.7, 1.7)}
+_SENSOR_HEIGHT = 1.73  # ground sits this far below the lidar origin
+
+
+def _in_range_xy(xy: np.ndarray, pc_range: list[float]) -> np.ndarray:
+    return (xy[:, 0] >= pc_range[0]) & (xy[:, 0] < pc_range[3]) & (xy[:, 1] >= pc_range[1]) & (xy[:, 1] < pc_range[4])
+
+
+def _sample_ground(rng: np.random.Generator, n: int, pc_range: list[float]) -> np.ndarray:
+    # Uniform range r gives density ~ 1/r per area, like concentric lidar rings.
+    r_max = float(np.hypot(max(abs(pc_range[0]), abs(pc_range[3])), max(abs(pc_range[1]), abs(pc_range[4]))))
+    out = np.empty((0, 3), np.float32)
+    while len(out) < n:
+        r = rng.uniform(2.0, r_max, size=2 * n)
+        phi = rng.uniform(-np.pi, np.pi, size=2 * n)
+        xy = np.stack([r * np.cos(phi), r * np.sin(phi)], 1)
+        xy = xy[_in_range_xy(xy, pc_range)]
+        z = -_SENSOR_HEIGHT + 0.02 * xy[:, 0] / 50.0 + rng.normal(0, 0.03, len(xy))  # slight slope + noise
+        out = np.concatenate([out, np.concatenate([xy, z[:, None]], 1).astype(np.float32)])
+    return out[:n]
+
+
+def _sample_box_surface(rng: np.random.Generator, n: int, center: np.ndarray, size: tuple, yaw: float) -> np.ndarray:
+    length, width, height = size
+    faces = [(length, height, 0), (length, height, 1), (width, height, 2), (width, height, 3), (length, width, 4)]
+    areas = np.array([a * b for a, b, _ in faces])
+    which = rng.choice(len(faces), size=n, p=areas / areas.sum())
+    u, v = rng.uniform(-0.5, 0.5, size=(2, n))
+    local = np.zeros((n, 3))
+    for face in range(5):
+        m = which == face
+        if face in (0, 1):  # long sides
+            local[m] = np.stack([u[m] * length, np.full(m.sum(), (0.5 if face == 0 else -0.5) * width), (v[m] + 0.5) * height], 1)
+        elif face in (2, 3):  # front/back
+            local[m] = np.stack([np.full(m.sum(), (0.5 if face == 2 else -0.5) * length), u[m] * width, (v[m] + 0.5) * height], 1)
+        else:  # roof
+            local[m] = np.stack([u[m] * length, v[m] * width, np.full(m.sum(), height)], 1)
+    c, s = np.cos(yaw), np.sin(yaw)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    points = local @ rot.T + center
+    return (points + rng.normal(0, 0.015, points.shape)).astype(np.float32)
+
+
+def synthesize_cloud(rng: np.random.Generator, num_points: int, fmt: PointCloudFormat) -> np.ndarray:
+    """A plausible lidar scene with exactly `num_points` rows of `fmt.load_dim` float32 values."""
+    pc = fmt.point_cloud_range
+    n_ground = int(num_points * 0.55)
+    n_objects_total = int(num_points * 0.28)
+    n_clutter = num_points - n_ground - n_objects_total
+    parts = [_sample_ground(rng, n_ground, pc)]
+    intensity = [rng.uniform(0.05, 0.35, n_ground)]
+
+    num_objects = int(rng.integers(6, 16))
+    kinds = rng.choice(list(_OBJECT_SIZES), size=num_objects, p=[0.6, 0.25, 0.15])
+    centers = _sample_ground(rng, num_objects, [pc[0] + 3, pc[1] + 3, pc[2], pc[3] - 3, pc[4] - 3, pc[5]])
+    distances = np.linalg.norm(centers[:, :2], axis=1) + 3.0
+    share = (1.0 / distances) / (1.0 / distances).sum()  # near objects get more points
+    counts = np.floor(share * n_objects_total).astype(int)
+    counts[0] += n_objects_total - counts.sum()
+    for kind, center, count in zip(kinds, centers, counts):
+        parts.append(_sample_box_surface(rng, int(count), center, _OBJECT_SIZES[kind], float(rng.uniform(-np.pi, np.pi))))
+        intensity.append(rng.uniform(0.2, 0.95, int(count)))
+
+    # Clutter: building facades along both sides and poles, as vertical surfaces.
+    n_walls = n_clutter // 2
+    side = rng.choice([-1.0, 1.0], n_walls)
+    wall_y = side * rng.uniform(0.55, 0.9, n_walls) * np.where(side > 0, pc[4], -pc[1])
+    wall_x = rng.uniform(pc[0], pc[3], n_walls)
+    wall_z = rng.uniform(-_SENSOR_HEIGHT, min(4.0, pc[5] + 2.0), n_walls)
+    parts.append(np.stack([wall_x, wall_y, wall_z], 1).astype(np.float32))
+    n_poles = n_clutter - n_walls
+    pole_xy = _sample_ground(rng, 12, pc)[:, :2]
+    which = rng.integers(0, len(pole_xy), n_poles)
+    angle = rng.uniform(0, 2 * np.pi, n_poles)
+    pole = np.stack([pole_xy[which, 0] + 0.15 * np.cos(angle), pole_xy[which, 1] + 0.15 * np.sin(angle),
+                     rng.uniform(-_SENSOR_HEIGHT, 3.0, n_poles)], 1)
+    parts.append(pole.astype(np.float32))
+    intensity.append(rng.uniform(0.1, 0.6, n_clutter))
+
+    xyz = np.concatenate(parts)
+    cloud = np.zeros((num_points, fmt.load_dim), np.float32)
+    cloud[:, :3] = xyz[:num_points]
+    if fmt.load_dim > 3:
+        cloud[:, 3] = np.concatenate(intensity)[:num_points] * fmt.intensity_scale
+    if fmt.load_dim > 4:  # nuScenes: ring index; Waymo: elongation. Sweep loading overwrites it with time lag.
+        elevation = np.arctan2(cloud[:, 2], np.linalg.norm(cloud[:, :2], axis=1) + 1e-6)
+        cloud[:, 4] = np.clip(np.round((elevation + 0.53) / 0.04), 0, 31)
+    return cloud[rng.permutation(num_points)]
+
+
+def _write_cloud(path: Path, cloud: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cloud.astype(np.float32).tofile(path)
+    return path
+
+
+def _base_info(lidar_path: Path, fmt: PointCloudFormat, box_type_3d: Any, box_mode_3d: Any, index: int) -> dict:
+    # Mirrors mmdet3d.apis.inference_detector's info dict, plus what sweep loading reads.
+    return dict(
+        lidar_points=dict(lidar_path=str(lidar_path), num_pts_feats=fmt.load_dim),
+        timestamp=1.0,
+        axis_align_matrix=np.eye(4),
+        box_type_3d=box_type_3d,
+        box_mode_3d=box_mode_3d,
+        sample_idx=index,
+    )
+
+
+def _sweeps(rng: np.random.Generator, cloud: np.ndarray, fmt: PointCloudFormat, folder: Path, stem: str) -> list[dict]:
+    """Earlier sweeps of the same scene: fewer points, ego moving forward ~10 m/s, 50 ms apart."""
+    sweeps = []
+    for k in range(fmt.sweeps_num):
+        lag = 0.05 * (k + 1)
+        keep = rng.random(len(cloud)) < 0.5
+        sweep = cloud[keep].copy()
+        sweep[:, 0] += 10.0 * lag  # the scene, seen from where the sensor was
+        lidar2sensor = np.eye(4)
+        lidar2sensor[0, 3] = 10.0 * lag  # LoadPointsFromMultiSweeps applies p @ R - t
+        path = _write_cloud(folder / f"{stem}_sweep{k}.bin", sweep)
+        sweeps.append(dict(lidar_points=dict(lidar_path=str(path), lidar2sensor=lidar2sensor.tolist()),
+                           timestamp=1.0 - lag))
+    return sweeps
+
+
+# Point counts of the synthesized samples: two of different size to find dynamic dims, and a
+# larger held-out one that export never sees.
+EXPORT_SAMPLE_POINTS = (14000, 21000)
+HELDOUT_SAMPLE_POINTS = (28000,)
+
+
+def synthesize_samples(fmt: PointCloudFormat, folder: Path, seed: int, box_type_3d: Any, box_mode_3d: Any,
+                       export_points: tuple[int, ...] = EXPORT_SAMPLE_POINTS,
+                       heldout_points: tuple[int, ...] = HELDOUT_SAMPLE_POINTS) -> list[SampleSource]:
+    rng = np.random.default_rng(seed)
+    plan = [("export", n) for n in export_points] + [("heldout", n) for n in heldout_points]
+    sources: list[SampleSource] = []
+    counters = {"export": 0, "heldout": 0}
+    for index, (role, n) in enumerate(plan):
+        name = f"{'sample' if role == 'export' else 'heldout'}_{counters[role]}"
+        counters[role] += 1
+        cloud = synthesize_cloud(rng, n, fmt)
+        main = _write_cloud(folder / f"{name}.bin", cloud)
+        info = _base_info(main, fmt, box_type_3d, box_mode_3d, index)
+        files = [main]
+        if fmt.sweeps_num:
+            info["lidar_sweeps"] = _sweeps(rng, cloud, fmt, folder, name)
+            files += [Path(s["lidar_points"]["lidar_path"]) for s in info["lidar_sweeps"]]
+        sources.append(SampleSource(name, role, info, files, n, "synthesized"))
+    return sources
+
+
+# ---- user samples --------------------------------------------------------------------------------
+
+_ACCEPTED = (".bin", ".npy")
+
+
+def read_point_file(path: Path, fmt: PointCloudFormat) -> np.ndarray:
+    """Load and check a user point cloud; raise UserInputError saying what is wrong with it."""
+    expect = (f"{fmt.dataset_type or 'this dataset'}-style point cloud: float32 rows of {fmt.load_dim} values "
+              f"(x, y, z, intensity{', ...' if fmt.load_dim > 4 else ''})")
+    if not path.is_file():
+        raise UserInputError(f"sample file not found: {path}")
+    if path.suffix not in _ACCEPTED:
+        raise UserInputError(f"sample {path}: unsupported file type '{path.suffix}'; expected {' or '.join(_ACCEPTED)} "
+                             f"holding a {expect}")
+    if path.suffix == ".bin":
+        size = path.stat().st_size
+        row = 4 * fmt.load_dim
+        if size == 0 or size % row:
+            raise UserInputError(f"sample {path}: {size} bytes is not a whole number of {row}-byte rows; expected a {expect}")
+        cloud = np.fromfile(path, dtype=np.float32).reshape(-1, fmt.load_dim)
+    else:
+        try:
+            cloud = np.load(path, allow_pickle=False)
+        except Exception as err:  # numpy raises several types for corrupt files
+            raise UserInputError(f"sample {path}: not a readable .npy file ({err})") from None
+        if cloud.ndim != 2 or cloud.shape[1] != fmt.load_dim or cloud.dtype.kind != "f":
+            raise UserInputError(f"sample {path}: array of shape {cloud.shape} and dtype {cloud.dtype}; expected a {expect}")
+        cloud = cloud.astype(np.float32)
+    bad = int((~np.isfinite(cloud)).any(axis=1).sum())
+    if bad:
+        raise UserInputError(f"sample {path}: {bad} of {len(cloud)} points contain NaN or inf")
+    inside = int(_in_range_xy(cloud[:, :2], fmt.point_cloud_range).sum())
+    if inside == 0:
+        raise UserInputError(f"sample {path}: none of its {len(cloud)} points lies inside the model's point cloud range "
+                             f"{fmt.point_cloud_range}; wrong file format, load_dim or coordinate frame?")
+    return cloud
+
+
+def user_samples(paths: list[Path], fmt: PointCloudFormat, folder: Path, seed: int,
+                 box_type_3d: Any, box_mode_3d: Any) -> list[SampleSource]:
+    """The user's files as samples. With fewer than three, random subsets of their clouds fill in,
+    so that there are two export samples of different size and one held-out sample."""
+    clouds = [(p, read_point_file(p, fmt)) for p in paths]
+    rng = np.random.default_rng(seed)
+    plan: list[tuple[Path, np.ndarray, str]] = [(p, c, str(p)) for p, c in clouds]
+    fraction = 0.8
+    while len(plan) < 3:
+        base_path, base = clouds[(len(plan) - len(clouds)) % len(clouds)]
+        keep = rng.random(len(base)) < fraction
+        plan.append((base_path, base[keep], f"{fraction:.0%} random subset of {base_path}"))
+        fraction -= 0.2
+    sizes = [len(c) for _, c, _ in plan[:2]]
+    if sizes[0] == sizes[1]:
+        raise UserInputError("the first two samples have the same number of points; give samples of different sizes "
+                             "so dynamic dimensions can be told from static ones")
+    sources = []
+    for index, (path, cloud, origin) in enumerate(plan):
+        role = "export" if index < 2 else "heldout"
+        name = f"sample_{index}" if role == "export" else f"heldout_{index - 2}"
+        if origin == str(path) and path.suffix == ".bin":
+            main = path.resolve()
+        else:
+            main = _write_cloud(folder / f"{name}.bin", cloud)
+        info = _base_info(main, fmt, box_type_3d, box_mode_3d, index)
+        sources.append(SampleSource(name, role, info, [main], len(cloud), origin))
+    return sources

@@ -1,0 +1,29 @@
+"""Shared fixtures. Exports of real models are module- or session-scoped: each takes tens of seconds."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
+warnings.filterwarnings("ignore")
+
+KITTI_PP = "pointpillars_hv_secfpn_8xb6-160e_kitti-3d-3class"
+NUS_PP = "pointpillars_hv_secfpn_sbn-all_8xb4-2x_nus-3d"
+CENTERPOINT_PILLAR = "centerpoint_pillar02_second_secfpn_8xb4-cyclic-20e_nus-3d"
+
+
+def export_to(config: str, output_dir: Path, *extra: str) -> int:
+    from autoexport.cli import main
+
+    return main(["--config", config, "--output-dir", str(output_dir), *extra])
+
+
+@pytest.fixture(scope="session")
+def kitti_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "pp_kitti"
+    assert export_to(KITTI_PP, out, "--format", "both") == 0
+    return out

@@ -1,0 +1,69 @@
+"""Bad input: a clear one-paragraph message, exit code 2, and no output directory left behind."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import KITTI_PP, NUS_PP, export_to
+
+
+def _no_output(out: Path) -> None:
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}") or p == out]
+    assert leftovers == [], f"left behind: {leftovers}"
+
+
+def test_unknown_config_name(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    out = tmp_path / "out"
+    assert export_to("pointpilars_hv_secfpn_8xb6-160e_kitti-3d-3class", out) == 2
+    assert "unknown config" in caplog.text and KITTI_PP in caplog.text
+    _no_output(out)
+
+
+def test_missing_config_file(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    out = tmp_path / "out"
+    assert export_to(str(tmp_path / "configs" / "missing.py"), out) == 2
+    assert "no file" in caplog.text
+    _no_output(out)
+
+
+def test_checkpoint_of_another_model_reports_key_counts(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    from autoexport.analyze import build_model, load_config
+    from autoexport.configs import resolve_config
+
+    other = build_model(load_config(resolve_config(NUS_PP)), "cpu", 0)
+    ckpt = tmp_path / "nus.pth"
+    torch.save({"state_dict": other.state_dict(), "meta": {}}, ckpt)
+    out = tmp_path / "out"
+    assert export_to(KITTI_PP, out, "--checkpoint", str(ckpt)) == 2
+    assert "does not fit PointPillars" in caplog.text or "does not fit VoxelNet" in caplog.text
+    assert "missing keys" in caplog.text and "unexpected keys" in caplog.text
+    _no_output(out)
+
+
+def test_unreadable_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    ckpt = tmp_path / "garbage.pth"
+    ckpt.write_bytes(b"not a checkpoint at all")
+    out = tmp_path / "out"
+    assert export_to(KITTI_PP, out, "--checkpoint", str(ckpt)) == 2
+    assert "not a readable PyTorch checkpoint" in caplog.text
+    _no_output(out)
+
+
+def test_sample_of_the_wrong_format(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    sample = tmp_path / "nus_style.bin"
+    np.ones((1001, 5), np.float32).tofile(sample)  # nuScenes rows (5 floats) given to a 4-float KITTI model
+    out = tmp_path / "out"
+    assert export_to(KITTI_PP, out, "--sample", str(sample)) == 2
+    assert "16-byte rows" in caplog.text
+    _no_output(out)
+
+
+def test_existing_output_dir_is_refused_without_overwrite(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert export_to(KITTI_PP, out) == 2
+    assert "--overwrite" in caplog.text
+    assert (out / "keep.txt").read_text() == "mine"

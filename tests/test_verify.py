@@ -1,0 +1,59 @@
+import numpy as np
+
+from autoexport.runners import Runner
+from autoexport.verify import Comparator, Tolerance, compare_arrays
+
+TOL = Tolerance(1e-4, 1e-4)
+
+
+def test_identical_arrays_pass_with_cosine_one():
+    a = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    m = compare_arrays(a, a.copy(), TOL)
+    assert m["passed"] and m["max_abs"] == 0.0 and abs(m["cosine"] - 1.0) < 1e-12
+
+
+def test_rule_is_atol_plus_rtol_times_reference():
+    expected = np.array([0.0, 100.0], np.float32)
+    inside = expected + np.array([0.9e-4, 0.9e-4 + 100 * 0.9e-4], np.float32)
+    assert compare_arrays(expected, inside, TOL)["passed"]
+    outside = expected + np.array([0.0, 1e-4 + 100 * 1e-4 + 1e-3], np.float32)
+    m = compare_arrays(expected, outside, TOL)
+    assert not m["passed"] and m["mismatched"] == 1
+
+
+def test_one_perturbed_element_fails_and_nan_fails():
+    a = np.ones((1000,), np.float32)
+    b = a.copy()
+    b[17] += 0.01
+    m = compare_arrays(a, b, TOL)
+    assert not m["passed"] and m["mismatched"] == 1 and abs(m["max_abs"] - 0.01) < 1e-6
+    b = a.copy()
+    b[3] = np.nan
+    assert not compare_arrays(a, b, TOL)["passed"]
+
+
+def test_shape_mismatch_fails():
+    m = compare_arrays(np.zeros((2, 3)), np.zeros((3, 2)), TOL)
+    assert not m["passed"] and "shape" in m["note"]
+
+
+class _Offset(Runner):
+    name = "offset"
+
+    def __init__(self, offset: float) -> None:
+        super().__init__(["x"], ["y"])
+        self.offset = offset
+
+    def infer(self, feed):
+        return {"y": feed["x"] * 2 + self.offset}
+
+
+def test_comparator_reports_each_runner_sample_and_output():
+    feeds = {"s0": {"x": np.arange(4, dtype=np.float32)}, "s1": {"x": np.ones(3, np.float32)}}
+    expected = {k: {"y": v["x"] * 2} for k, v in feeds.items()}
+    report = Comparator(TOL).compare([_Offset(0.0), _Offset(1e-2)], feeds, expected)
+    assert len(report.checks) == 4
+    assert not report.passed
+    assert {(c.sample, c.passed) for c in report.checks if c.runtime == "offset"} == {("s0", True), ("s1", True), ("s0", False), ("s1", False)}
+    summary = report.to_json()["summary"]["offset"]
+    assert summary["checks"] == 4 and abs(summary["worst_max_abs"] - 1e-2) < 1e-6
