@@ -87,7 +87,39 @@ def build_model(cfg: Any, device: str, seed: int) -> torch.nn.Module:
                              "add its package to the config's custom_imports") from None
     model.cfg = cfg
     model.dataset_meta = {"classes": list(cfg.get("class_names", []))}
+    model.requires_grad_(False)  # an inference export: parameters in model.pt2 need no grad
     return model.to(device).eval()
+
+
+def init_random_weights(model: torch.nn.Module) -> None:
+    """The model's own init_cfg (Kaiming for convs, prior-probability bias for classifiers).
+
+    PyTorch's default init shrinks activations ~3x per layer, so after a 20-layer backbone the raw
+    outputs are almost only head biases and a parity check would compare constants."""
+    mmengine_logger = logging.getLogger("mmengine")
+    level = mmengine_logger.level
+    mmengine_logger.setLevel(logging.WARNING)  # init_weights logs every parameter at INFO
+    try:
+        model.init_weights()
+    finally:
+        mmengine_logger.setLevel(level)
+
+
+def calibrate_batchnorm(model: torch.nn.Module, forward: Any, samples: list["PreparedSample"]) -> int:
+    """Random weights only: set BatchNorm running statistics from the samples (cumulative average), so
+    every layer sees unit-scale activations as in a trained model. Returns the number of BN layers."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.train()
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                forward(model, _clone_nested(sample.inputs), sample.data_samples)
+    finally:
+        model.eval()
+    return len(norms)
 
 
 def load_checkpoint_strict(model: torch.nn.Module, path: str) -> None:
@@ -360,6 +392,7 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
             seed: int = 0) -> Analysis:
     cfg = load_config(config_path)
     model = build_model(cfg, device, seed)
+    init_random_weights(model)
     if checkpoint:
         load_checkpoint_strict(model, checkpoint)
     log.info("  model %s: %.2f M parameters, %s weights", type(model).__name__,
@@ -367,6 +400,10 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
     with tempfile.TemporaryDirectory(prefix="autoexport-samples-") as workdir:
         samples, preprocess = prepare_samples(model, cfg, sample_files, Path(workdir), seed)
     boundary, forward = boundary_for(model)
+    if not checkpoint:
+        calibrated = calibrate_batchnorm(model, forward, [s for s in samples if s.role == "export"])
+        log.info("  random weights: init_weights() and BatchNorm statistics of %d layers from the export samples",
+                 calibrated)
     manifest = build_manifest(model, boundary, forward, samples)
     metainfo = [dict(s.metainfo) for s in samples[0].data_samples]
     return Analysis(model=model, cfg=cfg, config_path=config_path, checkpoint=checkpoint,

@@ -139,7 +139,8 @@ def _metadata(options: ExportOptions, config_path: Path, analysis: Analysis, par
         "model_config": str(config_path),
         "config_name": config_path.stem,
         "checkpoint": str(Path(options.checkpoint).resolve()) if options.checkpoint else None,
-        "weights": "checkpoint" if options.checkpoint else f"random (torch.manual_seed({options.seed}))",
+        "weights": "checkpoint" if options.checkpoint else f"random (torch.manual_seed({options.seed}), the model's init_weights(), "
+                                                             "BatchNorm statistics from the export samples)",
         "model_type": analysis.model_type,
         "device": options.device,
         "formats": list(formats),

@@ -14,7 +14,7 @@ def test_bundled_name_resolves_to_the_wheel_config():
 
 def test_bundled_configs_exclude_bases():
     configs = bundled_configs()
-    assert len(configs) > 150
+    assert len(configs) > 100  # 233 files in the wheel, about 90 of them _base_ fragments
     assert not any("_base_" in p.parts for p in configs.values())
 
 

@@ -18,6 +18,11 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def _input_names(export: Path) -> list[str]:
+    meta = json.loads((export / "metadata.json").read_text())
+    return [t["name"] for t in meta["export_info"]["tensor_details"]]
+
+
 def test_output_directory_layout(kitti_export: Path):
     names = {p.name for p in kitti_export.iterdir()}
     assert {"model.pt2", "model.onnx", "wrapper.py", "metadata.json", "parity.json", "inputs", "reference"} <= names
@@ -83,18 +88,20 @@ def test_pt2_on_stored_inputs_matches_onnxruntime(kitti_export: Path):
 def test_pt2_is_pure_even_though_the_model_mutates_its_input(kitti_export: Path):
     program = torch.export.load(str(kitti_export / "model.pt2")).module()
     feed = _load_npz(kitti_export / "inputs" / "sample_0.npz")
-    args = [torch.from_numpy(feed[n].copy()) for n in ("voxels_voxels", "voxels_num_points", "voxels_coors")]
+    names = _input_names(kitti_export)
+    args = [torch.from_numpy(feed[n].copy()) for n in names]
     first = program(*args)
     second = program(*args)  # the same tensors again
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    np.testing.assert_array_equal(args[0].numpy(), feed["voxels_voxels"])
+    np.testing.assert_array_equal(args[names.index("voxels_voxels")].numpy(), feed["voxels_voxels"])
 
 
 def test_onnx_graph_has_named_dynamic_inputs(kitti_export: Path):
     model = onnx.load(str(kitti_export / "model.onnx"))
     inputs = {i.name: i for i in model.graph.input}
-    assert list(inputs) == ["voxels_voxels", "voxels_num_points", "voxels_coors"]
+    assert list(inputs) == _input_names(kitti_export)
+    assert set(inputs) == {"voxels_voxels", "voxels_num_points", "voxels_coors"}
     first_dim = inputs["voxels_voxels"].type.tensor_type.shape.dim[0]
     assert first_dim.dim_param and not first_dim.dim_value
     assert [o.name for o in model.graph.output] == ["cls_score_0", "bbox_pred_0", "dir_cls_pred_0"]
@@ -102,7 +109,8 @@ def test_onnx_graph_has_named_dynamic_inputs(kitti_export: Path):
 
 def test_wrapper_is_readable_and_importable(kitti_export: Path):
     source = (kitti_export / "wrapper.py").read_text()
-    assert "def forward(self, voxels_voxels: Tensor, voxels_num_points: Tensor, voxels_coors: Tensor)" in source
+    signature = ", ".join(f"{n}: Tensor" for n in _input_names(kitti_export))
+    assert f"def forward(self, {signature})" in source
     assert "voxels_voxels = voxels_voxels.clone()" in source
     compile(source, "wrapper.py", "exec")
 
@@ -115,11 +123,14 @@ def test_reference_outputs_are_reproduced_by_the_generated_wrapper(kitti_export:
 
     meta = json.loads((kitti_export / "metadata.json").read_text())
     model = build_model(load_config(resolve_config(meta["model_config"])), "cpu", 0)
+    # The exported weights (random init + calibrated BatchNorm statistics) are in model.pt2's state dict.
+    state = torch.export.load(str(kitti_export / "model.pt2")).state_dict
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items()}, strict=True)
     wrapper = build_wrapper(kitti_export / "wrapper.py", model)
     feed = _load_npz(kitti_export / "inputs" / "sample_1.npz")
     expected = _load_npz(kitti_export / "reference" / "sample_1.npz")
     with torch.no_grad():
-        outputs = wrapper(*[torch.from_numpy(feed[n].copy()) for n in ("voxels_voxels", "voxels_num_points", "voxels_coors")])
+        outputs = wrapper(*[torch.from_numpy(feed[n].copy()) for n in _input_names(kitti_export)])
     for name, value in zip(["cls_score_0", "bbox_pred_0", "dir_cls_pred_0"], outputs):
         np.testing.assert_array_equal(value.numpy(), expected[name])
 
@@ -146,3 +157,13 @@ def test_verify_passes_then_fails_on_a_perturbed_onnx(kitti_export: Path, tmp_pa
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "autoexport", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--config" in result.stdout and "exit codes" in result.stdout
+
+
+def test_random_weight_outputs_carry_signal(kitti_export: Path):
+    """Parity on near-constant outputs would prove nothing: outputs must vary with the input far beyond the tolerance."""
+    ref0 = _load_npz(kitti_export / "reference" / "sample_0.npz")
+    ref1 = _load_npz(kitti_export / "reference" / "sample_1.npz")
+    for name in ref0:
+        spatial = ref0[name] - ref0[name].mean(axis=(2, 3), keepdims=True)
+        assert spatial.std() > 1e-2, f"{name}: outputs are almost constant over the BEV grid"
+        assert np.abs(ref0[name] - ref1[name]).max() > 100 * TOL_ATOL, f"{name}: outputs ignore the input"
