@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import samples as sample_data
 from .boundaries import TensorBoundary, boundary_for, heads_of, output_namer_for
-from .errors import UserInputError
+from .errors import ExportFailedError, UserInputError
 from .manifest import (DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
                        get_by_path, iter_tensors, path_to_identifier, path_to_str)
 
@@ -66,6 +66,30 @@ def load_config(config_path: Path) -> Any:
         raise UserInputError(f"config {config_path} could not be loaded: {type(err).__name__}: {err}") from None
 
 
+def drop_pretrained_init(node: Any, dropped: list[str], where: str = "model") -> Any:
+    """Remove `init_cfg=dict(type='Pretrained', ...)` and `pretrained=...`: they download weights at
+    init time, which fails offline and is pointless when a checkpoint or random weights are wanted."""
+    if isinstance(node, dict):
+        for key in list(node.keys()):
+            value = node[key]
+            if key == "pretrained" and isinstance(value, str):
+                dropped.append(f"{where}.pretrained={value}")
+                node[key] = None
+            elif key == "init_cfg" and isinstance(value, dict) and value.get("type") == "Pretrained":
+                dropped.append(f"{where}.init_cfg={value.get('checkpoint')}")
+                node[key] = None
+            elif key == "init_cfg" and isinstance(value, list):
+                kept = [v for v in value if not (isinstance(v, dict) and v.get("type") == "Pretrained")]
+                dropped.extend(f"{where}.init_cfg={v.get('checkpoint')}" for v in value if v not in kept)
+                node[key] = kept or None
+            else:
+                drop_pretrained_init(value, dropped, f"{where}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            drop_pretrained_init(value, dropped, f"{where}[{index}]")
+    return node
+
+
 def build_model(cfg: Any, device: str, seed: int) -> torch.nn.Module:
     import mmdet3d.datasets.transforms  # noqa: F401  registers the pipeline transforms
     import mmdet3d.models  # noqa: F401  registers models; not register_all_modules, whose metrics need dataset SDKs
@@ -79,6 +103,10 @@ def build_model(cfg: Any, device: str, seed: int) -> torch.nn.Module:
     model_cfg = copy.deepcopy(cfg.model)
     convert_SyncBN(model_cfg)
     model_cfg.train_cfg = None
+    dropped: list[str] = []
+    drop_pretrained_init(model_cfg, dropped)
+    for entry in dropped:
+        log.info("  ignoring pretrained-weights download in the config: %s", entry)
     torch.manual_seed(seed)  # random weights are reproducible when no checkpoint is given
     try:
         model = MODELS.build(model_cfg)
@@ -263,6 +291,21 @@ def _find_dynamic_dims(per_sample: list[dict[str, torch.Tensor]]) -> dict[tuple[
     return varying
 
 
+def check_eager_run(model: torch.nn.Module, forward: Any, sample: PreparedSample, device: str, verbose: bool) -> None:
+    """Run the model once in eager PyTorch; a failure here is not an export problem, say so clearly."""
+    from .export import ModuleTracker, describe_export_failure
+
+    tracker = ModuleTracker(model)
+    try:
+        with torch.no_grad():
+            forward(model, _clone_nested(sample.inputs), sample.data_samples)
+    except Exception as err:
+        raise ExportFailedError(describe_export_failure(f"the eager PyTorch run on {device}", err, tracker.stack,
+                                                        verbose)) from err
+    finally:
+        tracker.remove()
+
+
 def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: Any,
                    samples: list[PreparedSample]) -> Manifest:
     export_samples = [s for s in samples if s.role == "export"]
@@ -389,7 +432,7 @@ def postprocess_info(model: torch.nn.Module, cfg: Any, boundary: TensorBoundary)
 
 
 def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files: list[Path],
-            seed: int = 0) -> Analysis:
+            seed: int = 0, verbose: bool = False) -> Analysis:
     cfg = load_config(config_path)
     model = build_model(cfg, device, seed)
     init_random_weights(model)
@@ -400,6 +443,7 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
     with tempfile.TemporaryDirectory(prefix="autoexport-samples-") as workdir:
         samples, preprocess = prepare_samples(model, cfg, sample_files, Path(workdir), seed)
     boundary, forward = boundary_for(model)
+    check_eager_run(model, forward, samples[0], device, verbose)
     if not checkpoint:
         calibrated = calibrate_batchnorm(model, forward, [s for s in samples if s.role == "export"])
         log.info("  random weights: init_weights() and BatchNorm statistics of %d layers from the export samples",

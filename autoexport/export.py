@@ -36,7 +36,7 @@ def dynamic_shapes_for(manifest: Manifest) -> tuple[dict[int, Any] | None, ...]:
     return tuple({i: dims[n] for i, n in t.dynamic_dims.items()} or None for t in manifest.inputs)
 
 
-class _ModuleTracker:
+class ModuleTracker:
     """Keeps the stack of module paths being executed, so a failure can name the module it happened in."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -79,6 +79,10 @@ def _classify(err: BaseException) -> tuple[str, str]:
         return ("data-dependent control flow or shape (a Python branch, loop or .item() on tensor values)",
                 "register an export patch for this class in autoexport/patches.py that computes the same result "
                 "with static shapes (see the PointPillarsScatter patch)")
+    if "not implemented on CPU" in text or "not compiled with GPU" in text:
+        return ("an mmcv op with no CPU kernel in this mmcv build",
+                "run with --device cuda on a machine with a GPU, or substitute an exportable implementation "
+                "of the op through an export patch in autoexport/patches.py")
     if "data pointer" in text or "_ext" in text or "FakeTensor" in text:
         return ("a C++/CUDA extension op (mmcv._ext) that torch.export cannot see into",
                 "substitute an exportable implementation of the op (pure PyTorch or a torch.library custom op) "
@@ -103,7 +107,7 @@ def describe_export_failure(stage: str, err: BaseException, module_stack: list[t
 
 def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: Manifest,
                    example: tuple[torch.Tensor, ...], verbose: bool = False) -> ExportedArtifacts:
-    tracker = _ModuleTracker(model)
+    tracker = ModuleTracker(model)
     try:
         with export_patches(model, PatchContext(batch_size=manifest.batch_size)) as applied:
             for patch in applied:

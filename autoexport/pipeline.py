@@ -176,7 +176,8 @@ def run_export(options: ExportOptions) -> ExportResult:
     stages = StageLog(5)
     try:
         with stages.stage("analyze", f"build {config_path.stem}, run its test pipeline and data preprocessor"):
-            analysis = analyze(config_path, options.checkpoint, options.device, options.samples, options.seed)
+            analysis = analyze(config_path, options.checkpoint, options.device, options.samples, options.seed,
+                               options.verbose)
             manifest = analysis.manifest
             for spec in manifest.inputs:
                 dyn = {i: n for i, n in spec.dynamic_dims.items()}

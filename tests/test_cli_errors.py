@@ -67,3 +67,25 @@ def test_existing_output_dir_is_refused_without_overwrite(tmp_path: Path, caplog
     assert export_to(KITTI_PP, out) == 2
     assert "--overwrite" in caplog.text
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_model_that_cannot_run_names_module_and_op(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """SECOND's sparse convolution has no CPU kernel in mmcv 2.1.0: exit 3, the module, the op, what to do."""
+    out = tmp_path / "out"
+    assert export_to("second_hv_secfpn_8xb6-80e_kitti-3d-car", out) == 3
+    assert "SubMConv3d" in caplog.text and "get_indice_pairs" in caplog.text and "what to do" in caplog.text
+    assert "Traceback" not in caplog.text
+    _no_output(out)
+
+
+def test_pretrained_backbone_download_is_skipped():
+    from autoexport.analyze import drop_pretrained_init
+
+    cfg = {"pts_backbone": {"type": "NoStemRegNet", "init_cfg": {"type": "Pretrained", "checkpoint": "open-mmlab://regnetx_400mf"}},
+           "img_backbone": {"init_cfg": [{"type": "Kaiming"}, {"type": "Pretrained", "checkpoint": "x.pth"}]},
+           "pretrained": "torchvision://resnet50"}
+    dropped: list[str] = []
+    drop_pretrained_init(cfg, dropped)
+    assert cfg["pts_backbone"]["init_cfg"] is None and cfg["pretrained"] is None
+    assert cfg["img_backbone"]["init_cfg"] == [{"type": "Kaiming"}]
+    assert len(dropped) == 3

@@ -1,0 +1,97 @@
+"""The other required configs, user data and checkpoints, single formats, and a failing parity check."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CENTERPOINT_PILLAR, KITTI_PP, NUS_PP, export_to
+
+
+def _meta(out: Path) -> dict:
+    return json.loads((out / "metadata.json").read_text())
+
+
+def _parity_passed_everywhere(out: Path) -> None:
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["checks"]
+    assert {c["runtime"] for c in parity["checks"]} == {"pt2", "onnxruntime"}
+    assert all(c["passed"] and c["mismatched"] == 0 for c in parity["checks"])
+
+
+@pytest.mark.parametrize("config, model_type, first_outputs", [
+    (NUS_PP, "MVXFasterRCNN", ["cls_score_0", "bbox_pred_0", "dir_cls_pred_0"]),
+    (CENTERPOINT_PILLAR, "CenterPoint", ["reg_task0", "height_task0", "dim_task0", "rot_task0", "vel_task0",
+                                         "heatmap_task0"]),
+])
+def test_nuscenes_configs_export_with_parity(tmp_path: Path, config: str, model_type: str, first_outputs: list[str]):
+    out = tmp_path / "export"
+    assert export_to(config, out) == 0
+    meta = _meta(out)
+    assert meta["model_type"] == model_type
+    assert [o["name"] for o in meta["outputs"]][: len(first_outputs)] == first_outputs
+    details = meta["export_info"]["tensor_details"]
+    assert {t["path"] for t in details} == {"inputs.voxels.voxels", "inputs.voxels.num_points", "inputs.voxels.coors"}
+    assert all(t["dynamic_dims"]["0"]["name"] == "num_voxels" for t in details)
+    assert meta["preprocess"]["point_cloud"]["load_dim"] == 5 and meta["preprocess"]["point_cloud"]["sweeps_num"] > 0
+    assert "PointPillarsScatter" in {p["target"] for p in meta["export_patches"]}
+    assert meta["tensor_boundary"] == "mvx_two_stage_forward"
+    _parity_passed_everywhere(out)
+    # The PT2 program runs the held-out sample (not used for export) within tolerance of eager.
+    feed = dict(np.load(out / "inputs" / "heldout_0.npz"))
+    expected = dict(np.load(out / "reference" / "heldout_0.npz"))
+    program = torch.export.load(str(out / "model.pt2")).module()
+    outputs = program(*[torch.from_numpy(feed[t["name"]]) for t in details])
+    for spec, value in zip(meta["outputs"], outputs):
+        np.testing.assert_allclose(value.numpy(), expected[spec["name"]], atol=1e-4, rtol=1e-4)
+
+
+def test_user_samples_and_checkpoint(kitti_export: Path, tmp_path: Path):
+    # A checkpoint in mmengine's layout, holding the weights of the earlier export.
+    state = torch.export.load(str(kitti_export / "model.pt2")).state_dict
+    ckpt = tmp_path / "pp.pth"
+    torch.save({"state_dict": {k[len("model."):]: v for k, v in state.items()}, "meta": {"epoch": 1}}, ckpt)
+    # User clouds: a KITTI-style .bin and a .npy, of different sizes.
+    from autoexport.samples import PointCloudFormat, synthesize_cloud
+
+    fmt = PointCloudFormat(4, [0, 1, 2, 3], [0, -39.68, -3, 69.12, 39.68, 1], dataset_type="KittiDataset")
+    rng = np.random.default_rng(7)
+    synthesize_cloud(rng, 9000, fmt).tofile(tmp_path / "000001.bin")
+    np.save(tmp_path / "000002.npy", synthesize_cloud(rng, 16000, fmt))
+    out = tmp_path / "user"
+    code = export_to(KITTI_PP, out, "--checkpoint", str(ckpt), "--sample", str(tmp_path / "000001.bin"),
+                     "--sample", str(tmp_path / "000002.npy"), "--format", "pt2")
+    assert code == 0
+    meta = _meta(out)
+    assert meta["checkpoint"] == str(ckpt.resolve()) and meta["weights"] == "checkpoint"
+    assert [s["origin"] for s in meta["samples"]][:2] == [str(tmp_path / "000001.bin"), str(tmp_path / "000002.npy")]
+    assert "random subset" in meta["samples"][2]["origin"]
+    assert (out / "model.pt2").exists() and not (out / "model.onnx").exists()
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and {c["runtime"] for c in parity["checks"]} == {"pt2"}
+    # Same weights as the earlier export: both PT2 programs agree on the user's inputs.
+    feed = dict(np.load(out / "inputs" / "sample_0.npz"))
+    names = [t["name"] for t in meta["export_info"]["tensor_details"]]
+    args = [torch.from_numpy(feed[n]) for n in names]
+    ours = torch.export.load(str(out / "model.pt2")).module()(*args)
+    before = torch.export.load(str(kitti_export / "model.pt2")).module()(*args)
+    for a, b in zip(ours, before):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_failed_parity_exits_1_and_keeps_artifacts_out_of_the_output_dir(tmp_path: Path, caplog):
+    out = tmp_path / "strict"
+    # ONNX Runtime differs from eager by ~1e-5 (float reassociation); a zero tolerance must fail.
+    assert export_to(KITTI_PP, out, "--format", "onnx", "--atol", "0", "--rtol", "0") == 1
+    assert not out.exists()
+    failed = tmp_path / "strict.failed"
+    parity = json.loads((failed / "parity.json").read_text())
+    assert parity["passed"] is False
+    assert any(c["runtime"] == "onnxruntime" and not c["passed"] for c in parity["checks"])
+    assert _meta(failed)["status"] == "parity_failed"
+    assert "parity failed" in caplog.text and "elements outside" in caplog.text
+    assert not (failed / "model.pt2").exists(), "--format onnx writes no model.pt2"
+    shutil.rmtree(failed)
