@@ -124,9 +124,11 @@ def init_random_weights(model: torch.nn.Module) -> None:
 
     PyTorch's default init shrinks activations ~3x per layer, so after a 20-layer backbone the raw
     outputs are almost only head biases and a parity check would compare constants."""
-    mmengine_logger = logging.getLogger("mmengine")
+    from mmengine.logging import MMLogger
+
+    mmengine_logger = MMLogger.get_current_instance()  # init_weights logs every parameter at INFO
     level = mmengine_logger.level
-    mmengine_logger.setLevel(logging.WARNING)  # init_weights logs every parameter at INFO
+    mmengine_logger.setLevel(logging.WARNING)
     try:
         model.init_weights()
     finally:
