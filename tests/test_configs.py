@@ -34,3 +34,12 @@ def test_unknown_name_lists_close_matches():
 def test_missing_file_is_a_user_error(tmp_path: Path):
     with pytest.raises(UserInputError, match="no file"):
         resolve_config(str(tmp_path / "nope" / "model.py"))
+
+
+def test_bundled_sample_config_inherits_from_the_mmdet3d_wheel():
+    from autoexport.analyze import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(resolve_config(str(root / "sample_configs" / "pointpillars_kitti_3class.py")))
+    assert cfg.model.type == "VoxelNet"
+    assert cfg.model.data_preprocessor.voxel_layer.max_num_points == 32
