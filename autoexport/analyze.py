@@ -6,9 +6,10 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -293,14 +294,16 @@ def _find_dynamic_dims(per_sample: list[dict[str, torch.Tensor]]) -> dict[tuple[
     return varying
 
 
-def check_eager_run(model: torch.nn.Module, forward: Any, sample: PreparedSample, device: str, verbose: bool) -> None:
-    """Run the model once in eager PyTorch; a failure here is not an export problem, say so clearly."""
+@contextmanager
+def explain_eager_failures(model: torch.nn.Module, device: str, verbose: bool) -> Iterator[None]:
+    """Around the analyzer's own eager runs: a failure there is not an export problem; name the module and op."""
     from .export import ModuleTracker, describe_export_failure
 
     tracker = ModuleTracker(model)
     try:
-        with torch.no_grad():
-            forward(model, _clone_nested(sample.inputs), sample.data_samples)
+        yield
+    except UserInputError:
+        raise
     except Exception as err:
         raise ExportFailedError(describe_export_failure(f"the eager PyTorch run on {device}", err, tracker.stack,
                                                         verbose)) from err
@@ -437,20 +440,21 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
             seed: int = 0, verbose: bool = False) -> Analysis:
     cfg = load_config(config_path)
     model = build_model(cfg, device, seed)
-    init_random_weights(model)
     if checkpoint:
         load_checkpoint_strict(model, checkpoint)
+    else:
+        init_random_weights(model)
     log.info("  model %s: %.2f M parameters, %s weights", type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, "checkpoint" if checkpoint else "random")
     with tempfile.TemporaryDirectory(prefix="autoexport-samples-") as workdir:
         samples, preprocess = prepare_samples(model, cfg, sample_files, Path(workdir), seed)
     boundary, forward = boundary_for(model)
-    check_eager_run(model, forward, samples[0], device, verbose)
-    if not checkpoint:
-        calibrated = calibrate_batchnorm(model, forward, [s for s in samples if s.role == "export"])
-        log.info("  random weights: init_weights() and BatchNorm statistics of %d layers from the export samples",
-                 calibrated)
-    manifest = build_manifest(model, boundary, forward, samples)
+    with explain_eager_failures(model, device, verbose):
+        if not checkpoint:
+            calibrated = calibrate_batchnorm(model, forward, [s for s in samples if s.role == "export"])
+            log.info("  random weights: init_weights() and BatchNorm statistics of %d layers from the export "
+                     "samples", calibrated)
+        manifest = build_manifest(model, boundary, forward, samples)
     metainfo = [dict(s.metainfo) for s in samples[0].data_samples]
     return Analysis(model=model, cfg=cfg, config_path=config_path, checkpoint=checkpoint,
                     model_type=type(model).__name__, device=device, boundary=boundary, samples=samples,
