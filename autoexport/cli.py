@@ -32,19 +32,57 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="your own sample file in the dataset's format (repeatable); synthesized when omitted")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and synthesized samples")
-    p.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the parity check")
-    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the parity check")
+    p.add_argument("--backend", action="append", default=[], metavar="KIND[:TARGET]",
+                   help="also compile for a backend and check its parity (repeatable): iree (= iree:llvm-cpu), "
+                        "iree:cuda[:sm_XX], aoti (= aoti:cpu), aoti:cuda, tensorrt[:fp16|:int8]")
+    p.add_argument("--capacity", default="auto", metavar="auto|dynamic|N",
+                   help="static padded input size for backends that use one (IREE): auto takes the model's own "
+                        "bound (e.g. the voxel layer's test max_voxels), dynamic keeps dynamic shapes")
+    _tolerance_args(p)
     p.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
     p.add_argument("--version", action="version", version=f"autoexport {__version__}")
     return p
+
+
+def _tolerance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--atol", type=float, help="absolute tolerance of fp32 parity checks (default 1e-4)")
+    p.add_argument("--rtol", type=float, help="relative tolerance of fp32 parity checks (default 1e-4)")
+    p.add_argument("--tolerance", action="append", default=[], metavar="PRECISION=ATOL,RTOL",
+                   help="tolerance for one precision (fp32, fp16, int8), e.g. fp16=2e-2,1e-2 (repeatable)")
+
+
+def _tolerances(args: argparse.Namespace, base: dict) -> dict:
+    """The stored or default tolerances with the user's overrides applied."""
+    from .errors import UserInputError
+    from .verify import Tolerance
+
+    merged = dict(base)
+    for text in args.tolerance:
+        try:
+            precision, values = text.split("=", 1)
+            atol, rtol = (float(v) for v in values.split(","))
+        except ValueError:
+            raise UserInputError(f"--tolerance {text!r}: expected PRECISION=ATOL,RTOL, e.g. fp16=2e-2,1e-2") from None
+        if precision not in merged:
+            raise UserInputError(f"--tolerance {text!r}: unknown precision; choose from {', '.join(merged)}")
+        merged[precision] = Tolerance(atol, rtol, precision, merged[precision].min_cosine)
+    fp32 = merged["fp32"]
+    merged["fp32"] = Tolerance(args.atol if args.atol is not None else fp32.atol,
+                               args.rtol if args.rtol is not None else fp32.rtol, "fp32", fp32.min_cosine)
+    return merged
 
 
 def _verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoexport verify",
                                 description="Re-run every parity check of an export from its stored inputs.")
     p.add_argument("output_dir", type=Path)
-    p.add_argument("--atol", type=float)
-    p.add_argument("--rtol", type=float)
+    p.add_argument("--backend", action="append", default=None, metavar="NAME",
+                   help="check only these (repeatable): pt2, onnxruntime, or a lowered backend such as iree, "
+                        "iree:cuda, aoti; default: every artifact in the directory")
+    p.add_argument("--device", default="cpu", help="torch device for the PT2 runner (default cpu)")
+    p.add_argument("--report-dir", type=Path,
+                   help="write parity.json/.md/.xml here (default: print only, the stored reports stay as exported)")
+    _tolerance_args(p)
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -63,7 +101,7 @@ def _run_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from .pipeline import ExportOptions, run_export
-    from .verify import Tolerance
+    from .verify import DEFAULT_TOLERANCES
 
     config_name = Path(args.config).stem if args.config.endswith(".py") else Path(args.config).name
     options = ExportOptions(
@@ -75,7 +113,9 @@ def _run_export(argv: list[str]) -> int:
         samples=args.sample,
         overwrite=args.overwrite,
         seed=args.seed,
-        tolerance=Tolerance(args.atol, args.rtol),
+        tolerances=_tolerances(args, DEFAULT_TOLERANCES),
+        backends=tuple(args.backend),
+        capacity=args.capacity,
         verbose=args.verbose,
     )
     result = run_export(options)
@@ -87,18 +127,14 @@ def _run_export(argv: list[str]) -> int:
 def _run_verify(argv: list[str]) -> int:
     args = _verify_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from .errors import UserInputError
-    from .pipeline import ExportResult
-    from .verify import Tolerance
+    from .result import ExportResult, write_reports
 
-    if not (args.output_dir / "metadata.json").is_file():
-        raise UserInputError(f"{args.output_dir} is not an autoexport output directory (no metadata.json)")
     result = ExportResult.load(args.output_dir)
-    stored = result.metadata["parity"]["tolerance"]
-    tol = Tolerance(args.atol if args.atol is not None else stored["atol"],
-                    args.rtol if args.rtol is not None else stored["rtol"], stored.get("precision", "fp32"))
-    report = result.verify(tol)
+    report = result.verify(_tolerances(args, result.stored_tolerances()), args.backend, args.device)
     log.info("%s", report.table())
+    if args.report_dir:
+        write_reports(report, args.report_dir, f"Parity of {result.metadata['config_name']} (verify)")
+        log.info("reports written to %s", args.report_dir)
     log.info("verify: %s", "all checks passed" if report.passed else f"{len(report.failures())} checks FAILED")
     return EXIT_OK if report.passed else EXIT_PARITY_FAILED
 

@@ -16,6 +16,7 @@ import torch
 
 from .errors import ExportFailedError
 from .manifest import Manifest
+from .padding import PaddingPlan
 from .patches import AppliedPatch, PatchContext, export_patches
 
 log = logging.getLogger("autoexport")
@@ -30,10 +31,14 @@ class ExportedArtifacts:
     mutated_user_inputs: list[str] = field(default_factory=list)
 
 
-def dynamic_shapes_for(manifest: Manifest) -> tuple[dict[int, Any] | None, ...]:
+def dynamic_shapes_for(manifest: Manifest, plan: PaddingPlan | None = None) -> tuple[dict[int, Any] | None, ...]:
+    """torch.export dynamic_shapes for the flat inputs; dims a padding plan fixes to its capacity stay static,
+    and the plan's count input (last) is a scalar."""
     dims = {name: torch.export.Dim(name, min=d.min, max=d.max) if d.max else torch.export.Dim(name, min=d.min)
             for name, d in manifest.dims.items()}
-    return tuple({i: dims[n] for i, n in t.dynamic_dims.items()} or None for t in manifest.inputs)
+    fixed = plan.dim if plan else None
+    shapes = tuple({i: dims[n] for i, n in t.dynamic_dims.items() if n != fixed} or None for t in manifest.inputs)
+    return shapes + ((None,) if plan else ())
 
 
 class ModuleTracker:
@@ -106,13 +111,22 @@ def describe_export_failure(stage: str, err: BaseException, module_stack: list[t
 
 
 def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: Manifest,
-                   example: tuple[torch.Tensor, ...], verbose: bool = False) -> ExportedArtifacts:
+                   example: tuple[torch.Tensor, ...], verbose: bool = False, variant: str = "default",
+                   plan: PaddingPlan | None = None) -> ExportedArtifacts:
+    """torch.export the flat wrapper (or a PaddedInputs front when `plan` is given) under the export patches
+    of `variant`."""
     tracker = ModuleTracker(model)
+    context = PatchContext(batch_size=manifest.batch_size, variant=variant,
+                           spare_batch_row=bool(plan and plan.spare_batch_row))
     try:
-        with export_patches(model, PatchContext(batch_size=manifest.batch_size)) as applied:
-            for patch in applied:
+        with export_patches(model, context) as applied:
+            # A patch keyed by a class name covers every class of that name (mmcv's ConvTranspose2d and torch's).
+            for patch in {(p.target, p.method): p for p in applied}.values():
                 log.info("  patch %s.%s (used at %s)", patch.target, patch.method, ", ".join(patch.module_paths[:3]))
-            program = torch.export.export(wrapper, example, dynamic_shapes=dynamic_shapes_for(manifest), strict=False)
+            shapes = dynamic_shapes_for(manifest, plan)
+            # PaddedInputs.forward takes *args: torch.export wants one entry for that single parameter.
+            program = torch.export.export(wrapper, example, dynamic_shapes=(shapes,) if plan else shapes,
+                                          strict=False)
     except Exception as err:
         raise ExportFailedError(describe_export_failure("torch.export", err, tracker.stack, verbose)) from err
     finally:
@@ -125,14 +139,15 @@ def save_pt2(program: torch.export.ExportedProgram, path: Path) -> None:
     torch.export.save(program, str(path))
 
 
-def export_onnx(program: torch.export.ExportedProgram, manifest: Manifest, path: Path, verbose: bool = False) -> None:
+def export_onnx(program: torch.export.ExportedProgram, input_names: list[str], output_names: list[str], path: Path,
+                verbose: bool = False) -> None:
     """Translate the ExportedProgram (not a re-trace of the module) to ONNX with named inputs and outputs."""
     sink = io.StringIO()
     try:
         # The dynamo exporter prints its own progress; keep it for --verbose only.
         with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
-            onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=manifest.input_names,
-                                             output_names=manifest.output_names, opset_version=ONNX_OPSET,
+            onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=input_names,
+                                             output_names=output_names, opset_version=ONNX_OPSET,
                                              optimize=True, verbose=verbose)
     except Exception as err:
         ops = sorted(set(re.findall(r"(aten::\w+(?:\.\w+)?|mmcv::\w+|torch\.ops\.\w+\.\w+)", str(err))))

@@ -21,6 +21,8 @@ class PatchContext:
     """Facts fixed for one export that patches may rely on."""
 
     batch_size: int  # number of samples per call: static in the exported graph
+    variant: str = "default"  # which export this is: "default" (model.pt2/model.onnx) or a backend's ("iree")
+    spare_batch_row: bool = False  # padded rows carry batch index == batch_size and must land outside the output
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class ExportPatch:
     method: str
     reason: str  # why the original cannot be exported (recorded in metadata.json)
     make: Callable[[PatchContext], Callable[..., Any]]  # builds the replacement method
+    variants: tuple[str, ...] = ()  # exports it applies to; empty: every export
 
 
 EXPORT_PATCHES: ClassRegistry[list[ExportPatch]] = ClassRegistry("export patches")
@@ -51,8 +54,8 @@ class AppliedPatch:
     module_paths: tuple[str, ...]  # where in the model the patched class is used
 
 
-def patches_for(model: torch.nn.Module) -> list[tuple[type, ExportPatch, list[str]]]:
-    """Every registered patch whose target class appears in the model's module tree (or is the model)."""
+def patches_for(model: torch.nn.Module, variant: str = "default") -> list[tuple[type, ExportPatch, list[str]]]:
+    """Every registered patch for this export variant whose target class appears in the model's module tree."""
     found: dict[tuple[type, str], tuple[type, ExportPatch, list[str]]] = {}
     for module_path, module in model.named_modules():
         for klass in type(module).__mro__:
@@ -60,6 +63,8 @@ def patches_for(model: torch.nn.Module) -> list[tuple[type, ExportPatch, list[st
                 if klass.__name__ != name:
                     continue
                 for patch in patches:
+                    if patch.variants and variant not in patch.variants:
+                        continue
                     key = (klass, patch.method)
                     entry = found.setdefault(key, (klass, patch, []))
                     entry[2].append(module_path or "<model>")
@@ -73,7 +78,7 @@ def export_patches(model: torch.nn.Module, context: PatchContext) -> Iterator[li
     applied: list[AppliedPatch] = []
     _missing = object()
     try:
-        for klass, patch, module_paths in patches_for(model):
+        for klass, patch, module_paths in patches_for(model, context.variant):
             saved.append((klass, patch.method, klass.__dict__.get(patch.method, _missing)))
             setattr(klass, patch.method, patch.make(context))
             applied.append(AppliedPatch(patch.target, patch.method, patch.reason, tuple(module_paths)))
@@ -90,14 +95,16 @@ def export_patches(model: torch.nn.Module, context: PatchContext) -> Iterator[li
 
 def _make_static_batch_scatter(context: PatchContext) -> Callable[..., torch.Tensor]:
     batch_size = context.batch_size
+    # Padded exports send inert rows to batch index == batch_size: one spare canvas row, cut off below.
+    canvas_rows = batch_size + 1 if context.spare_batch_row else batch_size
 
     def forward(self: Any, voxel_features: torch.Tensor, coors: torch.Tensor, batch_size_arg: Any = None) -> torch.Tensor:
         # One index_put into a (batch, ny, nx) canvas replaces the per-sample loop with boolean masks.
         # Voxel coordinates are unique per sample, so no two rows land on the same cell.
         coors = coors.long()
         cell = (coors[:, 0] * self.ny + coors[:, 2]) * self.nx + coors[:, 3]
-        canvas = voxel_features.new_zeros(batch_size * self.ny * self.nx, self.in_channels)
-        canvas = canvas.index_put((cell,), voxel_features)
+        canvas = voxel_features.new_zeros(canvas_rows * self.ny * self.nx, self.in_channels)
+        canvas = canvas.index_put((cell,), voxel_features)[:batch_size * self.ny * self.nx]
         return canvas.view(batch_size, self.ny, self.nx, self.in_channels).permute(0, 3, 1, 2).contiguous()
 
     return forward
@@ -136,4 +143,87 @@ register_patch(ExportPatch(
     method="extract_feat",
     reason="computes the batch size with coors[-1, 0].item() + 1, a data-dependent scalar; the export's batch size is static",
     make=_make_voxelnet_extract_feat,
+))
+
+
+# ---- PillarFeatureNet ---------------------------------------------------------------------------
+
+def _make_pillar_feature_net_forward(context: PatchContext) -> Callable[..., torch.Tensor]:
+    def forward(self: Any, features: torch.Tensor, num_points: torch.Tensor, coors: torch.Tensor,
+                *args: Any, **kwargs: Any) -> torch.Tensor:
+        from mmdet3d.models.voxel_encoders.utils import get_paddings_indicator
+
+        # Same arithmetic as mmdet3d, column writes replaced by one broadcast subtraction and a concat.
+        xyz = features[:, :, :3]
+        decorations = []
+        if self._with_cluster_center:
+            points_mean = xyz.sum(dim=1, keepdim=True) / num_points.type_as(features).view(-1, 1, 1)
+            decorations.append(xyz - points_mean)
+        if self._with_voxel_center:
+            dtype = features.dtype
+            center = torch.stack([coors[:, 3].to(dtype) * self.vx + self.x_offset,
+                                  coors[:, 2].to(dtype) * self.vy + self.y_offset,
+                                  coors[:, 1].to(dtype) * self.vz + self.z_offset], dim=-1)
+            f_center = xyz - center.unsqueeze(1)
+            if self.legacy:
+                # Legacy mode wrote the centered xyz into the input itself, so the raw-feature block and the
+                # distance below see the centered values.
+                features = torch.cat([f_center, features[:, :, 3:]], dim=-1)
+                xyz = f_center
+            decorations.append(f_center)
+        if self._with_distance:
+            decorations.append(torch.norm(xyz, 2, 2, keepdim=True))
+        features = torch.cat([features, *decorations], dim=-1)
+        mask = get_paddings_indicator(num_points, features.shape[1], axis=0)
+        features = features * torch.unsqueeze(mask, -1).type_as(features)
+        for pfn in self.pfn_layers:
+            features = pfn(features, num_points)
+        return features.squeeze(1)
+
+    return forward
+
+
+register_patch(ExportPatch(
+    target="PillarFeatureNet",
+    method="forward",
+    reason=("writes the pillar-center offsets column by column into its input (features[:, :, i] = ...), which "
+            "exports as ScatterElements/ScatterND; IREE turns those into one stack-allocated scatter that does not "
+            "compile. Replaced by the same arithmetic with a concat, which also leaves the input unmodified"),
+    make=_make_pillar_feature_net_forward,
+))
+
+
+# ---- ConvTranspose2d (IREE only) -----------------------------------------------------------------
+
+_TORCH_DECONV_FORWARD = torch.nn.ConvTranspose2d.forward
+
+
+def _make_deconv_as_conv(context: PatchContext) -> Callable[..., torch.Tensor]:
+    def forward(self: Any, x: torch.Tensor, output_size: Any = None) -> torch.Tensor:
+        k, s = tuple(self.kernel_size), tuple(self.stride)
+        simple = (output_size is None and k == s and tuple(self.padding) == (0, 0)
+                  and tuple(self.output_padding) == (0, 0) and tuple(self.dilation) == (1, 1)
+                  and self.groups == 1 and self.padding_mode == "zeros")
+        if not simple:
+            return _TORCH_DECONV_FORWARD(self, x, output_size)
+        # kernel == stride: every input pixel fills its own k x k output block, which is a 1x1 conv to
+        # Cout*kh*kw channels followed by depth-to-space. No zero-inserted input, no wasted MACs.
+        batch, _, height, width = x.shape
+        c_in, c_out, kh, kw = self.weight.shape
+        weight = self.weight.permute(1, 2, 3, 0).reshape(c_out * kh * kw, c_in, 1, 1)
+        y = torch.nn.functional.conv2d(x, weight)
+        y = y.view(batch, c_out, kh, kw, height, width).permute(0, 1, 4, 2, 5, 3)
+        y = y.reshape(batch, c_out, height * kh, width * kw)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    return forward
+
+
+register_patch(ExportPatch(
+    target="ConvTranspose2d",
+    method="forward",
+    reason=("IREE lowers a transposed conv as a conv over a zero-inserted input (16x the work for SECONDFPN's "
+            "k4/s4 deblock); with kernel == stride it is exactly a 1x1 conv plus depth-to-space"),
+    make=_make_deconv_as_conv,
+    variants=("iree",),
 ))

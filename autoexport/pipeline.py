@@ -19,9 +19,12 @@ from . import __version__
 from .analyze import Analysis, analyze
 from .configs import resolve_config
 from .errors import ParityFailedError, UserInputError
+from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
 from .export import export_onnx, export_program, quiet_export_logs, save_pt2
 from .manifest import Manifest, iter_tensors
-from .report import export_info, library_versions, load_npz, outputs_info, save_npz, write_json
+from .padding import PaddedInputs, PaddingPlan, plan_padding
+from .report import export_info, library_versions, outputs_info, save_npz, write_json
+from .result import ExportResult, artifact_runners, write_reports
 from .runners import EagerRunner, OnnxRuntimeRunner, PT2Runner, Runner
 from .verify import DEFAULT_TOLERANCES, Comparator, ParityReport, Tolerance
 from .wrap import build_wrapper, generate_wrapper_source, write_wrapper
@@ -41,50 +44,10 @@ class ExportOptions:
     samples: list[Path] = field(default_factory=list)
     overwrite: bool = False
     seed: int = 0
-    tolerance: Tolerance = DEFAULT_TOLERANCES["fp32"]
+    tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
+    backends: tuple[str, ...] = ()  # backend specs (iree, iree:cuda, aoti, tensorrt:fp16, ...)
+    capacity: str = "auto"  # static padding for backends that use it: auto (the model's own bound), dynamic, or N
     verbose: bool = False
-
-
-@dataclass
-class ExportResult:
-    """An export on disk: its manifest, parity, and runners for each artifact."""
-
-    output_dir: Path
-    manifest: Manifest
-    metadata: dict
-    parity: ParityReport | None = None
-
-    @classmethod
-    def load(cls, output_dir: Path) -> "ExportResult":
-        import json
-
-        metadata = json.loads((output_dir / "metadata.json").read_text())
-        return cls(output_dir, Manifest.from_json(metadata["manifest"]), metadata)
-
-    def sample_names(self) -> list[str]:
-        return [s["name"] for s in self.metadata["samples"]]
-
-    def inputs(self, sample: str) -> dict[str, np.ndarray]:
-        return load_npz(self.output_dir / "inputs" / f"{sample}.npz")
-
-    def reference_outputs(self, sample: str) -> dict[str, np.ndarray]:
-        return load_npz(self.output_dir / "reference" / f"{sample}.npz")
-
-    def runners(self, device: str = "cpu") -> list[Runner]:
-        names = (self.manifest.input_names, self.manifest.output_names)
-        found: list[Runner] = []
-        if (self.output_dir / "model.pt2").exists():
-            found.append(PT2Runner.from_file(self.output_dir / "model.pt2", *names, device=device))
-        if (self.output_dir / "model.onnx").exists():
-            found.append(OnnxRuntimeRunner(self.output_dir / "model.onnx", *names))
-        return found
-
-    def verify(self, tolerance: Tolerance | None = None) -> ParityReport:
-        """Re-run every artifact on the stored inputs against the stored eager reference outputs."""
-        tol = tolerance or Tolerance(**{k: v for k, v in self.metadata["parity"]["tolerance"].items() if k != "rule"})
-        samples = self.sample_names()
-        return Comparator(tol).compare(self.runners(), {s: self.inputs(s) for s in samples},
-                                       {s: self.reference_outputs(s) for s in samples})
 
 
 class StageLog:
@@ -133,7 +96,8 @@ def _move_into_place(staging: Path, target: Path) -> None:
 
 
 def _metadata(options: ExportOptions, config_path: Path, analysis: Analysis, parity: ParityReport,
-              exported: object, timings: dict, formats: tuple[str, ...]) -> dict:
+              exported: object, timings: dict, formats: tuple[str, ...], artifacts: list[LoweredArtifact],
+              variants: dict[str, dict]) -> dict:
     return {
         "status": "ok" if parity.passed else "parity_failed",
         "model_config": str(config_path),
@@ -156,24 +120,81 @@ def _metadata(options: ExportOptions, config_path: Path, analysis: Analysis, par
         "preprocess": analysis.preprocess,
         "postprocess": analysis.postprocess,
         "tensor_boundary": analysis.boundary.forward_name,
-        "parity": {"passed": parity.passed, "tolerance": {"atol": parity.tolerance.atol, "rtol": parity.tolerance.rtol,
-                                                          "precision": parity.tolerance.precision,
-                                                          "rule": parity.tolerance.describe()},
-                   "summary": parity.to_json()["summary"]},
+        # What each compiled artifact accepts (shapes, padding) and how it was built.
+        "backends": [a.to_json() for a in artifacts],
+        "export_variants": variants,
+        "parity": {"passed": parity.passed, "tolerance": parity.tolerance.to_json(),
+                   "tolerances": {p: t.to_json() for p, t in parity.used_tolerances().items()},
+                   "summary": parity.to_json()["summary"], "skipped": parity.to_json()["skipped"]},
         "timings_s": timings,
         "versions": library_versions(),
         "manifest": analysis.manifest.to_json(),
     }
 
 
+def _check_backends(options: ExportOptions, formats: tuple[str, ...]) -> list[BackendSpec]:
+    """Parse --backend values and fail before any work when a backend cannot be used here."""
+    specs = list(dict.fromkeys(parse_backend(b) for b in options.backends))
+    for spec in specs:
+        reason = BACKENDS[spec.kind].missing_dependency(spec)
+        if reason:
+            raise UserInputError(f"--backend {spec}: {reason}")
+    if any(s.kind == "tensorrt" for s in specs) and "onnx" not in formats:
+        raise UserInputError("--backend tensorrt builds from model.onnx: use --format onnx or --format both")
+    if options.capacity not in ("auto", "dynamic") and not (options.capacity.isdigit() and int(options.capacity) > 0):
+        raise UserInputError(f"--capacity must be auto, dynamic or a positive integer, not {options.capacity!r}")
+    return specs
+
+
+def _padding_plan(model: torch.nn.Module, manifest: Manifest, capacity: str) -> PaddingPlan | None:
+    if capacity == "dynamic":
+        return None
+    plan = plan_padding(model, manifest, None if capacity == "auto" else int(capacity))
+    if plan:
+        log.info("  static padding: %s up to %d (%s)", plan.dim, plan.capacity, plan.rule)
+    else:
+        log.info("  no static padding rule for this model: backends get dynamic shapes")
+    return plan
+
+
+def _variant_exporter(wrapper: torch.nn.Module, analysis: Analysis, example_feed: dict[str, np.ndarray],
+                      staging: Path, record: dict[str, dict], verbose: bool):  # noqa: ANN202
+    """Exports a backend-specific variant of the model to ONNX once, on first request."""
+    manifest = analysis.manifest
+    cache: dict[tuple[str, int | None], Path] = {}
+
+    def export_variant(variant: str, plan: PaddingPlan | None) -> Path:
+        key = (variant, plan.capacity if plan else None)
+        if key in cache:
+            return cache[key]
+        module = PaddedInputs(wrapper, manifest, plan) if plan else wrapper
+        feed = plan.pad_feed(example_feed) if plan else example_feed
+        names = manifest.input_names + ([plan.count_input] if plan else [])
+        example = tuple(torch.from_numpy(np.array(feed[n], copy=True)).to(analysis.device) for n in names)
+        log.info("  export variant %r%s", variant, f" with {plan.dim} padded to {plan.capacity}" if plan else "")
+        exported = export_program(module, analysis.model, manifest, example, verbose, variant=variant, plan=plan)
+        path = staging / f".model.{variant}.onnx"
+        export_onnx(exported.program, names, manifest.output_names, path, verbose)
+        record[variant if not plan else f"{variant}-padded{plan.capacity}"] = {
+            "onnx": str(path), "padding": plan.to_json() if plan else None,
+            "export_patches": list(dict.fromkeys(f"{p.target}.{p.method}" for p in exported.patches))}
+        cache[key] = path
+        return path
+
+    return export_variant
+
+
 def run_export(options: ExportOptions) -> ExportResult:
     formats = tuple(f for f in FORMATS if f in options.formats)
     if not formats:
         raise UserInputError(f"--format must name at least one of {FORMATS}")
+    specs = _check_backends(options, formats)
     config_path = resolve_config(options.config)
     output_dir = options.output_dir.resolve()
     staging = _prepare_output_dir(output_dir, options.overwrite)
-    stages = StageLog(5)
+    stages = StageLog(6 if specs else 5)
+    artifacts: list[LoweredArtifact] = []
+    variants: dict[str, dict] = {}
     try:
         with stages.stage("analyze", f"build {config_path.stem}, run its test pipeline and data preprocessor"):
             analysis = analyze(config_path, options.checkpoint, options.device, options.samples, options.seed,
@@ -208,23 +229,48 @@ def run_export(options: ExportOptions) -> ExportResult:
             stages.timings["torch_export_s"] = round(time.perf_counter() - t0, 3)
             if "onnx" in formats:
                 t0 = time.perf_counter()
-                export_onnx(exported.program, manifest, staging / "model.onnx", options.verbose)
+                export_onnx(exported.program, manifest.input_names, manifest.output_names, staging / "model.onnx",
+                            options.verbose)
                 stages.timings["onnx_s"] = round(time.perf_counter() - t0, 3)
 
-        with stages.stage("verify", f"eager vs {' vs '.join(formats)} on {len(feeds)} samples "
-                                    f"({options.tolerance.describe()})"):
+        if specs:
+            with stages.stage("lower", ", ".join(str(s) for s in specs)), quiet_export_logs(options.verbose):
+                plan = _padding_plan(analysis.model, manifest, options.capacity)
+                source = LoweringSource(
+                    staging=staging, manifest=manifest, program=exported.program,
+                    onnx_path=staging / "model.onnx" if "onnx" in formats else None, padding=plan,
+                    export_variant=_variant_exporter(wrapper, analysis, feeds[analysis.export_samples[0].name],
+                                                     staging, variants, options.verbose),
+                    verbose=options.verbose)
+                for spec in specs:
+                    artifact = BACKENDS[spec.kind].lower(spec, source)
+                    artifacts.append(artifact)
+                    stages.timings[f"lower_{spec.name}_s"] = artifact.compile_s
+                for variant in variants.values():
+                    Path(variant.pop("onnx")).unlink(missing_ok=True)  # intermediate: the artifacts are what ship
+
+        fp32 = options.tolerances["fp32"]
+        with stages.stage("verify", f"eager vs {' vs '.join(formats + tuple(a.backend for a in artifacts))} on "
+                                    f"{len(feeds)} samples ({fp32.describe()})"):
             runners: list[Runner] = [PT2Runner.from_file(pt2_path, manifest.input_names, manifest.output_names,
                                                          options.device)]
             if "onnx" in formats:
                 runners.append(OnnxRuntimeRunner(staging / "model.onnx", manifest.input_names, manifest.output_names))
-            parity = Comparator(options.tolerance).compare(runners, feeds, expected)
+            lowered, skipped = artifact_runners(artifacts, staging, manifest)
+            for item in skipped:
+                log.info("  %s: not run (%s)", item.runtime, item.reason)
+            parity = Comparator(options.tolerances).compare(
+                runners + lowered, feeds, expected,
+                ParityReport("eager PyTorch (the original mmdet3d code through wrapper.py)", options.tolerances,
+                             skipped=skipped))
         if "pt2" not in formats:
             pt2_path.unlink()
 
-        with stages.stage("report", "write metadata.json and parity.json"):
-            metadata = _metadata(options, config_path, analysis, parity, exported, stages.timings, formats)
+        with stages.stage("report", "write metadata.json and parity.json/.md/.xml"):
+            metadata = _metadata(options, config_path, analysis, parity, exported, stages.timings, formats,
+                                 artifacts, variants)
             write_json(staging / "metadata.json", metadata)
-            write_json(staging / "parity.json", parity.to_json())
+            write_reports(parity, staging, f"Parity of {config_path.stem}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -236,7 +282,7 @@ def run_export(options: ExportOptions) -> ExportResult:
         staging.rename(failed_dir)
         worst = sorted(parity.failures(), key=lambda c: -c.mismatched)[:5]
         lines = [f"  {c.runtime} {c.output} on {c.sample}: {c.mismatched}/{c.total} elements outside "
-                 f"{parity.tolerance.describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}" for c in worst]
+                 f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}" for c in worst]
         raise ParityFailedError("parity failed:\n" + "\n".join(lines) + f"\n{parity.table()}\n"
                                 f"the artifacts were kept for inspection in {failed_dir}, not in {output_dir}")
     _move_into_place(staging, output_dir)

@@ -17,6 +17,7 @@ class Runner(ABC):
     leak state from one run into the next."""
 
     name: str = "runner"
+    precision: str = "fp32"  # selects the parity tolerance
 
     def __init__(self, input_names: Sequence[str], output_names: Sequence[str]) -> None:
         self.input_names = list(input_names)

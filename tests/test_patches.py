@@ -54,3 +54,65 @@ def test_pillar_scatter_patch_exports_with_dynamic_voxel_count():
     more_feats, more_coors = _scatter_inputs(1, 90, nx=16, ny=16, channels=4, seed=5)
     torch.testing.assert_close(program.module()(more_feats, more_coors, 1), scatter(more_feats, more_coors, 1),
                                rtol=0, atol=0)
+
+
+def _pillar_inputs(n: int, max_points: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    num_points = torch.randint(1, max_points + 1, (n,), generator=g).int()
+    voxels = torch.randn(n, max_points, 4, generator=g) * 10
+    voxels *= (torch.arange(max_points)[None, :] < num_points[:, None]).unsqueeze(-1)
+    coors = torch.stack([torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                         torch.randint(0, 40, (n,), generator=g), torch.randint(0, 40, (n,), generator=g)], 1).int()
+    return voxels, num_points, coors
+
+
+def test_pillar_feature_net_patch_is_exact_and_leaves_its_input_alone():
+    from mmdet3d.models.voxel_encoders import PillarFeatureNet
+
+    for legacy in (True, False):
+        net = PillarFeatureNet(in_channels=4, feat_channels=[16], with_distance=True, legacy=legacy,
+                               voxel_size=(0.16, 0.16, 4), point_cloud_range=(0, -39.68, -3, 69.12, 39.68, 1)).eval()
+        voxels, num_points, coors = _pillar_inputs(50, seed=int(legacy))
+        expected = net(voxels.clone(), num_points, coors)
+        given = voxels.clone()
+        with torch.no_grad(), export_patches(net, PatchContext(batch_size=1)) as applied:
+            got = net(given, num_points, coors)
+        assert [p.target for p in applied] == ["PillarFeatureNet"]
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        assert torch.equal(given, voxels), "the patched encoder must not write into its input"
+
+
+def test_deconv_rewrite_applies_to_the_iree_export_only_and_matches():
+    from mmcv.cnn import build_upsample_layer
+
+    deconv = build_upsample_layer(dict(type="deconv", bias=False), in_channels=8, out_channels=6,
+                                  kernel_size=4, stride=4).eval()
+    odd = torch.nn.ConvTranspose2d(8, 6, kernel_size=3, stride=2, padding=1).eval()  # not kernel == stride
+    torch_forward, mmcv_forward = torch.nn.ConvTranspose2d.forward, type(deconv).forward
+    x = torch.randn(2, 8, 5, 7)
+    expected, expected_odd = deconv(x), odd(x)
+    with export_patches(deconv, PatchContext(batch_size=1)) as applied:
+        assert applied == []
+    with torch.no_grad(), export_patches(deconv, PatchContext(batch_size=1, variant="iree")) as applied:
+        assert {p.target for p in applied} == {"ConvTranspose2d"}
+        got = deconv(x)
+        with export_patches(odd, PatchContext(batch_size=1, variant="iree")):
+            got_odd = odd(x)
+    assert got.shape == expected.shape == (2, 6, 20, 28)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # a 1x1 conv sums in another order
+    torch.testing.assert_close(got_odd, expected_odd, rtol=0, atol=0)
+    assert torch.nn.ConvTranspose2d.forward is torch_forward and type(deconv).forward is mmcv_forward
+    torch.testing.assert_close(deconv(x), expected, rtol=0, atol=0)
+
+
+def test_padded_rows_land_in_the_spare_canvas_row_and_are_dropped():
+    from mmdet3d.models.middle_encoders import PointPillarsScatter
+
+    scatter = PointPillarsScatter(in_channels=8, output_shape=[12, 10])
+    feats, coors = _scatter_inputs(1, 37, nx=10, ny=12, channels=8)
+    expected = scatter(feats, coors, 1)
+    pad_feats = torch.cat([feats, torch.full((5, 8), 99.0)])
+    pad_coors = torch.cat([coors, torch.tensor([[1, 0, 0, 0]] * 5, dtype=coors.dtype)])
+    with export_patches(scatter, PatchContext(batch_size=1, spare_batch_row=True)):
+        got = scatter(pad_feats, pad_coors, 1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -1,0 +1,116 @@
+"""An export on disk: its manifest, stored inputs and reference outputs, a runner for every artifact, and the
+parity reports. Importing this needs no mmdet3d, so `autoexport verify` runs on machines that only have torch
+(the GPU machine) as long as the backend's runtime is there."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backends import BACKENDS, LoweredArtifact, parse_backend
+from .errors import UserInputError
+from .manifest import Manifest
+from .report import load_npz, write_json
+from .runners import OnnxRuntimeRunner, PT2Runner, Runner
+from .verify import Comparator, ParityReport, SkippedRunner, Tolerance, tolerances_with
+
+log = logging.getLogger("autoexport")
+
+REPORT_FILES = ("parity.json", "parity.md", "parity.xml")
+
+
+def write_reports(report: ParityReport, directory: Path, title: str) -> None:
+    """parity.json for machines, parity.md for people, parity.xml (JUnit) for CI systems."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "parity.json", report.to_json())
+    (directory / "parity.md").write_text(report.to_markdown(title))
+    (directory / "parity.xml").write_text(report.to_junit())
+
+
+def artifact_runners(artifacts: list[LoweredArtifact], output_dir: Path, manifest: Manifest,
+                     only: set[str] | None = None) -> tuple[list[Runner], list[SkippedRunner]]:
+    """Runners for the lowered artifacts this machine can run; the others come back as skipped, with why."""
+    runners: list[Runner] = []
+    skipped: list[SkippedRunner] = []
+    for artifact in artifacts:
+        if only is not None and artifact.backend not in only:
+            continue
+        spec = parse_backend(artifact.spec)
+        backend = BACKENDS[spec.kind]
+        reason = backend.missing_dependency(spec) or backend.cannot_run_here(spec)
+        if reason:
+            skipped.append(SkippedRunner(artifact.backend, reason))
+            continue
+        runner = backend.runner(artifact, output_dir, manifest)
+        runner.precision = artifact.precision
+        runners.append(runner)
+    return runners, skipped
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    manifest: Manifest
+    metadata: dict
+    parity: ParityReport | None = None
+
+    @classmethod
+    def load(cls, output_dir: Path) -> "ExportResult":
+        path = output_dir / "metadata.json"
+        if not path.is_file():
+            raise UserInputError(f"{output_dir} is not an autoexport output directory (no metadata.json)")
+        metadata = json.loads(path.read_text())
+        return cls(output_dir, Manifest.from_json(metadata["manifest"]), metadata)
+
+    def sample_names(self) -> list[str]:
+        return [s["name"] for s in self.metadata["samples"]]
+
+    def inputs(self, sample: str) -> dict[str, np.ndarray]:
+        return load_npz(self.output_dir / "inputs" / f"{sample}.npz")
+
+    def reference_outputs(self, sample: str) -> dict[str, np.ndarray]:
+        return load_npz(self.output_dir / "reference" / f"{sample}.npz")
+
+    @property
+    def artifacts(self) -> list[LoweredArtifact]:
+        return [LoweredArtifact.from_json(a) for a in self.metadata.get("backends", [])]
+
+    def stored_tolerances(self) -> dict[str, Tolerance]:
+        stored = self.metadata["parity"].get("tolerances") or {"fp32": self.metadata["parity"]["tolerance"]}
+        return tolerances_with(*(Tolerance.from_json(t) for t in stored.values()))
+
+    def runners(self, backends: list[str] | None = None, device: str = "cpu") -> tuple[list[Runner], list[SkippedRunner]]:
+        """Runners for model.pt2, model.onnx and every lowered artifact (or only the named backends)."""
+        names = (self.manifest.input_names, self.manifest.output_names)
+        only = None
+        if backends:
+            only = {parse_backend(b).name if b not in ("pt2", "onnxruntime") else b for b in backends}
+            known = {"pt2", "onnxruntime"} | {a.backend for a in self.artifacts}
+            unknown = sorted(only - known)
+            if unknown:
+                raise UserInputError(f"{self.output_dir} has no {', '.join(unknown)} artifact; it has "
+                                     f"{', '.join(sorted(known))}. Export with --backend to add one")
+        found: list[Runner] = []
+        if (only is None or "pt2" in only) and (self.output_dir / "model.pt2").exists():
+            found.append(PT2Runner.from_file(self.output_dir / "model.pt2", *names, device=device))
+        if (only is None or "onnxruntime" in only) and (self.output_dir / "model.onnx").exists():
+            found.append(OnnxRuntimeRunner(self.output_dir / "model.onnx", *names))
+        lowered, skipped = artifact_runners(self.artifacts, self.output_dir, self.manifest, only)
+        return found + lowered, skipped
+
+    def verify(self, tolerances: dict[str, Tolerance] | None = None, backends: list[str] | None = None,
+               device: str = "cpu") -> ParityReport:
+        """Re-run every artifact on the stored inputs against the stored eager reference outputs."""
+        samples = self.sample_names()
+        runners, skipped = self.runners(backends, device)
+        report = ParityReport("eager (stored reference outputs)", tolerances or self.stored_tolerances(),
+                              skipped=skipped)
+        return Comparator(report.tolerances).compare(runners, {s: self.inputs(s) for s in samples},
+                                                     {s: self.reference_outputs(s) for s in samples}, report)
+
+
+__all__ = ["ExportResult", "REPORT_FILES", "write_reports", "artifact_runners"]
