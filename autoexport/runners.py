@@ -68,7 +68,12 @@ class PT2Runner(_TorchRunner):
     def from_file(cls, path: Path, input_names: Sequence[str], output_names: Sequence[str],
                   device: str = "cpu") -> "PT2Runner":
         program = torch.export.load(str(path))
-        return cls(program.module().to(device), input_names, output_names, device)
+        if device != "cpu":
+            # Moves parameters, buffers and device constants baked into the graph (module.to() misses those).
+            from torch.export.passes import move_to_device_pass  # not imported by `import torch` before 2.12
+
+            program = move_to_device_pass(program, device)
+        return cls(program.module(), input_names, output_names, device)
 
 
 class OnnxRuntimeRunner(Runner):

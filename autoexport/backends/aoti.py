@@ -26,7 +26,11 @@ def compile_package(program: torch.export.ExportedProgram, package_path: Path, d
     import torch._inductor
 
     if device != "cpu":
-        program = torch.export.passes.move_to_device_pass(program, device)
+        # AOTInductor compares devices literally: "cuda" != "cuda:0".
+        device = str(torch.device(device)) if torch.device(device).index is not None else f"{device}:0"
+        from torch.export.passes import move_to_device_pass  # not imported by `import torch` before 2.12
+
+        program = move_to_device_pass(program, device)
     package_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch._inductor.aoti_compile_and_package(program, package_path=str(package_path))
