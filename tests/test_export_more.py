@@ -15,21 +15,22 @@ def _meta(out: Path) -> dict:
     return json.loads((out / "metadata.json").read_text())
 
 
-def _parity_passed_everywhere(out: Path) -> None:
+def _parity_passed_everywhere(out: Path, runtimes: set[str]) -> None:
     parity = json.loads((out / "parity.json").read_text())
     assert parity["passed"] and parity["checks"]
-    assert {c["runtime"] for c in parity["checks"]} == {"pt2", "onnxruntime"}
+    assert {c["runtime"] for c in parity["checks"]} == runtimes
     assert all(c["passed"] and c["mismatched"] == 0 for c in parity["checks"])
 
 
-@pytest.mark.parametrize("config, model_type, first_outputs", [
-    (NUS_PP, "MVXFasterRCNN", ["cls_score_0", "bbox_pred_0", "dir_cls_pred_0"]),
+@pytest.mark.parametrize("config, model_type, first_outputs, backends", [
+    (NUS_PP, "MVXFasterRCNN", ["cls_score_0", "bbox_pred_0", "dir_cls_pred_0"], ()),
     (CENTERPOINT_PILLAR, "CenterPoint", ["reg_task0", "height_task0", "dim_task0", "rot_task0", "vel_task0",
-                                         "heatmap_task0"]),
+                                         "heatmap_task0"], ("iree",)),
 ])
-def test_nuscenes_configs_export_with_parity(tmp_path: Path, config: str, model_type: str, first_outputs: list[str]):
+def test_nuscenes_configs_export_with_parity(tmp_path: Path, config: str, model_type: str, first_outputs: list[str],
+                                             backends: tuple[str, ...]):
     out = tmp_path / "export"
-    assert export_to(config, out) == 0
+    assert export_to(config, out, *[a for b in backends for a in ("--backend", b)]) == 0
     meta = _meta(out)
     assert meta["model_type"] == model_type
     assert [o["name"] for o in meta["outputs"]][: len(first_outputs)] == first_outputs
@@ -39,7 +40,7 @@ def test_nuscenes_configs_export_with_parity(tmp_path: Path, config: str, model_
     assert meta["preprocess"]["point_cloud"]["load_dim"] == 5 and meta["preprocess"]["point_cloud"]["sweeps_num"] > 0
     assert "PointPillarsScatter" in {p["target"] for p in meta["export_patches"]}
     assert meta["tensor_boundary"] == "mvx_two_stage_forward"
-    _parity_passed_everywhere(out)
+    _parity_passed_everywhere(out, {"pt2", "onnxruntime"} | {"iree-llvm-cpu" for b in backends if b == "iree"})
     # The PT2 program runs the held-out sample (not used for export) within tolerance of eager.
     feed = dict(np.load(out / "inputs" / "heldout_0.npz"))
     expected = dict(np.load(out / "reference" / "heldout_0.npz"))

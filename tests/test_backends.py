@@ -1,0 +1,148 @@
+"""Lowered backends on the PointPillars KITTI export (IREE llvm-cpu, IREE cuda compiled only, AOTInductor CPU):
+parity, what metadata says the artifacts accept, padded inputs, the reports, `verify --backend` and bad flags."""
+
+import importlib.util
+import json
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+
+from autoexport.backends import LoweredArtifact, parse_backend
+from autoexport.backends.iree import IreeRunner
+from autoexport.cli import main
+from autoexport.errors import UserInputError
+from autoexport.padding import PaddingPlan
+from conftest import KITTI_PP
+
+FP32_LIMIT = 1e-4  # the fp32 rule's atol: every lowered fp32 artifact must stay inside it
+
+
+def _meta(out: Path) -> dict:
+    return json.loads((out / "metadata.json").read_text())
+
+
+def _artifact(out: Path, backend: str) -> LoweredArtifact:
+    return next(LoweredArtifact.from_json(a) for a in _meta(out)["backends"] if a["backend"] == backend)
+
+
+def test_iree_and_aoti_pass_fp32_parity_on_every_sample(kitti_export: Path):
+    parity = json.loads((kitti_export / "parity.json").read_text())
+    assert parity["passed"]
+    for runtime in ("iree-llvm-cpu", "aoti-cpu"):
+        checks = [c for c in parity["checks"] if c["runtime"] == runtime]
+        # 3 outputs x (2 export samples + the held-out 28000-point cloud, larger than both)
+        assert len(checks) == 9 and {c["sample"] for c in checks} == {"sample_0", "sample_1", "heldout_0"}
+        assert all(c["passed"] and c["mismatched"] == 0 and c["max_abs"] < FP32_LIMIT for c in checks), runtime
+        assert max(c["max_abs"] for c in checks) > 0, f"{runtime} compared against itself?"
+    assert [s["runtime"] for s in parity["skipped"]] == ["iree-cuda"]
+    assert "no CUDA device" in parity["skipped"][0]["reason"]
+    held_out = next(s for s in _meta(kitti_export)["samples"] if s["name"] == "heldout_0")
+    assert held_out["num_points"] > max(s["num_points"] for s in _meta(kitti_export)["samples"] if s["role"] == "export")
+
+
+def test_metadata_records_what_each_artifact_accepts(kitti_export: Path):
+    iree = _artifact(kitti_export, "iree-llvm-cpu")
+    assert (kitti_export / iree.path).stat().st_size > 1e6
+    shapes = {i["name"]: i["shape"] for i in iree.inputs}
+    # The voxel layer's test max_voxels (40000) is the static capacity; the count says how many rows are real.
+    assert shapes == {"voxels_num_points": [40000], "voxels_voxels": [40000, 32, 4], "voxels_coors": [40000, 4],
+                      "num_voxels": []}
+    assert iree.padding["count_input"] == "num_voxels" and iree.padding["fills"]["voxels_coors"] == [1, 0, 0, 0]
+    assert "--iree-llvmcpu-target-cpu=host" in iree.details["flags"]
+    cuda = _artifact(kitti_export, "iree-cuda")
+    assert (kitti_export / cuda.path).is_file() and cuda.device == "cuda"
+    assert cuda.details["compiled_arch"] in ("sm_90", "sm_80")
+    aoti = _artifact(kitti_export, "aoti-cpu")
+    assert {i["name"]: i["shape"][0] for i in aoti.inputs} == {n: None for n in ("voxels_num_points", "voxels_voxels",
+                                                                                "voxels_coors")}, "dynamic"
+    variants = _meta(kitti_export)["export_variants"]
+    assert "ConvTranspose2d.forward" in variants["iree-padded40000"]["export_patches"]
+    assert not list(kitti_export.glob(".model.*.onnx")) and not list(kitti_export.glob("iree/*.mlir")), "intermediates"
+
+
+def test_rows_after_the_count_are_ignored_whatever_they_hold(kitti_export: Path):
+    iree = _artifact(kitti_export, "iree-llvm-cpu")
+    plan = iree.padding_plan
+    meta = _meta(kitti_export)
+    runner = IreeRunner(kitti_export / iree.path, "local-task", [i["name"] for i in iree.inputs],
+                        [o["name"] for o in meta["outputs"]])
+    feed = dict(np.load(kitti_export / "inputs" / "sample_0.npz"))
+    expected = dict(np.load(kitti_export / "reference" / "sample_0.npz"))
+    padded = plan.pad_feed(feed)
+    count = int(padded["num_voxels"])
+    rng = np.random.default_rng(0)
+    # Garbage where a caller's buffer is stale: real-looking voxels on occupied cells, and zero point counts.
+    padded["voxels_voxels"][count:] = rng.normal(size=padded["voxels_voxels"][count:].shape) * 50
+    padded["voxels_coors"][count:] = feed["voxels_coors"][rng.integers(0, count, 40000 - count)]
+    padded["voxels_num_points"][count:] = 0
+    got = runner.infer(padded)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_padding_plan_refuses_more_rows_than_its_capacity():
+    plan = PaddingPlan(dim="num_voxels", capacity=4, count_input="num_voxels", axes={"a": 0})
+    padded = plan.pad_feed({"a": np.ones((3, 2), np.float32)})
+    assert padded["a"].shape == (4, 2) and padded["num_voxels"].shape == () and int(padded["num_voxels"]) == 3
+    with pytest.raises(ValueError, match="exceed this artifact's static capacity of 4"):
+        plan.pad_feed({"a": np.ones((5, 2), np.float32)})
+
+
+def test_parity_xml_is_junit_with_a_case_per_backend_and_output(kitti_export: Path):
+    root = ElementTree.parse(kitti_export / "parity.xml").getroot()
+    assert root.tag == "testsuites"
+    suite = root.find("testsuite")
+    cases = suite.findall("testcase")
+    runtimes = {"pt2", "onnxruntime", "iree-llvm-cpu", "aoti-cpu"}
+    assert int(suite.get("tests")) == len(cases) == 3 * len(runtimes) + 1
+    assert suite.get("failures") == "0" and suite.get("skipped") == "1"
+    assert {c.get("classname").rsplit(".", 1)[1] for c in cases} == runtimes | {"iree-cuda"}
+    assert not suite.findall("testcase/failure")
+    assert suite.find("testcase/skipped").get("message").startswith("no CUDA device")
+    md = (kitti_export / "parity.md").read_text()
+    assert md.splitlines()[0].endswith(": PASSED")
+    assert "| output | shape | backend | max abs | max rel | cosine | tolerance | verdict |" in md
+    assert md.count("| iree-llvm-cpu |") == 3 and "fp32 | \\|a-b\\| <= 0.0001" in md
+
+
+def test_verify_a_backend_and_write_reports(kitti_export: Path, tmp_path: Path):
+    assert main(["verify", str(kitti_export), "--backend", "iree", "--report-dir", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "parity.json").read_text())
+    assert {c["runtime"] for c in report["checks"]} == {"iree-llvm-cpu"} and report["passed"]
+    root = ElementTree.parse(tmp_path / "r" / "parity.xml").getroot()
+    assert int(root.find("testsuite").get("tests")) == 3
+    # Stricter than the measured error: the same stored export now fails, and verify says so with exit 1.
+    assert main(["verify", str(kitti_export), "--backend", "iree", "--atol", "1e-7", "--rtol", "0"]) == 1
+    # Only a CUDA artifact here: nothing can run, which is not a pass.
+    assert main(["verify", str(kitti_export), "--backend", "iree:cuda"]) == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--backend", "mlir"], "unknown backend 'mlir'"),
+    (["--backend", "iree:rocm"], "backend iree has no target 'rocm'"),
+    (["--backend", "aoti:cuda"], "needs a GPU"),
+    (["--backend", "tensorrt"], "TensorRT"),
+    (["--capacity", "lots", "--backend", "iree"], "--capacity must be auto, dynamic or a positive integer"),
+])
+def test_bad_backend_flags_exit_2_before_any_work(tmp_path: Path, caplog: pytest.LogCaptureFixture, flags, message):
+    if "tensorrt" in flags and importlib.util.find_spec("tensorrt"):
+        pytest.skip("TensorRT is installed here: the missing-TensorRT message cannot be checked")
+    out = tmp_path / "out"
+    assert main(["--config", KITTI_PP, "--output-dir", str(out), *flags]) == 2
+    assert message in caplog.text
+    assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_verify_rejects_a_backend_the_export_does_not_have(kitti_export: Path, caplog: pytest.LogCaptureFixture):
+    assert main(["verify", str(kitti_export), "--backend", "tensorrt"]) == 2
+    assert "has no tensorrt-fp32 artifact" in caplog.text
+
+
+def test_backend_names():
+    assert parse_backend("iree").name == "iree-llvm-cpu"
+    assert str(parse_backend("iree:cuda:sm_80")) == "iree:cuda:sm_80"
+    assert parse_backend("aoti").name == "aoti-cpu"
+    with pytest.raises(UserInputError):
+        parse_backend("aoti:cpu:sm_80")
