@@ -1,9 +1,12 @@
-"""Stage timings and eager / PT2 / ONNX Runtime latency per config, printed as a table.
+"""Stage timings and eager / PT2 / ONNX Runtime / IREE llvm-cpu / AOTInductor latency per config (CPU),
+printed as a table with each runtime's ratio to eager and IREE's ratio to ONNX Runtime.
 
     python benchmarks/bench_export.py [--configs NAME ...] [--runs 5] [--out-root /tmp/autoexport-bench]
 
-Each config is exported once with `autoexport` (timings come from its metadata.json); latency is the
-median of --runs calls after one warm-up, on the stored held-out sample.
+Each config is exported once with `autoexport --backend iree --backend aoti` (timings come from its
+metadata.json); latency is the median of --runs calls after one warm-up, on the stored held-out sample,
+each call numpy in -> numpy out. IREE runs the padded static artifact (capacity = the voxel layer's max_voxels).
+GPU numbers come from benchmarks/bench_gpu.py.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from autoexport.analyze import build_model, load_config
 from autoexport.cli import main as autoexport_main
 from autoexport.configs import resolve_config
-from autoexport.pipeline import ExportResult
+from autoexport.result import ExportResult, artifact_runners
 from autoexport.runners import EagerRunner, OnnxRuntimeRunner, PT2Runner, Runner
 from autoexport.wrap import build_wrapper
 
@@ -46,7 +49,8 @@ def median_latency_ms(runner: Runner, feed: dict[str, np.ndarray], runs: int) ->
 
 def bench_config(config: str, out_root: Path, runs: int) -> dict:
     out = out_root / config
-    code = autoexport_main(["--config", config, "--output-dir", str(out), "--overwrite"])
+    code = autoexport_main(["--config", config, "--output-dir", str(out), "--overwrite", "--backend", "iree",
+                            "--backend", "aoti"])
     if code != 0:
         return {"config": config, "error": f"autoexport exited {code}"}
     result = ExportResult.load(out)
@@ -54,25 +58,29 @@ def bench_config(config: str, out_root: Path, runs: int) -> dict:
     names = (result.manifest.input_names, result.manifest.output_names)
     model = build_model(load_config(resolve_config(meta["model_config"])), "cpu", 0)
     feed = result.inputs("heldout_0")
+    lowered, _ = artifact_runners(result.artifacts, out, result.manifest)
     runners = [EagerRunner(build_wrapper(out / "wrapper.py", model), *names),
-               PT2Runner.from_file(out / "model.pt2", *names), OnnxRuntimeRunner(out / "model.onnx", *names)]
+               PT2Runner.from_file(out / "model.pt2", *names), OnnxRuntimeRunner(out / "model.onnx", *names), *lowered]
     latency = {r.name: median_latency_ms(r, feed, runs) for r in runners}
     return {"config": config, "timings_s": meta["timings_s"], "latency_ms": latency,
             "num_voxels": int(feed[result.manifest.input_names[0]].shape[0])}
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["config", "analyze s", "wrap s", "torch.export s", "onnx s", "voxels", "eager ms", "pt2 ms", "ort ms",
-              "ort/eager"]
+    header = ["config", "analyze s", "torch.export s", "onnx s", "iree compile s", "aoti compile s", "voxels",
+              "eager ms", "pt2 ms", "ort ms", "iree ms", "aoti ms", "ort/eager", "iree/eager", "aoti/eager", "iree/ort"]
     lines = [header]
     for r in rows:
         if "error" in r:
             lines.append([r["config"], r["error"]] + [""] * (len(header) - 2))
             continue
         t, lat = r["timings_s"], r["latency_ms"]
-        lines.append([r["config"], f"{t['analyze']:.1f}", f"{t['wrap']:.2f}", f"{t.get('torch_export_s', 0):.1f}",
-                      f"{t.get('onnx_s', 0):.1f}", str(r["num_voxels"]), f"{lat['eager']:.0f}", f"{lat['pt2']:.0f}",
-                      f"{lat['onnxruntime']:.0f}", f"{lat['onnxruntime'] / lat['eager']:.2f}"])
+        iree, aoti, ort = lat["iree-llvm-cpu"], lat["aoti-cpu"], lat["onnxruntime"]
+        lines.append([r["config"], f"{t['analyze']:.1f}", f"{t.get('torch_export_s', 0):.1f}",
+                      f"{t.get('onnx_s', 0):.1f}", f"{t.get('lower_iree-llvm-cpu_s', 0):.1f}",
+                      f"{t.get('lower_aoti-cpu_s', 0):.1f}", str(r["num_voxels"]), f"{lat['eager']:.0f}",
+                      f"{lat['pt2']:.0f}", f"{ort:.0f}", f"{iree:.0f}", f"{aoti:.0f}", f"{ort / lat['eager']:.2f}",
+                      f"{iree / lat['eager']:.2f}", f"{aoti / lat['eager']:.2f}", f"{iree / ort:.2f}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
