@@ -35,9 +35,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", action="append", default=[], metavar="KIND[:TARGET]",
                    help="also compile for a backend and check its parity (repeatable): iree (= iree:llvm-cpu), "
                         "iree:cuda[:sm_XX], aoti (= aoti:cpu), aoti:cuda, tensorrt[:fp16|:int8]")
-    p.add_argument("--capacity", default="auto", metavar="auto|dynamic|N",
-                   help="static padded input size for backends that use one (IREE): auto takes the model's own "
-                        "bound (e.g. the voxel layer's test max_voxels), dynamic keeps dynamic shapes")
+    p.add_argument("--capacity", default="dynamic", metavar="dynamic|auto|N",
+                   help="IREE inputs: dynamic shapes (default), or static buffers padded to N rows plus a count input; "
+                        "auto takes the model's own bound (e.g. the voxel layer's test max_voxels)")
     _tolerance_args(p)
     p.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
     p.add_argument("--version", action="version", version=f"autoexport {__version__}")

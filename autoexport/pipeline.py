@@ -46,7 +46,9 @@ class ExportOptions:
     seed: int = 0
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
     backends: tuple[str, ...] = ()  # backend specs (iree, iree:cuda, aoti, tensorrt:fp16, ...)
-    capacity: str = "auto"  # static padding for backends that use it: auto (the model's own bound), dynamic, or N
+    # Static padding for backends that use it: dynamic (none), auto (the model's own bound) or N rows. Dynamic is the
+    # default: on CPU, padding nuScenes PointPillars' ~17k voxels to 40k made IREE 1.5x slower (benchmarks/RESULTS.md).
+    capacity: str = "dynamic"
     verbose: bool = False
 
 

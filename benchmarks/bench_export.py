@@ -5,7 +5,8 @@ printed as a table with each runtime's ratio to eager and IREE's ratio to ONNX R
 
 Each config is exported once with `autoexport --backend iree --backend aoti` (timings come from its
 metadata.json); latency is the median of --runs calls after one warm-up, on the stored held-out sample,
-each call numpy in -> numpy out. IREE runs the padded static artifact (capacity = the voxel layer's max_voxels).
+each call numpy in -> numpy out. IREE runs the padded static artifact (capacity = the voxel layer's max_voxels)
+unless --capacity dynamic.
 GPU numbers come from benchmarks/bench_gpu.py.
 """
 
@@ -47,10 +48,10 @@ def median_latency_ms(runner: Runner, feed: dict[str, np.ndarray], runs: int) ->
     return statistics.median(times)
 
 
-def bench_config(config: str, out_root: Path, runs: int) -> dict:
+def bench_config(config: str, out_root: Path, runs: int, capacity: str) -> dict:
     out = out_root / config
     code = autoexport_main(["--config", config, "--output-dir", str(out), "--overwrite", "--backend", "iree",
-                            "--backend", "aoti"])
+                            "--backend", "aoti", "--capacity", capacity])
     if code != 0:
         return {"config": config, "error": f"autoexport exited {code}"}
     result = ExportResult.load(out)
@@ -91,10 +92,12 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out-root", type=Path, default=Path("/tmp/autoexport-bench"))
+    parser.add_argument("--capacity", default="auto", help="IREE input shapes: auto (padded to the model's bound), "
+                                                               "dynamic or N, as autoexport --capacity")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    rows = [bench_config(c, args.out_root, args.runs) for c in args.configs]
+    rows = [bench_config(c, args.out_root, args.runs, args.capacity) for c in args.configs]
     print(f"\nautoexport stage timings and latency (CPU: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, median of {args.runs} runs on the held-out sample)\n")
     print_table(rows)

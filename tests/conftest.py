@@ -24,8 +24,9 @@ def export_to(config: str, output_dir: Path, *extra: str) -> int:
 
 @pytest.fixture(scope="session")
 def kitti_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Lowered too: IREE for the CPU here, IREE for CUDA (compiled, not run: no GPU) and AOTInductor for the CPU.
+    # Lowered too: IREE for the CPU here, IREE for CUDA (compiled, not run: no GPU) and AOTInductor for the CPU;
+    # IREE with static padded inputs (the CenterPoint test covers IREE with dynamic shapes).
     out = tmp_path_factory.mktemp("exports") / "pp_kitti"
     assert export_to(KITTI_PP, out, "--format", "both", "--backend", "iree", "--backend", "iree:cuda",
-                     "--backend", "aoti") == 0
+                     "--backend", "aoti", "--capacity", "auto") == 0
     return out
