@@ -120,8 +120,7 @@ def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: M
                            spare_batch_row=bool(plan and plan.spare_batch_row))
     try:
         with export_patches(model, context) as applied:
-            # A patch keyed by a class name covers every class of that name (mmcv's ConvTranspose2d and torch's).
-            for patch in {(p.target, p.method): p for p in applied}.values():
+            for patch in applied:
                 log.info("  patch %s.%s (used at %s)", patch.target, patch.method, ", ".join(patch.module_paths[:3]))
             shapes = dynamic_shapes_for(manifest, plan)
             # PaddedInputs.forward takes *args: torch.export wants one entry for that single parameter.

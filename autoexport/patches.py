@@ -81,7 +81,14 @@ def export_patches(model: torch.nn.Module, context: PatchContext) -> Iterator[li
         for klass, patch, module_paths in patches_for(model, context.variant):
             saved.append((klass, patch.method, klass.__dict__.get(patch.method, _missing)))
             setattr(klass, patch.method, patch.make(context))
-            applied.append(AppliedPatch(patch.target, patch.method, patch.reason, tuple(module_paths)))
+            # One entry per registered patch: a class name can match several classes (mmcv's ConvTranspose2d
+            # subclasses torch's), and each of them is patched, but it is still one patch.
+            same = next((i for i, a in enumerate(applied) if (a.target, a.method) == (patch.target, patch.method)), None)
+            if same is None:
+                applied.append(AppliedPatch(patch.target, patch.method, patch.reason, tuple(module_paths)))
+            else:
+                merged = applied[same].module_paths + tuple(p for p in module_paths if p not in applied[same].module_paths)
+                applied[same] = AppliedPatch(patch.target, patch.method, patch.reason, merged)
         yield applied
     finally:
         for klass, method, original in reversed(saved):

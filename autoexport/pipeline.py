@@ -24,8 +24,8 @@ from .export import export_onnx, export_program, quiet_export_logs, save_pt2
 from .manifest import Manifest, iter_tensors
 from .padding import PaddedInputs, PaddingPlan, plan_padding
 from .report import export_info, library_versions, outputs_info, save_npz, write_json
-from .result import ExportResult, artifact_runners, write_reports
-from .runners import EagerRunner, OnnxRuntimeRunner, PT2Runner, Runner
+from .result import ExportResult, export_runners, write_reports
+from .runners import EagerRunner
 from .verify import DEFAULT_TOLERANCES, Comparator, ParityReport, Tolerance
 from .wrap import build_wrapper, generate_wrapper_source, write_wrapper
 
@@ -127,7 +127,7 @@ def _metadata(options: ExportOptions, config_path: Path, analysis: Analysis, par
         "export_variants": variants,
         "parity": {"passed": parity.passed, "tolerance": parity.tolerance.to_json(),
                    "tolerances": {p: t.to_json() for p, t in parity.used_tolerances().items()},
-                   "summary": parity.to_json()["summary"], "skipped": parity.to_json()["skipped"]},
+                   **{k: v for k, v in parity.to_json().items() if k in ("summary", "skipped")}},
         "timings_s": timings,
         "versions": library_versions(),
         "manifest": analysis.manifest.to_json(),
@@ -179,7 +179,7 @@ def _variant_exporter(wrapper: torch.nn.Module, analysis: Analysis, example_feed
         export_onnx(exported.program, names, manifest.output_names, path, verbose)
         record[variant if not plan else f"{variant}-padded{plan.capacity}"] = {
             "onnx": str(path), "padding": plan.to_json() if plan else None,
-            "export_patches": list(dict.fromkeys(f"{p.target}.{p.method}" for p in exported.patches))}
+            "export_patches": [f"{p.target}.{p.method}" for p in exported.patches]}
         cache[key] = path
         return path
 
@@ -254,15 +254,11 @@ def run_export(options: ExportOptions) -> ExportResult:
         fp32 = options.tolerances["fp32"]
         with stages.stage("verify", f"eager vs {' vs '.join(formats + tuple(a.backend for a in artifacts))} on "
                                     f"{len(feeds)} samples ({fp32.describe()})"):
-            runners: list[Runner] = [PT2Runner.from_file(pt2_path, manifest.input_names, manifest.output_names,
-                                                         options.device)]
-            if "onnx" in formats:
-                runners.append(OnnxRuntimeRunner(staging / "model.onnx", manifest.input_names, manifest.output_names))
-            lowered, skipped = artifact_runners(artifacts, staging, manifest)
+            runners, skipped = export_runners(staging, manifest, artifacts, options.device)
             for item in skipped:
                 log.info("  %s: not run (%s)", item.runtime, item.reason)
             parity = Comparator(options.tolerances).compare(
-                runners + lowered, feeds, expected,
+                runners, feeds, expected,
                 ParityReport("eager PyTorch (the original mmdet3d code through wrapper.py)", options.tolerances,
                              skipped=skipped))
         if "pt2" not in formats:

@@ -51,6 +51,19 @@ def artifact_runners(artifacts: list[LoweredArtifact], output_dir: Path, manifes
     return runners, skipped
 
 
+def export_runners(output_dir: Path, manifest: Manifest, artifacts: list[LoweredArtifact], device: str = "cpu",
+                   only: set[str] | None = None) -> tuple[list[Runner], list[SkippedRunner]]:
+    """Runners for model.pt2, model.onnx (when present) and the lowered artifacts, optionally only the named ones."""
+    names = (manifest.input_names, manifest.output_names)
+    found: list[Runner] = []
+    if (only is None or "pt2" in only) and (output_dir / "model.pt2").exists():
+        found.append(PT2Runner.from_file(output_dir / "model.pt2", *names, device=device))
+    if (only is None or "onnxruntime" in only) and (output_dir / "model.onnx").exists():
+        found.append(OnnxRuntimeRunner(output_dir / "model.onnx", *names))
+    lowered, skipped = artifact_runners(artifacts, output_dir, manifest, only)
+    return found + lowered, skipped
+
+
 @dataclass
 class ExportResult:
     output_dir: Path
@@ -85,7 +98,6 @@ class ExportResult:
 
     def runners(self, backends: list[str] | None = None, device: str = "cpu") -> tuple[list[Runner], list[SkippedRunner]]:
         """Runners for model.pt2, model.onnx and every lowered artifact (or only the named backends)."""
-        names = (self.manifest.input_names, self.manifest.output_names)
         only = None
         if backends:
             only = {parse_backend(b).name if b not in ("pt2", "onnxruntime") else b for b in backends}
@@ -94,13 +106,7 @@ class ExportResult:
             if unknown:
                 raise UserInputError(f"{self.output_dir} has no {', '.join(unknown)} artifact; it has "
                                      f"{', '.join(sorted(known))}. Export with --backend to add one")
-        found: list[Runner] = []
-        if (only is None or "pt2" in only) and (self.output_dir / "model.pt2").exists():
-            found.append(PT2Runner.from_file(self.output_dir / "model.pt2", *names, device=device))
-        if (only is None or "onnxruntime" in only) and (self.output_dir / "model.onnx").exists():
-            found.append(OnnxRuntimeRunner(self.output_dir / "model.onnx", *names))
-        lowered, skipped = artifact_runners(self.artifacts, self.output_dir, self.manifest, only)
-        return found + lowered, skipped
+        return export_runners(self.output_dir, self.manifest, self.artifacts, device, only)
 
     def verify(self, tolerances: dict[str, Tolerance] | None = None, backends: list[str] | None = None,
                device: str = "cpu") -> ParityReport:
@@ -113,4 +119,4 @@ class ExportResult:
                                                      {s: self.reference_outputs(s) for s in samples}, report)
 
 
-__all__ = ["ExportResult", "REPORT_FILES", "write_reports", "artifact_runners"]
+__all__ = ["ExportResult", "REPORT_FILES", "write_reports", "artifact_runners", "export_runners"]
