@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -91,7 +92,7 @@ def drop_pretrained_init(node: Any, dropped: list[str], where: str = "model") ->
     return node
 
 
-def build_model(cfg: Any, device: str, seed: int) -> torch.nn.Module:
+def build_model(cfg: Any, device: str, seed: int, for_training: bool = False) -> torch.nn.Module:
     import mmdet3d.datasets.transforms  # noqa: F401  registers the pipeline transforms
     import mmdet3d.models  # noqa: F401  registers models; not register_all_modules, whose metrics need dataset SDKs
     from mmdet3d.apis.inference import convert_SyncBN
@@ -103,7 +104,8 @@ def build_model(cfg: Any, device: str, seed: int) -> torch.nn.Module:
         raise UserInputError("the config has no `model` section")
     model_cfg = copy.deepcopy(cfg.model)
     convert_SyncBN(model_cfg)
-    model_cfg.train_cfg = None
+    if not for_training:
+        model_cfg.train_cfg = None  # assigners and samplers: training only
     dropped: list[str] = []
     drop_pretrained_init(model_cfg, dropped)
     for entry in dropped:
@@ -197,11 +199,8 @@ def load_checkpoint_strict(model: torch.nn.Module, path: str) -> None:
 
 # ---- samples -------------------------------------------------------------------------------------
 
-def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], workdir: Path,
-                    seed: int) -> tuple[list[PreparedSample], dict]:
-    """Run the config's test pipeline and the model's data preprocessor on each sample."""
+def _pipeline_of(cfg: Any) -> tuple[list[dict], "sample_data.PointCloudFormat", Any, Any]:
     from mmdet3d.structures import get_box_type
-    from mmengine.dataset import Compose, pseudo_collate
 
     pipeline_cfg = sample_data.test_pipeline_of(cfg)
     modalities = sample_data.modalities_of(pipeline_cfg)
@@ -213,10 +212,13 @@ def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], 
     fmt = sample_data.point_cloud_format(cfg, pipeline_cfg)
     dataset_cfg = cfg.get("test_dataloader", {}).get("dataset", {})
     box_type_3d, box_mode_3d = get_box_type(dataset_cfg.get("box_type_3d", "LiDAR"))
-    if sample_files:
-        sources = sample_data.user_samples(sample_files, fmt, workdir, seed, box_type_3d, box_mode_3d)
-    else:
-        sources = sample_data.synthesize_samples(fmt, workdir, seed, box_type_3d, box_mode_3d)
+    return pipeline_cfg, fmt, box_type_3d, box_mode_3d
+
+
+def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
+                  sources: list[sample_data.SampleSource], quiet: bool = False) -> list[PreparedSample]:
+    from mmengine.dataset import Compose, pseudo_collate
+
     pipeline = Compose(pipeline_cfg)
     prepared = []
     for source in sources:
@@ -228,7 +230,20 @@ def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], 
             batch = model.data_preprocessor(pseudo_collate([packed]), False)
         prepared.append(PreparedSample(source.name, source.role, source.origin, source.num_points,
                                        batch["inputs"], batch["data_samples"]))
-        log.info("  %s: %d points (%s)", source.name, source.num_points, source.origin)
+        if not quiet:
+            log.info("  %s: %d points (%s)", source.name, source.num_points, source.origin)
+    return prepared
+
+
+def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], workdir: Path,
+                    seed: int) -> tuple[list[PreparedSample], dict]:
+    """Run the config's test pipeline and the model's data preprocessor on each sample."""
+    pipeline_cfg, fmt, box_type_3d, box_mode_3d = _pipeline_of(cfg)
+    if sample_files:
+        sources = sample_data.user_samples(sample_files, fmt, workdir, seed, box_type_3d, box_mode_3d)
+    else:
+        sources = sample_data.synthesize_samples(fmt, workdir, seed, box_type_3d, box_mode_3d)
+    prepared = _run_pipeline(model, pipeline_cfg, sources)
     preprocess = {
         "point_cloud": {"load_dim": fmt.load_dim, "use_dim": fmt.use_dim, "sweeps_num": fmt.sweeps_num,
                         "point_cloud_range": fmt.point_cloud_range, "dataset_type": fmt.dataset_type},
@@ -236,6 +251,24 @@ def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], 
         "data_preprocessor": _plain(cfg.model.get("data_preprocessor", {})),
     }
     return prepared, preprocess
+
+
+def prepare_more_samples(analysis: "Analysis", role: str, count: int, files: list[Path], seed: int) -> list[PreparedSample]:
+    """`count` further samples through the same test pipeline and data preprocessor: the user's files first
+    (sorted), synthesized scenes (point counts 12k-28k, their own seed) for the rest."""
+    pipeline_cfg, fmt, box_type_3d, box_mode_3d = _pipeline_of(analysis.cfg)
+    with tempfile.TemporaryDirectory(prefix=f"autoexport-{role}-") as workdir:
+        sources = sample_data.file_sources(files[:count], fmt, role, box_type_3d, box_mode_3d)
+        missing = count - len(sources)
+        if missing > 0:
+            rng = np.random.default_rng(seed)
+            sizes = tuple(int(n) for n in rng.integers(12000, 28001, missing))
+            synthesized = sample_data.synthesize_samples(fmt, Path(workdir), seed, box_type_3d, box_mode_3d,
+                                                         export_points=(), heldout_points=sizes)
+            for offset, source in enumerate(synthesized):
+                source.name, source.role = f"{role}_{len(sources) + offset}", role
+            sources += synthesized
+        return _run_pipeline(analysis.model, pipeline_cfg, sources, quiet=True)
 
 
 # ---- manifest ------------------------------------------------------------------------------------

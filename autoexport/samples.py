@@ -156,8 +156,22 @@ def _sample_box_surface(rng: np.random.Generator, n: int, center: np.ndarray, si
     return (points + rng.normal(0, 0.015, points.shape)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class SceneObject:
+    kind: str  # a key of _OBJECT_SIZES
+    bottom_center: tuple[float, float, float]  # x, y, z of the box's bottom face centre, lidar frame
+    size: tuple[float, float, float]  # length (along yaw), width, height
+    yaw: float  # counter-clockwise from the x axis, as mmdet3d's LiDAR boxes
+
+
 def synthesize_cloud(rng: np.random.Generator, num_points: int, fmt: PointCloudFormat) -> np.ndarray:
     """A plausible lidar scene with exactly `num_points` rows of `fmt.load_dim` float32 values."""
+    return synthesize_scene(rng, num_points, fmt)[0]
+
+
+def synthesize_scene(rng: np.random.Generator, num_points: int,
+                     fmt: PointCloudFormat) -> tuple[np.ndarray, list[SceneObject]]:
+    """synthesize_cloud plus the boxes of the objects in it (ground truth for training on synthetic scenes)."""
     pc = fmt.point_cloud_range
     n_ground = int(num_points * 0.55)
     n_objects_total = int(num_points * 0.28)
@@ -172,9 +186,12 @@ def synthesize_cloud(rng: np.random.Generator, num_points: int, fmt: PointCloudF
     share = (1.0 / distances) / (1.0 / distances).sum()  # near objects get more points
     counts = np.floor(share * n_objects_total).astype(int)
     counts[0] += n_objects_total - counts.sum()
+    objects = []
     for kind, center, count in zip(kinds, centers, counts):
-        parts.append(_sample_box_surface(rng, int(count), center, _OBJECT_SIZES[kind], float(rng.uniform(-np.pi, np.pi))))
+        yaw = float(rng.uniform(-np.pi, np.pi))
+        parts.append(_sample_box_surface(rng, int(count), center, _OBJECT_SIZES[kind], yaw))
         intensity.append(rng.uniform(0.2, 0.95, int(count)))
+        objects.append(SceneObject(str(kind), tuple(float(v) for v in center), _OBJECT_SIZES[kind], yaw))
 
     # Clutter: building facades along both sides and poles, as vertical surfaces.
     n_walls = n_clutter // 2
@@ -200,7 +217,7 @@ def synthesize_cloud(rng: np.random.Generator, num_points: int, fmt: PointCloudF
     if fmt.load_dim > 4:  # nuScenes: ring index; Waymo: elongation. Sweep loading overwrites it with time lag.
         elevation = np.arctan2(cloud[:, 2], np.linalg.norm(cloud[:, :2], axis=1) + 1e-6)
         cloud[:, 4] = np.clip(np.round((elevation + 0.53) / 0.04), 0, 31)
-    return cloud[rng.permutation(num_points)]
+    return cloud[rng.permutation(num_points)], objects
 
 
 def _write_cloud(path: Path, cloud: np.ndarray) -> Path:
@@ -300,6 +317,22 @@ def read_point_file(path: Path, fmt: PointCloudFormat) -> np.ndarray:
         raise UserInputError(f"sample {path}: none of its {len(cloud)} points lies inside the model's point cloud range "
                              f"{fmt.point_cloud_range}; wrong file format, load_dim or coordinate frame?")
     return cloud
+
+
+def file_sources(paths: list[Path], fmt: PointCloudFormat, role: str, box_type_3d: Any,
+                 box_mode_3d: Any) -> list[SampleSource]:
+    """The user's point cloud files as samples of one role (e.g. calibration), checked as read_point_file does."""
+    sources = []
+    for index, path in enumerate(paths):
+        cloud = read_point_file(path, fmt)
+        info = _base_info(path.resolve(), fmt, box_type_3d, box_mode_3d, index)
+        sources.append(SampleSource(f"{role}_{index}", role, info, [path], len(cloud), str(path)))
+    return sources
+
+
+def point_files_in(folder: Path) -> list[Path]:
+    """Point cloud files (.bin, .npy) directly in `folder`, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _ACCEPTED)
 
 
 def user_samples(paths: list[Path], fmt: PointCloudFormat, folder: Path, seed: int,
