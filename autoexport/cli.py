@@ -38,10 +38,35 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", default="dynamic", metavar="dynamic|auto|N",
                    help="IREE inputs: dynamic shapes (default), or static buffers padded to N rows plus a count input; "
                         "auto takes the model's own bound (e.g. the voxel layer's test max_voxels)")
+    _precision_args(p)
     _tolerance_args(p)
     p.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
     p.add_argument("--version", action="version", version=f"autoexport {__version__}")
     return p
+
+
+def _precision_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reduced precision", "INT8 post-training quantization (pytorch-quantization) or FP16, "
+                                                  "with a fidelity report (quant_report.json/.md) against FP32")
+    g.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32")
+    g.add_argument("--calib-samples", type=int, default=16, metavar="N",
+                   help="int8: calibration samples through the real test pipeline (default 16)")
+    g.add_argument("--calib-data", type=Path, metavar="DIR",
+                   help="int8: folder of the dataset's point cloud files (.bin/.npy) to calibrate on (the first N, "
+                        "sorted by name; the rest serve as held-out samples); synthesized scenes when omitted")
+    g.add_argument("--calibrator", choices=["histogram", "max"], default="histogram",
+                   help="int8: activation calibrator (default histogram)")
+    g.add_argument("--amax-method", choices=["mse", "percentile", "entropy"], default="mse",
+                   help="int8: how the histogram calibrator picks amax (default mse)")
+    g.add_argument("--percentile", type=float, default=99.99, help="int8: for --amax-method percentile")
+    g.add_argument("--skip-layers", nargs="+", action="extend", default=[], metavar="PATTERN",
+                   help="int8: keep layers whose module path matches (fnmatch, e.g. 'bbox_head.conv_*') in float")
+    g.add_argument("--sensitivity", action="store_true",
+                   help="int8: profile each layer quantized alone and list those that hurt most (feeds --skip-layers)")
+    g.add_argument("--eval-samples", type=int, default=20, metavar="N",
+                   help="held-out samples for the fidelity report, never used for calibration (default 20)")
+    g.add_argument("--agreement-score-thr", type=float, metavar="T",
+                   help="score threshold for detection agreement (default: the model's test_cfg)")
 
 
 def _tolerance_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +126,7 @@ def _run_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     _setup_logging(args.verbose)
     from .pipeline import ExportOptions, run_export
+    from .quantize import QuantRecipe
     from .verify import DEFAULT_TOLERANCES
 
     config_name = Path(args.config).stem if args.config.endswith(".py") else Path(args.config).name
@@ -116,6 +142,13 @@ def _run_export(argv: list[str]) -> int:
         tolerances=_tolerances(args, DEFAULT_TOLERANCES),
         backends=tuple(args.backend),
         capacity=args.capacity,
+        precision=args.precision,
+        quant=QuantRecipe(calibrator=args.calibrator, amax_method=args.amax_method, percentile=args.percentile,
+                          calib_samples=args.calib_samples, skip_layers=tuple(args.skip_layers)),
+        calib_data=args.calib_data,
+        eval_samples=args.eval_samples,
+        agreement_score_thr=args.agreement_score_thr,
+        sensitivity=args.sensitivity,
         verbose=args.verbose,
     )
     result = run_export(options)

@@ -16,6 +16,7 @@ import torch
 
 from .errors import ExportFailedError
 from .manifest import Manifest
+from .onnx_translations import translation_table
 from .padding import PaddingPlan
 from .patches import AppliedPatch, PatchContext, export_patches
 
@@ -147,7 +148,8 @@ def export_onnx(program: torch.export.ExportedProgram, input_names: list[str], o
         with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
             onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=input_names,
                                              output_names=output_names, opset_version=ONNX_OPSET,
-                                             optimize=True, verbose=verbose)
+                                             optimize=True, verbose=verbose,
+                                             custom_translation_table=translation_table())
     except Exception as err:
         ops = sorted(set(re.findall(r"(aten::\w+(?:\.\w+)?|mmcv::\w+|torch\.ops\.\w+\.\w+)", str(err))))
         hint = f" (ops: {', '.join(ops)})" if ops else ""

@@ -20,12 +20,18 @@ from .analyze import Analysis, analyze
 from .configs import resolve_config
 from .errors import ParityFailedError, UserInputError
 from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
+from .fidelity import DetectionDecoder, FidelityReport, compare_outputs, detection_agreement
 from .export import export_onnx, export_program, quiet_export_logs, save_pt2
 from .manifest import Manifest, iter_tensors
 from .padding import PaddedInputs, PaddingPlan, plan_padding
 from .report import export_info, library_versions, outputs_info, save_npz, write_json
 from .result import ExportResult, export_runners, write_reports
 from .runners import EagerRunner
+from .quantize import QuantRecipe, QuantizationResult, freeze_for_export, quantize_model, sensitivity_profile
+from .half import HalfResult, to_fp16
+from .samples import point_files_in
+from .analyze import prepare_more_samples
+from .boundaries import heads_of
 from .verify import DEFAULT_TOLERANCES, Comparator, ParityReport, Tolerance
 from .wrap import build_wrapper, generate_wrapper_source, write_wrapper
 
@@ -49,6 +55,13 @@ class ExportOptions:
     # Static padding for backends that use it: dynamic (none), auto (the model's own bound) or N rows. Dynamic is the
     # default: on CPU, padding nuScenes PointPillars' ~17k voxels to 40k made IREE 1.5x slower (benchmarks/RESULTS.md).
     capacity: str = "dynamic"
+    # Reduced precision: fp32 (default), int8 (post-training quantization) or fp16.
+    precision: str = "fp32"
+    quant: QuantRecipe = field(default_factory=QuantRecipe)
+    calib_data: Path | None = None  # folder of point cloud files for calibration; synthesized when None
+    eval_samples: int = 20  # held-out samples for the fidelity report (never used for calibration)
+    agreement_score_thr: float | None = None  # detection agreement at this score threshold (default: test_cfg's)
+    sensitivity: bool = False  # int8: per-layer sensitivity profile in the fidelity report
     verbose: bool = False
 
 
@@ -159,7 +172,7 @@ def _padding_plan(model: torch.nn.Module, manifest: Manifest, capacity: str) -> 
     return plan
 
 
-def _variant_exporter(wrapper: torch.nn.Module, analysis: Analysis, example_feed: dict[str, np.ndarray],
+def _variant_exporter(wrapper: torch.nn.Module, model: torch.nn.Module, analysis: Analysis, example_feed: dict[str, np.ndarray],
                       staging: Path, record: dict[str, dict], verbose: bool):  # noqa: ANN202
     """Exports a backend-specific variant of the model to ONNX once, on first request."""
     manifest = analysis.manifest
@@ -174,7 +187,7 @@ def _variant_exporter(wrapper: torch.nn.Module, analysis: Analysis, example_feed
         names = manifest.input_names + ([plan.count_input] if plan else [])
         example = tuple(torch.from_numpy(np.array(feed[n], copy=True)).to(analysis.device) for n in names)
         log.info("  export variant %r%s", variant, f" with {plan.dim} padded to {plan.capacity}" if plan else "")
-        exported = export_program(module, analysis.model, manifest, example, verbose, variant=variant, plan=plan)
+        exported = export_program(module, model, manifest, example, verbose, variant=variant, plan=plan)
         path = staging / f".model.{variant}.onnx"
         export_onnx(exported.program, names, manifest.output_names, path, verbose)
         record[variant if not plan else f"{variant}-padded{plan.capacity}"] = {
@@ -186,15 +199,152 @@ def _variant_exporter(wrapper: torch.nn.Module, analysis: Analysis, example_feed
     return export_variant
 
 
+
+PRECISIONS = ("fp32", "int8", "fp16")
+# Which artifact stands for the reduced-precision model in the fidelity report, first available wins. INT8: ONNX
+# Runtime's integer kernels are the deployed form. FP16: model.pt2; ONNX Runtime's CPU FP16 path is no deployment
+# target and even slower than torch's.
+FIDELITY_RUNTIMES = {"int8": ("onnxruntime", "pt2"), "fp16": ("pt2", "onnxruntime")}
+FIDELITY_MIN_COSINE = 0.99  # reduced-precision outputs against FP32, when the precision's tolerance names none
+
+
+def _check_precision(options: ExportOptions) -> list[Path]:
+    """Validate the reduced-precision flags before any work; returns the calibration files (may be empty)."""
+    if options.precision not in PRECISIONS:
+        raise UserInputError(f"--precision {options.precision!r}: choose from {', '.join(PRECISIONS)}")
+    if options.precision != "int8" and (options.calib_data or options.sensitivity or options.quant != QuantRecipe()):
+        raise UserInputError("--calib-data, --calib-samples, --calibrator, --amax-method, --skip-layers and "
+                             "--sensitivity apply to --precision int8 only")
+    if options.precision == "fp32":
+        return []
+    if options.eval_samples < 1:
+        raise UserInputError("--eval-samples must be at least 1")
+    options.quant.validate()
+    if options.calib_data is None:
+        return []
+    folder = options.calib_data
+    if not folder.is_dir():
+        raise UserInputError(f"--calib-data {folder}: not a directory")
+    files = point_files_in(folder)
+    if not files:
+        raise UserInputError(f"--calib-data {folder}: no point cloud files (.bin or .npy) in it; put the dataset's "
+                             "own lidar files there (e.g. KITTI velodyne/*.bin)")
+    return files
+
+
+def _reduce_precision(options: ExportOptions, analysis: Analysis, run_factory, calib_files: list[Path]):  # noqa: ANN001, ANN202
+    """int8: quantize a copy of the model (calibrating on pipeline samples); fp16: convert a copy."""
+    if options.precision == "fp16":
+        if options.device == "cpu":
+            log.warning("  FP16 on CPU: torch and ONNX Runtime have no fast FP16 kernels for this CPU (PointPillars: "
+                        "~40 s per sample vs ~2.5 s in FP32); FP16 is for GPUs (--device cuda, TensorRT)")
+        result = to_fp16(analysis.model)
+        log.info("  fp16 sections: %s; kept in fp32: %s", ", ".join(result.sections),
+                 ", ".join(result.float_sections) or "-")
+        return result
+    recipe = options.quant
+    calib = prepare_more_samples(analysis, "calib", recipe.calib_samples, calib_files, options.seed + 1000)
+    origin = f"{min(len(calib_files), len(calib))} files from {options.calib_data}" if calib_files else "synthesized"
+    log.info("  calibration samples: %d (%s), %s calibrator%s", len(calib), origin, recipe.calibrator,
+             f" with {recipe.amax_method} amax" if recipe.calibrator == "histogram" else "")
+    feeds = [_feed(analysis.manifest, s.inputs) for s in calib]
+    result = quantize_model(analysis.model, recipe, run_factory, feeds)
+    result.calibration["origin"] = origin
+    log.info("  quantized %d layers (%d kept in float), folded %d BatchNorms, %d shared input quantizers",
+             len(result.layers), len(result.float_layers), len(result.folded_batchnorms),
+             sum(1 for g in result.shared_groups if len(g["layers"]) > 1 or g["concat"]))
+    for path, why in result.float_layers.items():
+        log.info("  float: %s (%s)", path, why)
+    return result
+
+
+def onnxruntime_kernels(onnx_path: Path) -> dict[str, int]:
+    """Op types in the graph ONNX Runtime actually runs (after its QDQ fusions), counted."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _fidelity(options: ExportOptions, analysis: Analysis, fp32_runner: EagerRunner, candidates: list,
+              reduced, eval_files: list[Path], staging: Path, run_factory) -> FidelityReport:  # noqa: ANN001
+    """Reduced precision against FP32 on held-out samples: raw outputs and decoded detections."""
+    manifest = analysis.manifest
+    samples = prepare_more_samples(analysis, "heldout", options.eval_samples, eval_files, options.seed + 2000)
+    feeds = [_feed(manifest, s.inputs) for s in samples]
+    by_name = {r.name: r for r in candidates}
+    candidate = next(by_name[n] for n in FIDELITY_RUNTIMES[options.precision] if n in by_name)
+    log.info("  %d held-out samples: FP32 eager vs %s %s", len(feeds), options.precision.upper(), candidate.name)
+    reference, outputs = [], []
+    for index, feed in enumerate(feeds):
+        reference.append(fp32_runner.infer(feed))
+        outputs.append(candidate.infer(feed))
+        if (index + 1) % 5 == 0 or index + 1 == len(feeds):
+            log.info("  fidelity %d/%d samples", index + 1, len(feeds))
+    target = options.tolerances.get(options.precision)
+    report = FidelityReport(options.precision, candidate.name, "eager PyTorch FP32 (the FP32 export reproduces it "
+                            "to 1e-4)", [s.name for s in samples],
+                            (target.min_cosine if target and target.min_cosine else FIDELITY_MIN_COSINE),
+                            compare_outputs(reference, outputs, manifest.output_names))
+    heads = heads_of(analysis.model, analysis.boundary)
+    try:
+        decoder = DetectionDecoder(heads[0], manifest, options.agreement_score_thr) if len(heads) == 1 else None
+    except LookupError as err:
+        decoder = None
+        report.notes.append(f"detection agreement not computed: {err}")
+    if decoder is not None:
+        metas = [[d.metainfo for d in s.data_samples] for s in samples]
+        report.detection = detection_agreement(decoder, reference, outputs, metas)
+    if not analysis.checkpoint:
+        report.notes.append("random weights (no --checkpoint): scores sit near the classifier prior, so few boxes "
+                            "pass the score threshold and they are borderline; detection agreement means more with "
+                            "trained weights (benchmarks/train_synthetic.py trains some on synthetic scenes)")
+    if isinstance(reduced, QuantizationResult):
+        report.extra["quantization"] = reduced.to_json()
+        if options.sensitivity:
+            run = run_factory(reduced.model)
+            profile = sensitivity_profile(reduced.model, run, reference[:2], feeds[:2])
+            report.extra["sensitivity"] = profile
+            log.info("  most sensitive layers (1 - cosine with only that layer quantized): %s",
+                     ", ".join(f"{r['layer']} {r['one_minus_cosine']:.1e}" for r in profile[:5]))
+        if candidate.name == "onnxruntime":
+            kernels = onnxruntime_kernels(staging / "model.onnx")
+            report.extra["onnxruntime_kernels"] = kernels
+            integer = {k: v for k, v in kernels.items() if k.startswith("QLinear") or k.endswith("Integer")}
+            report.notes.append(f"ONNX Runtime CPU runs {sum(integer.values())} integer kernels "
+                                f"({', '.join(f'{k} x{v}' for k, v in integer.items()) or 'none'}); float convs left: "
+                                f"{kernels.get('Conv', 0) + kernels.get('FusedConv', 0) + kernels.get('ConvTranspose', 0)}"
+                                " (outputs of the graph and transposed convs)")
+    else:
+        report.extra["fp16"] = reduced.to_json()
+    return report
+
+
 def run_export(options: ExportOptions) -> ExportResult:
     formats = tuple(f for f in FORMATS if f in options.formats)
     if not formats:
         raise UserInputError(f"--format must name at least one of {FORMATS}")
     specs = _check_backends(options, formats)
+    calib_files = _check_precision(options)
+    reduced_precision = options.precision != "fp32"
     config_path = resolve_config(options.config)
     output_dir = options.output_dir.resolve()
     staging = _prepare_output_dir(output_dir, options.overwrite)
-    stages = StageLog(6 if specs else 5)
+    stages = StageLog(5 + bool(specs) + 2 * reduced_precision)
+    reduced: QuantizationResult | HalfResult | None = None
+    fidelity: FidelityReport | None = None
     artifacts: list[LoweredArtifact] = []
     variants: dict[str, dict] = {}
     try:
@@ -210,11 +360,27 @@ def run_export(options: ExportOptions) -> ExportResult:
             write_wrapper(wrapper_path, generate_wrapper_source(manifest, analysis.metainfo,
                                                                 analysis.boundary.forward_name,
                                                                 analysis.model_type, config_path.stem))
-            wrapper = build_wrapper(wrapper_path, analysis.model)
+            wrapper = fp32_wrapper = build_wrapper(wrapper_path, analysis.model)
+
+        def run_factory(model: torch.nn.Module):  # noqa: ANN202
+            return EagerRunner(build_wrapper(wrapper_path, model), manifest.input_names, manifest.output_names,
+                               options.device).infer
+
+        export_model = analysis.model
+        if reduced_precision:
+            what = ("quantize to INT8 with pytorch-quantization" if options.precision == "int8"
+                    else "convert the dense sections to FP16")
+            with stages.stage("quantize" if options.precision == "int8" else "fp16", what):
+                reduced = _reduce_precision(options, analysis, run_factory, calib_files)
+                export_model = reduced.model
+                if isinstance(reduced, QuantizationResult):
+                    freeze_for_export(export_model)
+                wrapper = build_wrapper(wrapper_path, export_model)
         feeds = {s.name: _feed(manifest, s.inputs) for s in analysis.samples}
         for name, feed in feeds.items():
             save_npz(staging / "inputs" / f"{name}.npz", feed)
-        # The reference runs the original mmdet3d code (no export patches) through the generated wrapper.
+        # The reference runs the original mmdet3d code (no export patches) through the generated wrapper; for
+        # reduced precision, the reduced model in eager PyTorch (fake quantization / FP16 modules).
         eager = EagerRunner(wrapper, manifest.input_names, manifest.output_names, options.device)
         expected = {name: eager.infer(feed) for name, feed in feeds.items()}
         for name, outputs in expected.items():
@@ -225,7 +391,7 @@ def run_export(options: ExportOptions) -> ExportResult:
             example = tuple(torch.from_numpy(feeds[analysis.export_samples[0].name][n].copy()).to(options.device)
                             for n in manifest.input_names)
             t0 = time.perf_counter()
-            exported = export_program(wrapper, analysis.model, manifest, example, options.verbose)
+            exported = export_program(wrapper, export_model, manifest, example, options.verbose)
             pt2_path = staging / "model.pt2"
             save_pt2(exported.program, pt2_path)  # also the source of PT2 parity when only ONNX is asked for
             stages.timings["torch_export_s"] = round(time.perf_counter() - t0, 3)
@@ -241,7 +407,7 @@ def run_export(options: ExportOptions) -> ExportResult:
                 source = LoweringSource(
                     staging=staging, manifest=manifest, program=exported.program,
                     onnx_path=staging / "model.onnx" if "onnx" in formats else None, padding=plan,
-                    export_variant=_variant_exporter(wrapper, analysis, feeds[analysis.export_samples[0].name],
+                    export_variant=_variant_exporter(wrapper, export_model, analysis, feeds[analysis.export_samples[0].name],
                                                      staging, variants, options.verbose),
                     verbose=options.verbose)
                 for spec in specs:
@@ -251,29 +417,53 @@ def run_export(options: ExportOptions) -> ExportResult:
                 for variant in variants.values():
                     Path(variant.pop("onnx")).unlink(missing_ok=True)  # intermediate: the artifacts are what ship
 
-        fp32 = options.tolerances["fp32"]
+        rule = options.tolerances[options.precision]
         with stages.stage("verify", f"eager vs {' vs '.join(formats + tuple(a.backend for a in artifacts))} on "
-                                    f"{len(feeds)} samples ({fp32.describe()})"):
-            runners, skipped = export_runners(staging, manifest, artifacts, options.device)
+                                    f"{len(feeds)} samples ({rule.describe()})"):
+            runners, skipped = export_runners(staging, manifest, artifacts, options.device, precision=options.precision)
             for item in skipped:
                 log.info("  %s: not run (%s)", item.runtime, item.reason)
+            reference_name = ("eager PyTorch (the original mmdet3d code through wrapper.py)" if not reduced_precision
+                              else f"eager PyTorch of the {options.precision.upper()} model (wrapper.py)")
             parity = Comparator(options.tolerances).compare(
-                runners, feeds, expected,
-                ParityReport("eager PyTorch (the original mmdet3d code through wrapper.py)", options.tolerances,
-                             skipped=skipped))
+                runners, feeds, expected, ParityReport(reference_name, options.tolerances, skipped=skipped))
+        if reduced_precision:
+            with stages.stage("fidelity", f"{options.precision.upper()} against FP32 on {options.eval_samples} "
+                                          "held-out samples, outputs and decoded detections"):
+                eval_files = calib_files[options.quant.calib_samples:]
+                fidelity = _fidelity(options, analysis, EagerRunner(fp32_wrapper, manifest.input_names,
+                                                                    manifest.output_names, options.device),
+                                     runners, reduced, eval_files, staging, run_factory)
+                write_json(staging / "quant_report.json", fidelity.to_json())
+                (staging / "quant_report.md").write_text(fidelity.to_markdown(
+                    f"{options.precision.upper()} fidelity of {config_path.stem}"))
+                log.info("  fidelity: %s", ", ".join(f"{o.output} cos {o.min_cosine:.5f}" for o in fidelity.outputs[:4])
+                         + (" ..." if len(fidelity.outputs) > 4 else ""))
+                if fidelity.detection:
+                    d = fidelity.detection
+                    log.info("  detections: %d FP32 / %d %s boxes, %d matched (precision %s, recall %s)",
+                             d["reference_boxes"], d["candidate_boxes"], options.precision.upper(), d["matched"],
+                             d["precision"], d["recall"])
         if "pt2" not in formats:
             pt2_path.unlink()
 
         with stages.stage("report", "write metadata.json and parity.json/.md/.xml"):
             metadata = _metadata(options, config_path, analysis, parity, exported, stages.timings, formats,
                                  artifacts, variants)
+            metadata["precision"] = options.precision
+            if reduced is not None:
+                metadata["reduced_precision"] = reduced.to_json()
+                metadata["fidelity"] = {"report": "quant_report.json", "passed": fidelity.passed,
+                                        "min_cosine": min(o.min_cosine for o in fidelity.outputs),
+                                        "detection_agreement": {k: v for k, v in (fidelity.detection or {}).items()
+                                                                if k != "per_sample"} or None}
             write_json(staging / "metadata.json", metadata)
             write_reports(parity, staging, f"Parity of {config_path.stem}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-    if not parity.passed:
+    if not parity.passed or (fidelity is not None and not fidelity.passed):
         failed_dir = output_dir.parent / f"{output_dir.name}.failed"
         if failed_dir.exists():
             shutil.rmtree(failed_dir)
@@ -281,6 +471,13 @@ def run_export(options: ExportOptions) -> ExportResult:
         worst = sorted(parity.failures(), key=lambda c: -c.mismatched)[:5]
         lines = [f"  {c.runtime} {c.output} on {c.sample}: {c.mismatched}/{c.total} elements outside "
                  f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}" for c in worst]
+        if parity.passed:
+            low = [o for o in fidelity.outputs if o.min_cosine < fidelity.min_cosine_target]
+            lines = [f"  {o.output}: min cosine {o.min_cosine:.5f} (max abs err {o.max_abs:.3g})" for o in low[:8]]
+            raise ParityFailedError(f"{options.precision.upper()} fidelity below cosine {fidelity.min_cosine_target:g} "
+                                    "against FP32 on held-out samples:\n" + "\n".join(lines) + "\nkeep sensitive "
+                                    "layers in float (--sensitivity lists them, --skip-layers keeps them); the "
+                                    f"artifacts and quant_report.md were kept in {failed_dir}, not in {output_dir}")
         raise ParityFailedError("parity failed:\n" + "\n".join(lines) + f"\n{parity.table()}\n"
                                 f"the artifacts were kept for inspection in {failed_dir}, not in {output_dir}")
     _move_into_place(staging, output_dir)

@@ -32,7 +32,7 @@ def write_reports(report: ParityReport, directory: Path, title: str) -> None:
 
 
 def artifact_runners(artifacts: list[LoweredArtifact], output_dir: Path, manifest: Manifest,
-                     only: set[str] | None = None) -> tuple[list[Runner], list[SkippedRunner]]:
+                     only: set[str] | None = None, precision: str = "fp32") -> tuple[list[Runner], list[SkippedRunner]]:
     """Runners for the lowered artifacts this machine can run; the others come back as skipped, with why."""
     runners: list[Runner] = []
     skipped: list[SkippedRunner] = []
@@ -46,21 +46,25 @@ def artifact_runners(artifacts: list[LoweredArtifact], output_dir: Path, manifes
             skipped.append(SkippedRunner(artifact.backend, reason))
             continue
         runner = backend.runner(artifact, output_dir, manifest)
-        runner.precision = artifact.precision
+        # A backend that lowers an INT8/FP16 export runs that precision even when its own spec says fp32.
+        runner.precision = precision if precision != "fp32" else artifact.precision
         runners.append(runner)
     return runners, skipped
 
 
 def export_runners(output_dir: Path, manifest: Manifest, artifacts: list[LoweredArtifact], device: str = "cpu",
-                   only: set[str] | None = None) -> tuple[list[Runner], list[SkippedRunner]]:
-    """Runners for model.pt2, model.onnx (when present) and the lowered artifacts, optionally only the named ones."""
+                   only: set[str] | None = None, precision: str = "fp32") -> tuple[list[Runner], list[SkippedRunner]]:
+    """Runners for model.pt2, model.onnx (when present) and the lowered artifacts, optionally only the named ones;
+    `precision` (the export's: fp32, int8, fp16) selects their parity tolerance."""
     names = (manifest.input_names, manifest.output_names)
     found: list[Runner] = []
     if (only is None or "pt2" in only) and (output_dir / "model.pt2").exists():
         found.append(PT2Runner.from_file(output_dir / "model.pt2", *names, device=device))
     if (only is None or "onnxruntime" in only) and (output_dir / "model.onnx").exists():
         found.append(OnnxRuntimeRunner(output_dir / "model.onnx", *names))
-    lowered, skipped = artifact_runners(artifacts, output_dir, manifest, only)
+    for runner in found:
+        runner.precision = precision
+    lowered, skipped = artifact_runners(artifacts, output_dir, manifest, only, precision)
     return found + lowered, skipped
 
 
@@ -106,7 +110,8 @@ class ExportResult:
             if unknown:
                 raise UserInputError(f"{self.output_dir} has no {', '.join(unknown)} artifact; it has "
                                      f"{', '.join(sorted(known))}. Export with --backend to add one")
-        return export_runners(self.output_dir, self.manifest, self.artifacts, device, only)
+        return export_runners(self.output_dir, self.manifest, self.artifacts, device, only,
+                              self.metadata.get("precision", "fp32"))
 
     def verify(self, tolerances: dict[str, Tolerance] | None = None, backends: list[str] | None = None,
                device: str = "cpu") -> ParityReport:
