@@ -1,0 +1,658 @@
+"""autoexport.ops against mmcv's CPU kernels, against brute-force numpy references written from mmcv's CUDA kernels
+(ops mmcv has no CPU kernel for), against a dense conv3d for sparse convolution, and through torch.export / ONNX."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autoexport.ops import OP_LIBRARY, SparseConvTensor, onnx_translation_table, sparse_conv_forward
+from autoexport.ops import deform_conv as dc
+from autoexport.ops import point_sample as ps
+from autoexport.ops import points_in_boxes as pib
+from autoexport.ops import scatter as sc
+from autoexport.ops import sparse_conv as spc
+from autoexport.ops import voxelize as vx
+
+mmcv_ops = pytest.importorskip("mmcv.ops")
+
+KITTI_RANGE = [0, -39.68, -3, 69.12, 39.68, 1]
+
+
+def lidar_cloud(num_points: int, seed: int, features: int = 4) -> Tensor:
+    """A cloud partly outside KITTI_RANGE, with dense clusters so that voxels overflow max_points."""
+    generator = torch.Generator().manual_seed(seed)
+    spread = torch.rand(num_points, features, generator=generator) * torch.tensor([80, 90, 6, 1][:features]) \
+        + torch.tensor([-5, -45, -4, 0][:features])
+    clusters = torch.rand(num_points // 4, features, generator=generator) * 0.3 + spread[: num_points // 4]
+    tight = torch.rand(num_points // 8, features, generator=generator) * 0.03 + spread[: num_points // 8]
+    cloud = torch.cat([spread, clusters, tight])
+    return cloud[torch.randperm(cloud.shape[0], generator=generator)]
+
+
+def random_boxes(batch: int, count: int, seed: int) -> Tensor:
+    """(batch, count, 7) LiDAR boxes (bottom center, sizes, yaw); half of them overlap an earlier box."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.rand(batch, count, 3, generator=generator) * torch.tensor([60.0, 70, 2]) \
+        + torch.tensor([0, -35, -3])
+    centers[:, count // 2:] = centers[:, : count - count // 2] + 0.5
+    sizes = torch.rand(batch, count, 3, generator=generator) * torch.tensor([6.0, 3, 2]) + 0.5
+    yaw = (torch.rand(batch, count, 1, generator=generator) - 0.5) * 2 * np.pi
+    return torch.cat([centers, sizes, yaw], dim=2)
+
+
+def points_near_boxes(boxes: Tensor, per_box: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    batch, count, _ = boxes.shape
+    jitter = (torch.rand(batch, count, per_box, 3, generator=generator) - 0.5) * boxes[:, :, None, 3:6] * 1.6
+    center = boxes[:, :, None, :3] + torch.stack([torch.zeros_like(boxes[..., 5]), torch.zeros_like(boxes[..., 5]),
+                                                  boxes[..., 5] / 2], dim=-1)[:, :, None]
+    return (center + jitter).reshape(batch, count * per_box, 3)
+
+
+# --- ops with an mmcv CPU kernel: compared with it ----------------------------------------------------------------
+
+@pytest.mark.parametrize("voxel_size, max_points, max_voxels", [
+    ([0.16, 0.16, 4], 32, 16000),   # PointPillars KITTI
+    ([0.05, 0.05, 0.1], 5, 40000),  # SECOND KITTI
+    ([0.16, 0.16, 4], 3, 500),      # both limits bind: points and voxels are dropped
+])
+def test_hard_voxelization_matches_mmcv(voxel_size: list[float], max_points: int, max_voxels: int) -> None:
+    points = lidar_cloud(20000, seed=1)
+    expected = mmcv_ops.Voxelization(voxel_size, KITTI_RANGE, max_points, max_voxels).eval()(points)
+    actual = vx.Voxelization(voxel_size, KITTI_RANGE, max_points, max_voxels).eval()(points)
+    assert expected[2].max() >= min(max_points, 3)  # the cloud does fill voxels past one point
+    for got, want in zip(actual, expected):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_dynamic_voxelization_matches_mmcv() -> None:
+    points = lidar_cloud(20000, seed=2)
+    expected = mmcv_ops.voxelization(points, [0.05, 0.05, 0.1], KITTI_RANGE, -1, -1)
+    actual = vx.voxelization(points, [0.05, 0.05, 0.1], KITTI_RANGE, -1, -1)
+    assert (expected[:, 0] == -1).any() and (expected[:, 0] >= 0).any()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape, out_channels, kernel, stride, padding, dilation, groups, deform_groups", [
+    ((2, 16, 25, 30), 32, 3, 1, 1, 1, 1, 1),
+    ((1, 32, 20, 24), 16, 3, 2, 2, 2, 2, 4),
+    ((2, 8, 7, 9), 8, (3, 2), 1, 0, 1, 1, 2),
+])
+def test_deform_conv_matches_mmcv(shape: tuple[int, ...], out_channels: int, kernel, stride: int, padding: int,
+                                  dilation: int, groups: int, deform_groups: int) -> None:
+    torch.manual_seed(3)
+    batch, channels, height, width = shape
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    out_h = (height + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    out_w = (width + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
+    x = torch.randn(shape)
+    # Offsets of a few pixels send samples across and outside the border, where mmcv's zero rules apply.
+    offset = torch.randn(batch, deform_groups * 2 * kh * kw, out_h, out_w) * 3
+    mask = torch.rand(batch, deform_groups * kh * kw, out_h, out_w)
+    args = (channels, out_channels, kernel, stride, padding, dilation, groups, deform_groups)
+
+    reference_v1 = mmcv_ops.DeformConv2d(*args)
+    ours_v1 = dc.DeformConv2d(*args)
+    ours_v1.load_state_dict(reference_v1.state_dict())
+    reference_v2 = mmcv_ops.ModulatedDeformConv2d(*args)
+    nn.init.uniform_(reference_v2.bias)
+    ours_v2 = dc.ModulatedDeformConv2d(*args)
+    ours_v2.load_state_dict(reference_v2.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ours_v1(x, offset), reference_v1(x, offset), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours_v2(x, offset, mask), reference_v2(x, offset, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_deform_conv_packs_match_mmcv() -> None:
+    torch.manual_seed(4)
+    x = torch.randn(2, 16, 30, 40)
+    for reference_class, ours_class in [(mmcv_ops.DeformConv2dPack, dc.DeformConv2dPack),
+                                        (mmcv_ops.ModulatedDeformConv2dPack, dc.ModulatedDeformConv2dPack)]:
+        reference = reference_class(16, 16, 3, padding=1, deform_groups=2)
+        nn.init.normal_(reference.conv_offset.weight, std=0.1)  # non-zero offsets (the init zeroes them)
+        ours = ours_class(16, 16, 3, padding=1, deform_groups=2)
+        ours.load_state_dict(reference.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_points_in_boxes_match_mmcv_cpu() -> None:
+    boxes = random_boxes(2, 40, seed=5)
+    background = lidar_cloud(4000, seed=7, features=3)[None].expand(2, -1, -1)
+    points = torch.cat([points_near_boxes(boxes, 200, seed=6), background], dim=1).contiguous()
+    expected_all = mmcv_ops.points_in_boxes_cpu(points, boxes)
+    assert (expected_all.sum(dim=2) > 1).any(), "boxes must overlap to tell 'part' (first box) apart"
+    torch.testing.assert_close(pib.points_in_boxes_cpu(points, boxes), expected_all, rtol=0, atol=0)
+    torch.testing.assert_close(pib.points_in_boxes_all(points, boxes), expected_all, rtol=0, atol=0)
+    # points_in_boxes_part is CUDA-only in mmcv: its kernel stops at the first containing box.
+    expected_part = torch.where(expected_all.any(dim=2), expected_all.argmax(dim=2), -1).to(torch.int32)
+    torch.testing.assert_close(pib.points_in_boxes_part(points, boxes), expected_part, rtol=0, atol=0)
+
+
+# --- sparse convolution: mmcv 2.1.0 has no CPU kernel, so a dense conv3d is the reference ------------------------
+
+def test_mmcv_sparse_conv_has_no_cpu_kernel() -> None:
+    """Pins down what fails in SECOND on CPU: if mmcv gains CPU kernels, compare against them instead."""
+    from mmcv.ops import sparse_ops
+
+    indices = torch.tensor([[0, 1, 1, 1], [0, 1, 2, 1]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="get_indice_pairs is not implemented on CPU"):
+        sparse_ops.get_indice_pairs(indices, 1, [4, 4, 4], 3, 1, 1, 1, 0, True, False)
+    pairs = torch.full((27, 2, 2), -1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="indice_conv_forward_impl: implementation for device cpu not found"):
+        sparse_ops.indice_conv(torch.randn(2, 4), torch.randn(3, 3, 3, 4, 8), pairs,
+                               torch.zeros(27, dtype=torch.int32), 2, False, True)
+
+
+SPARSE_SHAPE = [21, 100, 90]
+
+
+def sparse_input(num_sites: int, seed: int, channels: int = 4, batch: int = 2) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    volume = int(np.prod(SPARSE_SHAPE))
+    linear = torch.randperm(batch * volume, generator=generator)[:num_sites]
+    depth, height, width = SPARSE_SHAPE
+    indices = torch.stack([linear // volume, (linear // (height * width)) % depth, (linear // width) % height,
+                           linear % width], dim=1).to(torch.int32)
+    return torch.randn(num_sites, channels, generator=generator), indices
+
+
+class SparseChain(nn.Module):
+    """SECOND-like encoder slice plus what it lacks: anisotropic stride and an inverse conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subm_a = spc.SubMConv3d(4, 16, 3, indice_key="subm1")
+        self.subm_b = spc.SubMConv3d(16, 16, 3, indice_key="subm1")
+        self.down = spc.SparseConv3d(16, 32, 3, stride=2, padding=1, indice_key="spconv2")
+        self.subm_c = spc.SubMConv3d(32, 32, 3, indice_key="subm2")
+        self.up = spc.SparseInverseConv3d(32, 16, 3, indice_key="spconv2")
+        self.squash = spc.SparseConv3d(16, 8, (3, 1, 1), stride=(2, 1, 1), padding=0)
+
+    def forward(self, features: Tensor, indices: Tensor) -> tuple[Tensor, ...]:
+        x = SparseConvTensor(features, indices, SPARSE_SHAPE, 2)
+        a = self.subm_a(x)
+        b = self.subm_b(a)
+        down = self.down(b)
+        c = self.subm_c(down)
+        up = self.up(c)
+        squash = self.squash(up)
+        return (a.features, b.features, down.features, down.indices, c.features, up.features, up.indices,
+                squash.features, squash.indices, squash.dense())
+
+
+def _dense_weight(weight: Tensor) -> Tensor:
+    return weight.permute(4, 3, 0, 1, 2)  # mmcv (*kernel, C_in, C_out) -> conv3d (C_out, C_in, *kernel)
+
+
+def _at_sites(dense: Tensor, indices: Tensor) -> Tensor:
+    index = indices.long()
+    return dense[index[:, 0], :, index[:, 1], index[:, 2], index[:, 3]]
+
+
+def _active_sites(dense: Tensor, kernel, stride, padding) -> Tensor:
+    occupied = (dense.abs().sum(dim=1, keepdim=True) > 0).to(dense.dtype)
+    reach = F.conv3d(occupied, torch.ones(1, 1, *kernel), stride=stride, padding=padding)
+    return torch.nonzero(reach[:, 0] > 0).to(torch.int32)  # sorted by (batch, z, y, x)
+
+
+def _assert_features_close(actual: Tensor, expected: Tensor) -> None:
+    # Sums of up to 27*32 products: relative to the output scale, float32 reordering stays below 1e-5.
+    scale = expected.abs().max()
+    assert scale > 0
+    assert (actual - expected).abs().max() <= 1e-5 * scale
+
+
+def test_sparse_conv_matches_dense_conv() -> None:
+    torch.manual_seed(8)
+    chain = SparseChain().eval()
+    features, indices = sparse_input(3000, seed=9)
+    with torch.no_grad():
+        a, b, down, down_idx, c, up, up_idx, squash, squash_idx, squash_dense = chain(features, indices)
+
+        dense_in = SparseConvTensor(features, indices, SPARSE_SHAPE, 2).dense()
+        expected_a = F.conv3d(dense_in, _dense_weight(chain.subm_a.weight), chain.subm_a.bias, padding=1)
+        _assert_features_close(a, _at_sites(expected_a, indices))
+        dense_a = SparseConvTensor(a, indices, SPARSE_SHAPE, 2).dense()
+        expected_b = F.conv3d(dense_a, _dense_weight(chain.subm_b.weight), chain.subm_b.bias, padding=1)
+        _assert_features_close(b, _at_sites(expected_b, indices))
+
+        dense_b = SparseConvTensor(b, indices, SPARSE_SHAPE, 2).dense()
+        torch.testing.assert_close(down_idx, _active_sites(dense_b, (3, 3, 3), 2, 1), rtol=0, atol=0)
+        expected_down = F.conv3d(dense_b, _dense_weight(chain.down.weight), chain.down.bias, stride=2, padding=1)
+        _assert_features_close(down, _at_sites(expected_down, down_idx))
+
+        down_shape = list(expected_down.shape[2:])
+        dense_down = SparseConvTensor(down, down_idx, down_shape, 2).dense()
+        expected_c = F.conv3d(dense_down, _dense_weight(chain.subm_c.weight), chain.subm_c.bias, padding=1)
+        _assert_features_close(c, _at_sites(expected_c, down_idx))
+
+        # The inverse conv is the transpose of `down`, evaluated at down's input sites.
+        dense_c = SparseConvTensor(c, down_idx, down_shape, 2).dense()
+        output_padding = [size - ((out - 1) * 2 - 2 + 3) for size, out in zip(SPARSE_SHAPE, down_shape)]
+        expected_up = F.conv_transpose3d(dense_c, chain.up.weight.permute(3, 4, 0, 1, 2), chain.up.bias, stride=2,
+                                         padding=1, output_padding=output_padding)
+        torch.testing.assert_close(up_idx, indices, rtol=0, atol=0)
+        _assert_features_close(up, _at_sites(expected_up, indices))
+
+        dense_up = SparseConvTensor(up, indices, SPARSE_SHAPE, 2).dense()
+        torch.testing.assert_close(squash_idx, _active_sites(dense_up, (3, 1, 1), (2, 1, 1), 0), rtol=0, atol=0)
+        expected_squash = F.conv3d(dense_up, _dense_weight(chain.squash.weight), chain.squash.bias, stride=(2, 1, 1))
+        _assert_features_close(squash, _at_sites(expected_squash, squash_idx))
+        # dense() holds the active sites' features and zeros elsewhere.
+        site = squash_idx.long()
+        occupied = torch.zeros_like(expected_squash[:, :1], dtype=torch.bool)
+        occupied[site[:, 0], 0, site[:, 1], site[:, 2], site[:, 3]] = True
+        _assert_features_close(squash_dense, expected_squash * occupied)
+
+
+def test_sparse_conv_forward_patches_mmcv_modules() -> None:
+    """sparse_conv_forward runs mmcv's own SubMConv3d/SparseConv3d modules on mmcv's SparseConvTensor."""
+    torch.manual_seed(10)
+    features, indices = sparse_input(2000, seed=11)
+    mmcv_subm = mmcv_ops.SubMConv3d(4, 8, 3, indice_key="k")
+    mmcv_down = mmcv_ops.SparseConv3d(8, 8, 3, stride=2, padding=1)
+    ours_subm = spc.SubMConv3d(4, 8, 3, indice_key="k")
+    ours_down = spc.SparseConv3d(8, 8, 3, stride=2, padding=1)
+    ours_subm.load_state_dict(mmcv_subm.state_dict())
+    ours_down.load_state_dict(mmcv_down.state_dict())
+    with torch.no_grad():
+        through_mmcv = mmcv_ops.SparseConvTensor(features, indices, SPARSE_SHAPE, 2)
+        through_mmcv = sparse_conv_forward(mmcv_down, sparse_conv_forward(mmcv_subm, through_mmcv))
+        ours = ours_down(ours_subm(SparseConvTensor(features, indices, SPARSE_SHAPE, 2)))
+    assert isinstance(through_mmcv, mmcv_ops.SparseConvTensor)
+    assert "k" in through_mmcv.indice_dict
+    torch.testing.assert_close(through_mmcv.indices, ours.indices, rtol=0, atol=0)
+    torch.testing.assert_close(through_mmcv.features, ours.features, rtol=0, atol=0)
+
+
+# --- CUDA-only in mmcv: brute-force numpy references written from the CUDA kernels ------------------------------
+
+def np_square_distance(center: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """float32 (dx*dx + dy*dy) + dz*dz of one center (3,) to points (N, 3), the kernels' order."""
+    d = (center[None, :] - points).astype(np.float32)
+    return (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1]) + d[:, 2] * d[:, 2]
+
+
+def np_furthest_point_sample(points: np.ndarray, num_samples: int) -> np.ndarray:
+    batch, count, _ = points.shape
+    picks = np.zeros((batch, num_samples), dtype=np.int32)
+    for b in range(batch):
+        nearest = np.full(count, 1e10, dtype=np.float32)
+        last = 0
+        for j in range(1, num_samples):
+            nearest = np.minimum(nearest, np_square_distance(points[b, last], points[b]))
+            last = int(np.argmax(nearest))
+            picks[b, j] = last
+    return picks
+
+
+def np_furthest_point_sample_with_dist(dist: np.ndarray, num_samples: int) -> np.ndarray:
+    batch, count, _ = dist.shape
+    picks = np.zeros((batch, num_samples), dtype=np.int32)
+    for b in range(batch):
+        nearest = np.full(count, 1e10, dtype=np.float32)
+        last = 0
+        for j in range(1, num_samples):
+            nearest = np.minimum(nearest, dist[b, last])
+            last = int(np.argmax(nearest))
+            picks[b, j] = last
+    return picks
+
+
+def np_ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: np.ndarray,
+                  centers: np.ndarray) -> np.ndarray:
+    min2 = np.float32(min_radius) * np.float32(min_radius)
+    max2 = np.float32(max_radius) * np.float32(max_radius)
+    idx = np.zeros((*centers.shape[:2], sample_num), dtype=np.int32)
+    for b in range(centers.shape[0]):
+        for m in range(centers.shape[1]):
+            d2 = np_square_distance(centers[b, m], xyz[b])
+            hits = np.nonzero((d2 == 0) | ((d2 >= min2) & (d2 < max2)))[0][:sample_num]
+            if len(hits):
+                idx[b, m, :] = hits[0]
+                idx[b, m, : len(hits)] = hits
+    return idx
+
+
+def np_knn(k: int, xyz: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    idx = np.zeros((centers.shape[0], centers.shape[1], k), dtype=np.int32)
+    for b in range(centers.shape[0]):
+        for m in range(centers.shape[1]):
+            nearest = np.argsort(np_square_distance(centers[b, m], xyz[b]), kind="stable")[:k]
+            idx[b, m, : len(nearest)] = nearest
+    return idx.transpose(0, 2, 1)
+
+
+def np_three_nn(target: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    dist = np.zeros((*target.shape[:2], 3), dtype=np.float32)
+    idx = np.zeros((*target.shape[:2], 3), dtype=np.int32)
+    for b in range(target.shape[0]):
+        for n in range(target.shape[1]):
+            d2 = np_square_distance(target[b, n], source[b])
+            nearest = np.argsort(d2, kind="stable")[:3]  # ties: lower index first, as the strict-< kernel
+            idx[b, n], dist[b, n] = nearest, np.sqrt(d2[nearest])
+    return dist, idx
+
+
+def np_dynamic_scatter(feats: np.ndarray, coors: np.ndarray, reduce: str) -> tuple[np.ndarray, np.ndarray]:
+    kept = (coors >= 0).all(axis=1)
+    voxels, inverse = np.unique(coors[kept], axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    out = np.full((len(voxels), feats.shape[1]), -np.inf if reduce == "max" else 0, dtype=np.float32)
+    if reduce == "max":
+        np.maximum.at(out, inverse, feats[kept])
+    else:
+        np.add.at(out, inverse, feats[kept])
+        if reduce == "mean":
+            out /= np.bincount(inverse)[:, None]
+    return out, voxels
+
+
+def np_roiaware_pool3d(rois: np.ndarray, pts: np.ndarray, feats: np.ndarray, out_size: int, max_pts: int,
+                       mode: str) -> np.ndarray:
+    """Literal port of generate_pts_mask_for_box3d, collect_inside_pts_for_box3d and the max/avg pool kernels."""
+    f32 = np.float32
+    pooled = np.zeros((len(rois), out_size, out_size, out_size, feats.shape[1]), dtype=np.float32)
+    for r, (cx, cy, cz, x_size, y_size, z_size, rz) in enumerate(rois.astype(np.float32)):
+        members: dict[tuple[int, int, int], list[int]] = {}
+        cos_a, sin_a = f32(np.cos(-np.float64(rz))), f32(np.sin(-np.float64(rz)))
+        for k, (x, y, z) in enumerate(pts):
+            if abs(f32(z - f32(cz + z_size / f32(2)))) > z_size / f32(2):
+                continue
+            shift_x, shift_y = f32(x - cx), f32(y - cy)
+            local_x = f32(shift_x * cos_a) + f32(shift_y * -sin_a)
+            local_y = f32(shift_x * sin_a) + f32(shift_y * cos_a)
+            if not (-x_size / 2 < local_x < x_size / 2 and -y_size / 2 < local_y < y_size / 2):
+                continue
+            cell = (min(max(int(f32(local_x + x_size / f32(2)) / f32(x_size / f32(out_size))), 0), out_size - 1),
+                    min(max(int(f32(local_y + y_size / f32(2)) / f32(y_size / f32(out_size))), 0), out_size - 1),
+                    min(max(int(f32(z - cz) / f32(z_size / f32(out_size))), 0), out_size - 1))
+            bucket = members.setdefault(cell, [])
+            if len(bucket) < max_pts - 1:
+                bucket.append(k)
+        for cell, bucket in members.items():
+            pooled[(r, *cell)] = feats[bucket].max(axis=0) if mode == "max" else feats[bucket].mean(axis=0)
+    return pooled
+
+
+def point_cloud_batch(batch: int, count: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, count, 3, generator=generator) * 4
+
+
+def test_furthest_point_sample_matches_reference() -> None:
+    points = point_cloud_batch(2, 1500, seed=12)
+    points[:, 700:710] = points[:, 100:101]  # duplicates: zero distances must not be picked again
+    expected = np_furthest_point_sample(points.numpy(), 256)
+    actual = ps.furthest_point_sample(points, 256)
+    assert len(np.unique(expected[0])) == 256
+    np.testing.assert_array_equal(actual.numpy(), expected)
+
+    dist = torch.cdist(points, points) ** 2
+    expected_dist = np_furthest_point_sample_with_dist(dist.numpy(), 128)
+    np.testing.assert_array_equal(ps.furthest_point_sample_with_dist(dist, 128).numpy(), expected_dist)
+
+
+def test_ball_query_matches_reference() -> None:
+    xyz = point_cloud_batch(2, 1200, seed=13)
+    centers = torch.cat([xyz[:, :60], point_cloud_batch(2, 20, seed=14) + 10], dim=1)  # far centers: no hits
+    # ~40 hits within 0.8 (truncated to 16), ~9 within 0.2..0.5 (32 slots, mostly repeats of the first hit).
+    for min_radius, max_radius, sample_num in [(0.0, 0.8, 16), (0.2, 0.5, 32)]:
+        expected = np_ball_query(min_radius, max_radius, sample_num, xyz.numpy(), centers.numpy())
+        assert (expected[:, :60, 1] != expected[:, :60, 0]).any() and (expected[:, 60:] == 0).all()
+        actual = ps.ball_query(min_radius, max_radius, sample_num, xyz, centers)
+        np.testing.assert_array_equal(actual.numpy(), expected)
+
+
+def test_knn_matches_reference() -> None:
+    xyz = point_cloud_batch(2, 900, seed=15)
+    centers = point_cloud_batch(2, 70, seed=16)
+    np.testing.assert_array_equal(ps.knn(16, xyz, centers).numpy(), np_knn(16, xyz.numpy(), centers.numpy()))
+    np.testing.assert_array_equal(ps.knn(8, xyz.transpose(1, 2), centers.transpose(1, 2), True).numpy(),
+                                  np_knn(8, xyz.numpy(), centers.numpy()))
+    short = xyz[:, :5]  # fewer points than k: the kernel leaves index 0
+    np.testing.assert_array_equal(ps.knn(8, short, centers).numpy(), np_knn(8, short.numpy(), centers.numpy()))
+
+
+def test_three_nn_and_interpolate_match_reference() -> None:
+    target = point_cloud_batch(2, 400, seed=17)
+    source = point_cloud_batch(2, 120, seed=18)
+    source[:, 50] = source[:, 10]  # an exact tie: the lower index must come first
+    expected_dist, expected_idx = np_three_nn(target.numpy(), source.numpy())
+    dist, idx = ps.three_nn(target, source)
+    np.testing.assert_array_equal(idx.numpy(), expected_idx)
+    np.testing.assert_allclose(dist.numpy(), expected_dist, rtol=0, atol=0)
+
+    features = torch.randn(2, 24, 120)
+    weight = torch.rand(2, 400, 3)
+    f, w, i = features.numpy(), weight.numpy(), idx.numpy().astype(np.int64)
+    gathered = np.stack([np.take_along_axis(f, i[:, None, :, j].repeat(24, 1), 2) for j in range(3)], axis=-1)
+    expected = (w[:, None, :, 0] * gathered[..., 0] + w[:, None, :, 1] * gathered[..., 1]) \
+        + w[:, None, :, 2] * gathered[..., 2]
+    np.testing.assert_allclose(ps.three_interpolate(features, idx, weight).numpy(), expected, rtol=0, atol=0)
+
+
+def test_gather_points_and_grouping_match_reference() -> None:
+    features = torch.randn(2, 6, 300)
+    index = torch.randint(0, 300, (2, 40), dtype=torch.int32)
+    group_index = torch.randint(0, 300, (2, 40, 16), dtype=torch.int32)
+    expected_gather = np.stack([features[b].numpy()[:, index[b].numpy()] for b in range(2)])
+    expected_group = np.stack([features[b].numpy()[:, group_index[b].numpy()] for b in range(2)])
+    np.testing.assert_array_equal(ps.gather_points(features, index).numpy(), expected_gather)
+    np.testing.assert_array_equal(ps.grouping_operation(features, group_index).numpy(), expected_group)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "sum"])
+def test_dynamic_scatter_matches_reference(reduce: str) -> None:
+    points = lidar_cloud(6000, seed=19)
+    coors = vx.dynamic_voxelize(points, [0.8, 0.8, 1.0], KITTI_RANGE)
+    sample = (torch.arange(points.shape[0]) >= points.shape[0] // 2).to(torch.int32)
+    batched = torch.cat([sample[:, None], coors], dim=1)
+    batched[batched[:, 1] < 0] = -1
+    for coordinates in (coors, batched):
+        expected_feats, expected_coors = np_dynamic_scatter(points.numpy(), coordinates.numpy(), reduce)
+        feats, voxel_coors = sc.dynamic_scatter(points, coordinates, reduce)
+        np.testing.assert_array_equal(voxel_coors.numpy(), expected_coors)
+        np.testing.assert_allclose(feats.numpy(), expected_feats, rtol=1e-6, atol=1e-6)
+    module_feats, _ = sc.DynamicScatter([0.8, 0.8, 1.0], KITTI_RANGE, reduce == "mean")(points, batched)
+    if reduce != "sum":
+        torch.testing.assert_close(module_feats, feats)
+
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_roiaware_pool3d_matches_reference(mode: str) -> None:
+    rois = random_boxes(1, 6, seed=20)[0]
+    pts = torch.cat([points_near_boxes(rois[None], 150, seed=21)[0], lidar_cloud(300, seed=22, features=3)])
+    feats = torch.randn(pts.shape[0], 5)
+    expected = np_roiaware_pool3d(rois.numpy(), pts.numpy(), feats.numpy(), 4, 6, mode)
+    actual = pib.RoIAwarePool3d(4, max_pts_per_voxel=6, mode=mode)(rois, pts, feats)
+    assert (expected != 0).any(axis=-1).sum() > 50
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+# --- export: torch.export with dynamic sizes, then ONNX Runtime, both compared with eager ------------------------
+
+@dataclass
+class ExportCase:
+    build: Callable[[], nn.Module]
+    export_inputs: Callable[[], tuple[Tensor, ...]]
+    check_inputs: Callable[[], tuple[Tensor, ...]]  # other sizes than the export's
+    dynamic_shapes: tuple
+
+
+class VoxelPipeline(nn.Module):
+    """Hard voxelization (custom op) next to the dynamic path of DynamicVFE: voxelize, then scatter per voxel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hard = vx.Voxelization([0.16, 0.16, 4], KITTI_RANGE, 8, 3000).eval()
+        self.dynamic = vx.Voxelization([0.8, 0.8, 4], KITTI_RANGE, -1, -1)
+        self.scatter = sc.DynamicScatter([0.8, 0.8, 4], KITTI_RANGE, average_points=True)
+
+    def forward(self, points: Tensor):
+        coors = self.dynamic(points)
+        return (*self.hard(points), coors, *self.scatter(points, coors), sc.dynamic_scatter(points, coors, "max")[0])
+
+
+class SparseUNet(nn.Module):
+    """One of each sparse conv: what the export test needs (SparseChain's dense test covers more geometry)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subm = spc.SubMConv3d(4, 8, 3, indice_key="subm1")
+        self.down = spc.SparseConv3d(8, 16, 3, stride=2, padding=1, indice_key="spconv2")
+        self.up = spc.SparseInverseConv3d(16, 8, 3, indice_key="spconv2")
+
+    def forward(self, features: Tensor, indices: Tensor) -> tuple[Tensor, ...]:
+        subm = self.subm(SparseConvTensor(features, indices, SPARSE_SHAPE, 2))
+        down = self.down(subm)
+        up = self.up(down)
+        return subm.features, down.features, down.indices, up.features, up.indices, down.dense()
+
+
+class DeformPair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(23)
+        self.v1 = dc.DeformConv2dPack(8, 8, 3, padding=1, deform_groups=2)
+        self.v2 = dc.ModulatedDeformConv2dPack(8, 8, 3, stride=2, padding=1)
+        for pack in (self.v1, self.v2):
+            nn.init.normal_(pack.conv_offset.weight, std=0.3)
+
+    def forward(self, x: Tensor):
+        return self.v1(x), self.v2(x)
+
+
+class BoxOps(nn.Module):
+    def forward(self, points: Tensor, boxes: Tensor, feats: Tensor):
+        return (pib.points_in_boxes_part(points, boxes), pib.points_in_boxes_all(points, boxes),
+                pib.RoIAwarePool3d(3, 5, "max")(boxes[0], points[0], feats),
+                pib.RoIAwarePool3d(3, 5, "avg")(boxes[0], points[0], feats))
+
+
+class PointNetOps(nn.Module):
+    """A PointNet++ set-abstraction and feature-propagation round trip through every point op."""
+
+    def forward(self, xyz: Tensor, feats: Tensor):
+        centers_index = ps.furthest_point_sample(xyz, 24)
+        centers = ps.gather_points(xyz.transpose(1, 2).contiguous(), centers_index).transpose(1, 2)
+        square_distance = ((xyz[:, :, None] - xyz[:, None]) ** 2).sum(-1)
+        grouped = ps.grouping_operation(feats, ps.ball_query(0.0, 0.8, 8, xyz, centers))
+        center_feats = grouped.amax(dim=3)
+        neighbours = ps.knn(4, xyz, centers)
+        distance, index = ps.three_nn(xyz, centers)
+        weight = torch.softmax(-distance, dim=2)
+        return (centers_index, ps.furthest_point_sample_with_dist(square_distance, 12), grouped, neighbours,
+                distance, index, ps.three_interpolate(center_feats, index, weight))
+
+
+def _dim(name: str, min: int = 2) -> torch.export.Dim:
+    return torch.export.Dim(name, min=min)
+
+
+def _box_inputs(count: int, per_box: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    boxes = random_boxes(1, count, seed)
+    points = points_near_boxes(boxes, per_box, seed + 1)
+    return points, boxes, torch.randn(points.shape[1], 3, generator=torch.Generator().manual_seed(seed))
+
+
+points_dim, sites_dim, height_dim, width_dim, boxes_dim = (
+    _dim("points", 16), _dim("sites"), _dim("height", 4), _dim("width", 4), _dim("boxes"))
+
+EXPORT_CASES = {
+    "voxelization_and_dynamic_scatter": ExportCase(
+        VoxelPipeline, lambda: (lidar_cloud(3000, seed=24),), lambda: (lidar_cloud(5000, seed=25),),
+        ({0: points_dim},)),
+    "sparse_conv": ExportCase(lambda: SparseUNet().eval(), lambda: sparse_input(800, seed=26),
+                              lambda: sparse_input(1100, seed=27), ({0: sites_dim}, {0: sites_dim})),
+    "deform_conv": ExportCase(DeformPair, lambda: (torch.randn(1, 8, 12, 14),), lambda: (torch.randn(1, 8, 17, 9),),
+                              ({2: height_dim, 3: width_dim},)),
+    "points_in_boxes_and_roiaware_pool3d": ExportCase(
+        BoxOps, lambda: _box_inputs(5, 50, seed=28), lambda: _box_inputs(7, 40, seed=30),
+        ({1: points_dim}, {1: boxes_dim}, {0: points_dim})),
+    "point_sampling_and_grouping": ExportCase(
+        PointNetOps, lambda: (point_cloud_batch(2, 300, seed=32), torch.randn(2, 5, 300)),
+        lambda: (point_cloud_batch(2, 410, seed=33), torch.randn(2, 5, 410)), ({1: points_dim}, {2: points_dim})),
+}
+
+
+def _assert_outputs_equal(actual, expected) -> None:
+    actual = actual if isinstance(actual, (tuple, list)) else [actual]
+    expected = expected if isinstance(expected, (tuple, list)) else [expected]
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        got = torch.as_tensor(got)
+        assert got.shape == want.shape
+        if want.is_floating_point():
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(got.to(want.dtype), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case_name", list(EXPORT_CASES))
+def test_export_pt2_and_onnx_match_eager(case_name: str, tmp_path) -> None:
+    import onnxruntime
+
+    case = EXPORT_CASES[case_name]
+    module = case.build()
+    with torch.no_grad():
+        program = torch.export.export(module, case.export_inputs(), dynamic_shapes=case.dynamic_shapes, strict=False)
+        check_inputs = case.check_inputs()
+        expected = module(*check_inputs)
+        _assert_outputs_equal(program.module()(*check_inputs), expected)
+
+        onnx_program = torch.onnx.export(program, case.export_inputs(), dynamo=True, verbose=False,
+                                         custom_translation_table=onnx_translation_table())
+    path = tmp_path / f"{case_name}.onnx"
+    onnx_program.save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {arg.name: value.numpy() for arg, value in zip(session.get_inputs(), check_inputs)}
+    _assert_outputs_equal(session.run(None, feed), expected)
+
+
+class StridedSparse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = spc.SparseConv3d(4, 8, 3, stride=2, padding=1)
+
+    def forward(self, features: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.down(SparseConvTensor(features, indices, SPARSE_SHAPE, 2))
+        return out.features, out.indices
+
+
+@pytest.mark.slow
+def test_aoti_compiles_sparse_conv_correctly(tmp_path) -> None:
+    """AOTInductor once returned wrong features after a strided conv (index_select + reshape on a data-dependent
+    row count); the gather now uses advanced indexing, which it compiles correctly."""
+    torch.manual_seed(52)
+    module = StridedSparse().eval()
+    with torch.no_grad():
+        program = torch.export.export(module, sparse_input(600, seed=53), strict=False,
+                                      dynamic_shapes=({0: sites_dim}, {0: sites_dim}))
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "sparse.pt2"))
+        check_inputs = sparse_input(900, seed=54)
+        _assert_outputs_equal(torch._inductor.aoti_load_package(package)(*check_inputs), module(*check_inputs))
+
+
+def test_registry_is_complete() -> None:
+    required = {"Voxelization", "voxelization", "SubMConv3d", "SparseConv3d", "SparseInverseConv3d", "DeformConv2d",
+                "ModulatedDeformConv2d", "deform_conv2d", "modulated_deform_conv2d", "points_in_boxes_part",
+                "points_in_boxes_all", "points_in_boxes_cpu", "furthest_point_sample", "ball_query", "gather_points",
+                "grouping_operation", "three_nn", "three_interpolate", "knn", "dynamic_scatter", "DynamicScatter",
+                "RoIAwarePool3d"}
+    assert required <= set(OP_LIBRARY)
+    custom_translations = {entry.onnx_translation for entry in OP_LIBRARY.values() if entry.method == "custom-op"}
+    assert None not in custom_translations
+    assert custom_translations <= set(onnx_translation_table().values())
+    for entry in OP_LIBRARY.values():
+        module_path, name = entry.mmcv_target.rsplit(".", 1)
+        assert getattr(__import__(module_path, fromlist=[name]), name) is not None
