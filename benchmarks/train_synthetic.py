@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-KIND_TO_CLASS = {"car": "Car", "pedestrian": "Pedestrian", "cyclist": "Cyclist"}
+# Synthetic object kinds -> class names as KITTI and nuScenes configs spell them.
+KIND_TO_CLASSES = {"car": ("Car", "car"), "pedestrian": ("Pedestrian", "pedestrian"), "cyclist": ("Cyclist", "bicycle")}
 
 
 def main() -> None:
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=1234, help="scene seed (the export samples use 0)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--save-at", type=int, nargs="*", default=[],
+                        help="also save OUT with a .stepN suffix after these steps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -68,12 +71,14 @@ def main() -> None:
             cloud, objects = synthesize_scene(rng, int(rng.integers(14000, 28000)), fmt)
             path = _write_cloud(Path(folder) / "scene.bin", cloud)
             packed = pipeline(copy.deepcopy(_base_info(path, fmt, box_type, box_mode, step)))
-            kept = [o for o in objects if KIND_TO_CLASS.get(o.kind) in classes]
-            boxes = torch.tensor([[*o.bottom_center, *o.size, o.yaw] for o in kept], dtype=torch.float32).view(-1, 7)
+            kept = [(o, name) for o in objects for name in KIND_TO_CLASSES[o.kind] if name in classes]
+            box_dim = 9 if fmt.dataset_type == "NuScenesDataset" else 7  # nuScenes boxes carry a velocity: 0 here
+            boxes = torch.tensor([[*o.bottom_center, *o.size, o.yaw] + [0.0] * (box_dim - 7) for o, _ in kept],
+                                 dtype=torch.float32).view(-1, box_dim)
             sample: Det3DDataSample = packed["data_samples"]
             sample.gt_instances_3d = InstanceData(
-                bboxes_3d=LiDARInstance3DBoxes(boxes),
-                labels_3d=torch.tensor([classes.index(KIND_TO_CLASS[o.kind]) for o in kept], dtype=torch.long))
+                bboxes_3d=LiDARInstance3DBoxes(boxes, box_dim=box_dim),
+                labels_3d=torch.tensor([classes.index(name) for _, name in kept], dtype=torch.long))
             batch = model.data_preprocessor(pseudo_collate([packed]), True)
             losses = model.loss(batch["inputs"], batch["data_samples"])
             loss = sum(v.sum() if isinstance(v, torch.Tensor) else sum(x.sum() for x in v)
@@ -83,15 +88,22 @@ def main() -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 35.0)
             optimizer.step()
             scheduler.step()
+            if step + 1 in args.save_at:
+                _save(model, args, args.out.with_suffix(f".step{step + 1}.pth"), step + 1)
+                model.train()
             if step % 10 == 0 or step + 1 == args.steps:
                 print(f"step {step + 1}/{args.steps} loss {float(loss):.3f} "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
+    _save(model, args, args.out, args.steps)
+
+
+def _save(model: torch.nn.Module, args: argparse.Namespace, path: Path, steps: int) -> None:
     model.eval()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(),
                 "meta": {"trained_on": "synthesized scenes (autoexport.samples.synthesize_scene)",
-                         "steps": args.steps, "config": args.config, "seed": args.seed}}, args.out)
-    print(f"saved {args.out}")
+                         "steps": steps, "config": args.config, "seed": args.seed}}, path)
+    print(f"saved {path}", flush=True)
 
 
 if __name__ == "__main__":
