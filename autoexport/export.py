@@ -85,10 +85,11 @@ def _classify(err: BaseException) -> tuple[str, str]:
         return ("data-dependent control flow or shape (a Python branch, loop or .item() on tensor values)",
                 "register an export patch for this class in autoexport/patches.py that computes the same result "
                 "with static shapes (see the PointPillarsScatter patch)")
-    if "not implemented on CPU" in text or "not compiled with GPU" in text:
+    if "not implemented on CPU" in text or "not compiled with GPU" in text or "compiled with CUDA enabled" in text:
         return ("an mmcv op with no CPU kernel in this mmcv build",
-                "run with --device cuda on a machine with a GPU, or substitute an exportable implementation "
-                "of the op through an export patch in autoexport/patches.py")
+                "run with --device cuda on a machine with a GPU, or substitute the op library's implementation "
+                "(autoexport.ops.OP_LIBRARY) through an export patch with eager_devices=('cpu',) in "
+                "autoexport/patches.py, as for sparse convolution")
     if "data pointer" in text or "_ext" in text or "FakeTensor" in text:
         return ("a C++/CUDA extension op (mmcv._ext) that torch.export cannot see into",
                 "substitute an exportable implementation of the op (pure PyTorch or a torch.library custom op) "
@@ -167,7 +168,8 @@ def quiet_export_logs(verbose: bool) -> Iterator[None]:
     if verbose:
         yield
         return
-    names = ["torch._dynamo", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch.onnx"]
+    names = ["torch._dynamo", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch.onnx",
+             "onnx_ir"]
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

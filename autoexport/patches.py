@@ -32,6 +32,13 @@ class ExportPatch:
     reason: str  # why the original cannot be exported (recorded in metadata.json)
     make: Callable[[PatchContext], Callable[..., Any]]  # builds the replacement method
     variants: tuple[str, ...] = ()  # exports it applies to; empty: every export
+    # Op substitutions: the mmcv op this replaces with the op library's (autoexport.ops) implementation.
+    substitutes: str | None = None
+    # Devices where mmcv has no kernel for that op, so the eager reference must run the substitution too; the
+    # library op is checked against mmcv (or a dense reference) in tests/test_ops.py. `module` is the import path
+    # of the target class, so it can be patched before a model exists.
+    eager_devices: tuple[str, ...] = ()
+    module: str | None = None
 
 
 EXPORT_PATCHES: ClassRegistry[list[ExportPatch]] = ClassRegistry("export patches")
@@ -52,6 +59,7 @@ class AppliedPatch:
     method: str
     reason: str
     module_paths: tuple[str, ...]  # where in the model the patched class is used
+    substitutes: str | None = None
 
 
 def patches_for(model: torch.nn.Module, variant: str = "default") -> list[tuple[type, ExportPatch, list[str]]]:
@@ -85,10 +93,11 @@ def export_patches(model: torch.nn.Module, context: PatchContext) -> Iterator[li
             # subclasses torch's), and each of them is patched, but it is still one patch.
             same = next((i for i, a in enumerate(applied) if (a.target, a.method) == (patch.target, patch.method)), None)
             if same is None:
-                applied.append(AppliedPatch(patch.target, patch.method, patch.reason, tuple(module_paths)))
+                applied.append(AppliedPatch(patch.target, patch.method, patch.reason, tuple(module_paths),
+                                            patch.substitutes))
             else:
                 merged = applied[same].module_paths + tuple(p for p in module_paths if p not in applied[same].module_paths)
-                applied[same] = AppliedPatch(patch.target, patch.method, patch.reason, merged)
+                applied[same] = AppliedPatch(patch.target, patch.method, patch.reason, merged, patch.substitutes)
         yield applied
     finally:
         for klass, method, original in reversed(saved):
@@ -96,6 +105,32 @@ def export_patches(model: torch.nn.Module, context: PatchContext) -> Iterator[li
                 delattr(klass, method)
             else:
                 setattr(klass, method, original)
+
+
+@contextmanager
+def eager_substitutions(device: str) -> Iterator[list[ExportPatch]]:
+    """Op substitutions the eager reference needs on `device` (mmcv has no kernel there), applied to their classes
+    by import path for the duration of the block, then restored. Yields the substitutions applied."""
+    import importlib
+
+    saved: list[tuple[type, str, Any]] = []
+    used: list[ExportPatch] = []
+    try:
+        for _, patches in EXPORT_PATCHES.items():
+            for patch in patches:
+                if device.split(":")[0] not in patch.eager_devices or not patch.module:
+                    continue
+                try:
+                    klass = getattr(importlib.import_module(patch.module), patch.target)
+                except (ImportError, AttributeError):
+                    continue  # the library that defines it is not installed: nothing to substitute
+                saved.append((klass, patch.method, klass.__dict__.get(patch.method)))
+                setattr(klass, patch.method, patch.make(PatchContext(batch_size=1)))
+                used.append(patch)
+        yield used
+    finally:
+        for klass, method, original in reversed(saved):
+            setattr(klass, method, original)
 
 
 # ---- PointPillarsScatter ------------------------------------------------------------------------
@@ -268,4 +303,46 @@ register_patch(ExportPatch(
             "the calibrated scales are frozen to constants and the quantizer becomes quantize/dequantize ops "
             "(QuantizeLinear/DequantizeLinear in ONNX, per channel for weights)"),
     make=_make_quantize_dequantize,
+))
+
+
+# ---- sparse convolution (mmcv.ops), substituted by autoexport.ops -------------------------------
+
+def _make_sparse_conv_forward(context: PatchContext) -> Callable[..., Any]:
+    from .ops.sparse_conv import sparse_conv_forward
+
+    def forward(self: Any, input: Any) -> Any:
+        return sparse_conv_forward(self, input)
+
+    return forward
+
+
+def _make_sparse_sequential_forward(context: PatchContext) -> Callable[..., Any]:
+    from .ops.sparse_conv import sparse_sequential_forward
+
+    def forward(self: Any, input: Any) -> Any:
+        return sparse_sequential_forward(self, input)
+
+    return forward
+
+
+register_patch(ExportPatch(
+    target="SparseConvolution",
+    method="forward",
+    reason=("mmcv's sparse convolution calls C++/CUDA ops (get_indice_pairs, indice_conv) that torch.export cannot "
+            "trace and that have no CPU kernel in mmcv 2.1.0; replaced by autoexport.ops' rulebook + gather-GEMM "
+            "in plain PyTorch (same output sites and order, checked against a dense conv3d in tests/test_ops.py)"),
+    make=_make_sparse_conv_forward,
+    substitutes="mmcv.ops.SparseConvolution (SubMConv3d, SparseConv3d, SparseInverseConv3d)",
+    eager_devices=("cpu",),
+    module="mmcv.ops.sparse_conv",
+))
+
+register_patch(ExportPatch(
+    target="SparseSequential",
+    method="forward",
+    reason=("skips layers with `if input.indices.shape[0] != 0`, a data-dependent branch after every strided "
+            "sparse conv; the replacement asserts at least one active site instead"),
+    make=_make_sparse_sequential_forward,
+    substitutes="mmcv.ops.SparseSequential",
 ))

@@ -21,6 +21,7 @@ from .configs import resolve_config
 from .errors import ParityFailedError, UserInputError
 from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
 from .fidelity import DetectionDecoder, FidelityReport, compare_outputs, detection_agreement
+from .patches import eager_substitutions
 from .export import export_onnx, export_program, quiet_export_logs, save_pt2
 from .manifest import Manifest, iter_tensors
 from .padding import PaddedInputs, PaddingPlan, plan_padding
@@ -333,6 +334,16 @@ def _fidelity(options: ExportOptions, analysis: Analysis, fp32_runner: EagerRunn
 
 
 def run_export(options: ExportOptions) -> ExportResult:
+    # Where mmcv has no kernel for an op on this device (sparse convolution on CPU), the eager reference runs the
+    # op library's substitute, which tests/test_ops.py checks against mmcv or a dense reference.
+    with eager_substitutions(options.device) as substituted:
+        for patch in substituted:
+            log.info("  %s has no %s kernel in mmcv here: the eager reference uses autoexport.ops' substitute",
+                     patch.substitutes, options.device)
+        return _run_export(options, substituted)
+
+
+def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult:
     formats = tuple(f for f in FORMATS if f in options.formats)
     if not formats:
         raise UserInputError(f"--format must name at least one of {FORMATS}")
@@ -455,6 +466,10 @@ def run_export(options: ExportOptions) -> ExportResult:
             metadata = _metadata(options, config_path, analysis, parity, exported, stages.timings, formats,
                                  artifacts, variants)
             metadata["precision"] = options.precision
+            metadata["substitutions"] = [
+                {"op": p.substitutes, "by": f"{p.target}.{p.method} (autoexport.ops)", "module_paths": list(p.module_paths),
+                 "in_eager_reference": any(e.target == p.target and e.method == p.method for e in eager_substituted)}
+                for p in exported.patches if p.substitutes]
             if reduced is not None:
                 metadata["reduced_precision"] = reduced.to_json()
                 metadata["fidelity"] = {"report": "quant_report.json", "passed": fidelity.passed,

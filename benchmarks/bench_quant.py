@@ -1,6 +1,7 @@
 """FP32 vs INT8 latency on CPU, in ONNX Runtime and IREE llvm-cpu, plus the INT8 fidelity numbers, per config.
 
     python benchmarks/bench_quant.py [--configs NAME ...] [--checkpoint NAME=PATH ...] [--runs 5]
+        [--agreement-score-thr NAME=T ...]
         [--calib-samples 16] [--eval-samples 20] [--out-root /tmp/autoexport-bench-quant] [--json FILE]
 
 Each config is exported twice with autoexport (--precision fp32 and --precision int8, both with --backend iree);
@@ -28,7 +29,8 @@ DEFAULT_CONFIGS = [
 ]
 
 
-def bench(config: str, checkpoint: str | None, out_root: Path, runs: int, calib: int, evals: int) -> dict:
+def bench(config: str, checkpoint: str | None, out_root: Path, runs: int, calib: int, evals: int,
+          score_thr: str | None) -> dict:
     row: dict = {"config": config, "checkpoint": checkpoint or "random weights"}
     latency: dict[str, float] = {}
     for precision in ("fp32", "int8"):
@@ -39,6 +41,8 @@ def bench(config: str, checkpoint: str | None, out_root: Path, runs: int, calib:
             args += ["--checkpoint", checkpoint]
         if precision == "int8":
             args += ["--calib-samples", str(calib), "--eval-samples", str(evals)]
+            if score_thr:
+                args += ["--agreement-score-thr", score_thr]
         code = autoexport_main(args)
         if code != 0:
             row[f"{precision}_error"] = f"autoexport exited {code}"
@@ -90,13 +94,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--eval-samples", type=int, default=20)
+    parser.add_argument("--agreement-score-thr", action="append", default=[], metavar="CONFIG=T",
+                        help="detection agreement at this score threshold instead of the model's test_cfg")
     parser.add_argument("--out-root", type=Path, default=Path("/tmp/autoexport-bench-quant"))
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
-    rows = [bench(c, checkpoints.get(c), args.out_root, args.runs, args.calib_samples, args.eval_samples)
-            for c in args.configs]
+    thresholds = dict(item.split("=", 1) for item in args.agreement_score_thr)
+    rows = [bench(c, checkpoints.get(c), args.out_root, args.runs, args.calib_samples, args.eval_samples,
+                  thresholds.get(c)) for c in args.configs]
     print_table(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

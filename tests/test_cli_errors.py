@@ -70,10 +70,12 @@ def test_existing_output_dir_is_refused_without_overwrite(tmp_path: Path, caplog
 
 
 def test_model_that_cannot_run_names_module_and_op(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    """SECOND's sparse convolution has no CPU kernel in mmcv 2.1.0: exit 3, the module, the op, what to do."""
+    """VoteNet's furthest point sampling has no CPU kernel in mmcv 2.1.0 and no substitution is registered yet:
+    exit 3, the module, the op, what to do."""
     out = tmp_path / "out"
-    assert export_to("second_hv_secfpn_8xb6-80e_kitti-3d-car", out) == 3
-    assert "SubMConv3d" in caplog.text and "get_indice_pairs" in caplog.text and "what to do" in caplog.text
+    assert export_to("votenet_8xb8_scannet-3d", out) == 3
+    assert "DFPSSampler" in caplog.text and "furthest_point_sample" in caplog.text
+    assert "no CPU kernel" in caplog.text and "what to do" in caplog.text
     assert "Traceback" not in caplog.text
     _no_output(out)
 

@@ -96,3 +96,21 @@ def test_failed_parity_exits_1_and_keeps_artifacts_out_of_the_output_dir(tmp_pat
     assert "parity failed" in caplog.text and "elements outside" in caplog.text
     assert not (failed / "model.pt2").exists(), "--format onnx writes no model.pt2"
     shutil.rmtree(failed)
+
+
+def test_sparse_conv_model_exports_through_the_op_library(tmp_path: Path) -> None:
+    """SECOND: mmcv's sparse convolution has no CPU kernel and cannot be traced; the op library's substitute runs
+    in the eager reference (on CPU) and in the export, and ONNX Runtime reproduces it."""
+    out = tmp_path / "second"
+    assert export_to("second_hv_secfpn_8xb6-80e_kitti-3d-3class", out, "--format", "both") == 0
+    metadata = json.loads((out / "metadata.json").read_text())
+    subs = {s["by"]: s for s in metadata["substitutions"]}
+    assert subs["SparseConvolution.forward (autoexport.ops)"]["in_eager_reference"]
+    assert "middle_encoder.conv_input.0" in subs["SparseConvolution.forward (autoexport.ops)"]["module_paths"]
+    assert not subs["SparseSequential.forward (autoexport.ops)"]["in_eager_reference"]
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and {c["runtime"] for c in parity["checks"]} == {"pt2", "onnxruntime"}
+    # Substitutions are undone after the export: mmcv's own forward is back.
+    import mmcv.ops.sparse_conv as sparse_conv
+
+    assert sparse_conv.SparseConvolution.forward.__module__ == "mmcv.ops.sparse_conv"
