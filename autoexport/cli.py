@@ -172,11 +172,21 @@ def _run_verify(argv: list[str]) -> int:
     return EXIT_OK if report.passed else EXIT_PARITY_FAILED
 
 
+def _run_zoo(argv: list[str]) -> int:
+    from .zoo import run_zoo, zoo_parser
+
+    args = zoo_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return run_zoo(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "verify":
             return _run_verify(argv[1:])
+        if argv and argv[0] == "zoo":
+            return _run_zoo(argv[1:])
         if argv and argv[0] == "export":
             argv = argv[1:]
         return _run_export(argv)

@@ -1,0 +1,160 @@
+"""`autoexport zoo`: metafile enumeration, verdicts read from real exports in subprocesses, resume, the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from autoexport import zoo
+from autoexport.cli import main
+from conftest import KITTI_PP
+
+FCOS3D = "fcos3d_r101-caffe-dcn_fpn_head-gn_8xb2-1x_nus-mono3d"  # camera pipeline: exit 2 after ~7 s
+
+
+# ---- enumeration --------------------------------------------------------------------------------------------------
+
+def test_metafiles_enumerate_the_model_zoo():
+    index = zoo.load_zoo()
+    # mmdet3d 1.4.0's wheel: 29 metafiles listing 116 entries. Two configs are listed twice (a PointPillars FPN and
+    # a RegNet baseline, again in free_anchor's metafile), so 114 distinct configs; 12 name files the wheel lacks.
+    assert index.counts() == {"metafiles": 29, "entries": 116, "configs": 114, "families": 29, "not_shipped": 12}
+    assert {"pointpillars", "centerpoint", "second", "fcos3d", "votenet", "minkunet"} <= set(index.families)
+    for entry in index.entries:
+        assert entry.path is None or entry.path.is_file(), entry
+        assert entry.path is None or (entry.path.parent.name == entry.family and entry.path.stem == entry.config)
+        assert entry.task != "unknown", entry
+    by_config = {e.config: e for e in index.entries}
+    assert by_config[KITTI_PP].task == "3D Object Detection" and by_config[KITTI_PP].dataset == "KITTI"
+    assert by_config[FCOS3D].family == "fcos3d"
+    # A stale `Config:` path whose file carries the entry's Name is still found.
+    assert by_config["cylinder3d_4xb4-3x_semantickitti"].path is not None
+    assert "monoflex_dla34_pytorch_dlaneck_gn-all_2x4_6x_kitti-mono3d" in {e.config for e in index.not_shipped}
+    # The baseline in free_anchor's metafile belongs to its config folder's family.
+    assert by_config["pointpillars_hv_fpn_sbn-all_8xb4-2x_nus-3d"].family == "pointpillars"
+    assert len(zoo.select(index, ["second"])) == 5
+    assert [e.config for e in zoo.select(index, [], [KITTI_PP])] == [KITTI_PP]
+
+
+def test_unknown_family_or_config_is_bad_input(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    assert main(["zoo", "--family", "pointpilars", "--output", str(tmp_path)]) == 2
+    assert "not a model-zoo family" in caplog.text
+    assert main(["zoo", "--config", "pointpillars_hv_secfpn_8xb6-160e_kitti-3d-3clas", "--output", str(tmp_path)]) == 2
+    assert KITTI_PP in caplog.text
+
+
+# ---- verdicts from logs (no subprocess) ---------------------------------------------------------------------------
+
+ENTRY = zoo.ZooEntry("m", "fam", "3D Object Detection", "KITTI", "m", "fam", Path("m.py"))
+HEAD = "[1/6] analyze: build m\n[1/6] analyze done in 1 s\n[2/6] wrap: x\n[2/6] wrap done in 0 s\n"
+
+
+def test_onnx_translation_failure_keeps_the_pt2_verdict():
+    text = HEAD + "[3/6] export: torch.export + ONNX\n  patch A.forward (used at x)\n" \
+                  "autoexport: error: ONNX translation failed (ops: aten::foo): Boom\n  what to do: ...\n"
+    row = zoo.classify(ENTRY, 3, text, None, ["iree"], 5.0)
+    assert (row.verdict, row.pt2, row.onnx, row.ort_parity, row.iree_parity) == \
+        ("export failed", "pass", "fail", "not reached", "not reached")
+    assert row.reason.startswith("ONNX translation failed") and row.stage == "export" and row.patches == ["A.forward"]
+
+
+def test_iree_compile_failure_and_timeout_and_crash():
+    lower = HEAD + "[3/6] export: x\n[3/6] export done in 1 s\n[4/6] lower: iree\n" \
+                   "autoexport: error: iree-compile failed (exit 1): error: stack allocation\n"
+    row = zoo.classify(ENTRY, 3, lower, None, ["iree"], 5.0)
+    assert (row.pt2, row.onnx, row.ort_parity, row.iree_parity) == ("pass", "pass", "not reached", "fail")
+    assert zoo.shorten_paths("iree-compile failed: /out/.m.partial-12/iree/.iree-llvm-cpu.mlir:190:14: error: x",
+                             Path("/out"), "m") == "iree-compile failed: iree/.iree-llvm-cpu.mlir:190:14: error: x"
+
+    row = zoo.classify(ENTRY, -9, HEAD + "[3/6] export: x\n", None, [], 900.0, timeout_s=900)
+    assert row.verdict == "timeout" and row.reason == "timed out after 900 s (in stage export)"
+    assert (row.pt2, row.iree_parity) == ("fail", "-")
+
+    # An uncaught exception exits 1 too, but without the CLI's error line it is no parity verdict.
+    traceback = 'Traceback (most recent call last):\n  File "/x/analyze.py", line 232, in _run_pipeline\n    b[0]\n'
+    row = zoo.classify(ENTRY, 1, HEAD + "[3/6] export: x\n" + traceback + "MemoryError: oops\n", None, [], 1.0)
+    assert row.verdict == "crash" and row.stage == "export" and row.pt2 == "fail"
+    assert row.reason == "crashed (exit 1): MemoryError: oops (at analyze.py:232 in _run_pipeline)"
+    assert zoo.classify(ENTRY, -11, HEAD, None, [], 1.0).reason == "killed by SIGSEGV"
+
+
+def test_parity_failure_reads_metadata_and_method():
+    text = HEAD + "autoexport: error: parity failed:\n  onnxruntime out on sample_0: 5/10 elements outside\n"
+    metadata = {"parity": {"summary": {"pt2": {"passed": True}, "onnxruntime": {"passed": False}},
+                           "skipped": [{"runtime": "iree-cuda", "reason": "no GPU"}]},
+                "export_patches": [{"target": "SparseConvolution", "method": "forward"},
+                                   {"target": "VoxelNet", "method": "extract_feat"}],
+                "substitutions": [{"op": "mmcv.ops.SparseConvolution",
+                                   "by": "SparseConvolution.forward (autoexport.ops)"},
+                                  {"op": "x", "kind": "custom op"}]}
+    row = zoo.classify(ENTRY, 1, text, metadata, ["iree:cuda"], 3.0)
+    assert (row.verdict, row.pt2, row.onnx, row.ort_parity, row.iree_parity) == \
+        ("parity failed", "pass", "pass", "fail", "skipped")
+    assert row.reason == "parity failed: onnxruntime out on sample_0: 5/10 elements outside"
+    assert row.method == "patched + substituted op + custom op"
+    assert zoo.export_method({"export_patches": []})[0] == "native"
+    assert zoo.export_method({"export_patches": [{"target": "S", "method": "f"}],
+                              "substitutions": [{"op": "o", "by": "S.f (autoexport.ops)"}]})[0] == "substituted op"
+
+
+# ---- a real sweep ---------------------------------------------------------------------------------------------------
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sweep_records_verdicts_resumes_and_tabulates(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    out, cov, table = tmp_path / "zoo", tmp_path / "coverage.json", tmp_path / "table.md"
+    args = ["zoo", "--config", KITTI_PP, FCOS3D, "--output", str(out), "--coverage-json", str(cov),
+            "--markdown", str(table), "--jobs", "2"]
+    assert main(args) == 0
+
+    rows = {r["config"]: r for r in _rows(out / zoo.RESULTS_FILE)}
+    assert set(rows) == {KITTI_PP, FCOS3D}
+    pp, fcos = rows[KITTI_PP], rows[FCOS3D]
+    assert (pp["verdict"], pp["pt2"], pp["onnx"], pp["ort_parity"], pp["iree_parity"], pp["exit_code"]) == \
+        ("pass", "pass", "pass", "pass", "-", 0)
+    assert pp["method"].startswith("patched") and "PointPillarsScatter.forward" in pp["patches"]
+    assert pp["reason"] == "" and pp["family"] == "pointpillars" and pp["task"] == "3D Object Detection"
+    assert (fcos["verdict"], fcos["exit_code"], fcos["pt2"], fcos["onnx"], fcos["ort_parity"]) == \
+        ("bad input", 2, "not reached", "not reached", "not reached")
+    assert "test pipeline loads images" in fcos["reason"] and "\n" not in fcos["reason"]
+    assert fcos["stage"] == "analyze" and fcos["method"] == "-"
+    # Exports are deleted once recorded; the logs stay.
+    assert not (out / KITTI_PP).exists() and not (out / FCOS3D).exists()
+    assert (out / "logs" / f"{KITTI_PP}.log").is_file()
+    assert "[2/2 done]" in caplog.text and f"zoo: start {KITTI_PP}" in caplog.text
+
+    report = json.loads(cov.read_text())
+    assert report["summary"]["by_verdict"] == {"pass": 1, "bad input": 1}
+    assert report["summary"]["by_family"]["pointpillars"] == {"total": 1, "pass": 1}
+    assert report["zoo"]["entries"] == 116 and "torch" in report["environment"] and len(report["rows"]) == 2
+    markdown = table.read_text()
+    assert "| config | family | PT2 | ONNX | ORT parity | IREE parity | method | reason |" in markdown
+    assert f"| {KITTI_PP} | pointpillars | pass | pass | pass | - | patched" in markdown
+    assert f"| {FCOS3D} | fcos3d | not reached | not reached | not reached | - | - | this config's test pipeline" \
+        in markdown
+
+    # Resume: both are recorded, so nothing runs again.
+    def no_export(self, entry):  # noqa: ANN001, ANN202
+        raise AssertionError(f"{entry.config} was exported again")
+
+    caplog.clear()
+    with monkeypatch.context() as patched:
+        patched.setattr(zoo.Sweep, "run_entry", no_export)
+        assert main(args) == 0
+    assert "2 of 2 already recorded" in caplog.text and len(_rows(out / zoo.RESULTS_FILE)) == 2
+    assert f"| {KITTI_PP} |" in table.read_text() and f"| {FCOS3D} |" in table.read_text()
+
+    # --no-resume runs it again (a second line); a timeout kills it and says so. The table keeps one row per config.
+    assert main(["zoo", "--config", FCOS3D, "--output", str(out), "--coverage-json", str(cov), "--markdown",
+                 str(table), "--no-resume", "--timeout", "2"]) == 0
+    lines = _rows(out / zoo.RESULTS_FILE)
+    assert len(lines) == 3 and lines[-1]["config"] == FCOS3D
+    assert lines[-1]["verdict"] == "timeout" and lines[-1]["reason"].startswith("timed out after 2 s")
+    assert not list(out.glob(f"*{FCOS3D}*"))
+    report = json.loads(cov.read_text())
+    assert report["summary"]["by_verdict"] == {"pass": 1, "timeout": 1}
