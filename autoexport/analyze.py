@@ -228,6 +228,13 @@ def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
             raise UserInputError(f"the test pipeline failed on {source.origin}: {type(err).__name__}: {err}") from None
         with torch.no_grad():
             batch = model.data_preprocessor(pseudo_collate([packed]), False)
+        if not isinstance(batch, dict) or "inputs" not in batch:
+            # e.g. a test pipeline that packs a list of augmented views (test-time augmentation)
+            raise ExportFailedError(f"the data preprocessor ({type(model.data_preprocessor).__name__}) returned a "
+                                    f"{type(batch).__name__}, not a dict with 'inputs'; the test pipeline "
+                                    f"({' -> '.join(str(t.get('type')) for t in pipeline_cfg)}) probably packs "
+                                    "several augmented views. What to do: export with a config whose test "
+                                    "pipeline has no test-time augmentation")
         prepared.append(PreparedSample(source.name, source.role, source.origin, source.num_points,
                                        batch["inputs"], batch["data_samples"]))
         if not quiet:

@@ -3,6 +3,7 @@ directory that is moved into place only when everything succeeded."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from .padding import PaddedInputs, PaddingPlan, plan_padding
 from .report import export_info, library_versions, outputs_info, save_npz, write_json
 from .result import ExportResult, export_runners, write_reports
 from .runners import EagerRunner
-from .quantize import QuantRecipe, QuantizationResult, freeze_for_export, quantize_model, sensitivity_profile
+from .quantize import QuantRecipe, QuantizationResult, freeze_for_export, frozen_quantizers, quantize_model, sensitivity_profile
 from .half import HalfResult, to_fp16
 from .samples import point_files_in
 from .analyze import prepare_more_samples
@@ -397,7 +398,8 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
         quantized_reference = options.precision == "int8"
         eager = EagerRunner(wrapper if quantized_reference else fp32_wrapper, manifest.input_names,
                             manifest.output_names, options.device)
-        expected = {name: eager.infer(feed) for name, feed in feeds.items()}
+        with frozen_quantizers() if quantized_reference else contextlib.nullcontext():
+            expected = {name: eager.infer(feed) for name, feed in feeds.items()}
         for name, outputs in expected.items():
             save_npz(staging / "reference" / f"{name}.npz", outputs)
 
@@ -439,7 +441,7 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
             for item in skipped:
                 log.info("  %s: not run (%s)", item.runtime, item.reason)
             reference_name = ("eager PyTorch (the original mmdet3d code through wrapper.py)" if not quantized_reference
-                              else "eager PyTorch of the INT8 model (fake quantization, wrapper.py)")
+                              else "eager PyTorch of the INT8 model (its frozen quantize/dequantize ops, wrapper.py)")
             parity = Comparator(options.tolerances).compare(
                 runners, feeds, expected, ParityReport(reference_name, options.tolerances, skipped=skipped))
         if reduced_precision:

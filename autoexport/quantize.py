@@ -14,8 +14,9 @@ import copy
 import fnmatch
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -491,6 +492,24 @@ def freeze_for_export(model: torch.nn.Module) -> int:
             q._export_axis = int(axis)
         count += 1
     return count
+
+
+@contextmanager
+def frozen_quantizers() -> Iterator[None]:
+    """Run TensorQuantizer through the export bridge (frozen scales, quantized_decomposed ops) in eager PyTorch
+    too, so the INT8 reference computes exactly what model.pt2 holds. pytorch-quantization's own fake quantization
+    rounds x * (127 / amax) where the ops round x * (1 / (amax / 127)): 1-ulp apart, enough to flip an element by
+    one step now and then, which an under-trained network amplifies (tests compare the two to one step)."""
+    from pytorch_quantization.nn import TensorQuantizer
+
+    from .patches import PatchContext, _make_quantize_dequantize
+
+    original = TensorQuantizer.forward
+    TensorQuantizer.forward = _make_quantize_dequantize(PatchContext(batch_size=1))
+    try:
+        yield
+    finally:
+        TensorQuantizer.forward = original
 
 
 def sensitivity_profile(quantized: torch.nn.Module, run: Callable[[Any], dict[str, np.ndarray]],

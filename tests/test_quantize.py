@@ -210,3 +210,27 @@ def test_malformed_calibration_file_exits_2(tmp_path: Path, capsys) -> None:
     assert export_to(KITTI_PP, out, "--precision", "int8", "--calib-data", str(folder)) == 2
     assert "not a whole number" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".out.partial*"))
+
+
+def test_frozen_bridge_matches_pytorch_quantization_within_one_step() -> None:
+    """The INT8 reference runs the export bridge eagerly; it must be pytorch-quantization's quantizer up to
+    float rounding: at most one quantization step on a few elements, per tensor and per channel."""
+    from pytorch_quantization.nn import TensorQuantizer
+    from pytorch_quantization.tensor_quant import QuantDescriptor
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 8, 8) * 3
+    for desc, amax in [(QuantDescriptor(num_bits=8), torch.tensor(5.0)),
+                       (QuantDescriptor(num_bits=8, axis=(1,)), torch.rand(1, 16, 1, 1) * 4 + 1)]:
+        quantizer = TensorQuantizer(desc)
+        quantizer.amax = amax
+        toolkit = quantizer(x)
+        model = torch.nn.Sequential(quantizer)
+        Q.freeze_for_export(model)
+        with Q.frozen_quantizers():
+            bridged = model(x)
+        step = (amax / 127).expand_as(x)
+        diff = (bridged - toolkit).abs()
+        assert bool((diff <= step * 1.001).all())
+        assert float((diff > 1e-6).float().mean()) < 1e-3  # flips are rare
+        assert not torch.equal(bridged, x)  # it does quantize
