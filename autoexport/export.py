@@ -78,7 +78,7 @@ def _innermost_model_frame(err: BaseException) -> str | None:
     return f"{short}:{frame.lineno} in {frame.name}: {(frame.line or '').strip()}"
 
 
-def _classify(err: BaseException) -> tuple[str, str]:
+def _classify(err: BaseException, stage: str = "torch.export") -> tuple[str, str]:
     """(what went wrong, what to do) for the export errors we know."""
     text = f"{type(err).__name__}: {err}"
     if "DataDependent" in text or "data-dependent" in text or "GuardOnDataDependentSymNode" in text:
@@ -94,12 +94,17 @@ def _classify(err: BaseException) -> tuple[str, str]:
         return ("a C++/CUDA extension op (mmcv._ext) that torch.export cannot see into",
                 "substitute an exportable implementation of the op (pure PyTorch or a torch.library custom op) "
                 "through an export patch in autoexport/patches.py")
+    if stage.startswith("the eager"):
+        # Not an export problem: mmdet3d's own forward failed before torch.export was involved.
+        return ("the model's own forward failed in eager PyTorch",
+                "run with --verbose for the full trace; a detector family without an entry in "
+                "boundaries.BOUNDARIES (e.g. two-stage detectors such as PartA2) may need its own tensor path")
     return ("an operation torch.export could not trace", "run with --verbose for the full trace; if the module is "
             "export-hostile, register an export patch for its class in autoexport/patches.py")
 
 
 def describe_export_failure(stage: str, err: BaseException, module_stack: list[tuple[str, str]], verbose: bool) -> str:
-    what, todo = _classify(err)
+    what, todo = _classify(err, stage)
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
     where = f" in module `{module_stack[-1][0]}` ({module_stack[-1][1]})" if module_stack else ""
     lines = [f"{stage} failed{where}: {what}.", f"  error: {type(err).__name__}: {first_line[:400]}"]
