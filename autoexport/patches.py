@@ -79,16 +79,44 @@ def patches_for(model: torch.nn.Module, variant: str = "default") -> list[tuple[
     return list(found.values())
 
 
+class MethodSwaps:
+    """Replaces methods on classes and puts the originals back, including methods the class only inherited
+    (those are deleted again, so the base class's shows through). The one mechanism every patch uses."""
+
+    _missing = object()
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[type, str, Any]] = []
+
+    def swap(self, klass: type, method: str, replacement: Callable[..., Any]) -> None:
+        self._saved.append((klass, method, klass.__dict__.get(method, self._missing)))
+        setattr(klass, method, replacement)
+
+    def restore(self) -> None:
+        for klass, method, original in reversed(self._saved):
+            if original is self._missing:
+                delattr(klass, method)
+            else:
+                setattr(klass, method, original)
+        self._saved.clear()
+
+
+@contextmanager
+def swapped_methods() -> Iterator[MethodSwaps]:
+    swaps = MethodSwaps()
+    try:
+        yield swaps
+    finally:
+        swaps.restore()
+
+
 @contextmanager
 def export_patches(model: torch.nn.Module, context: PatchContext) -> Iterator[list[AppliedPatch]]:
     """Apply every relevant patch to its class for the duration of the block, then restore."""
-    saved: list[tuple[type, str, Any]] = []
     applied: list[AppliedPatch] = []
-    _missing = object()
-    try:
+    with swapped_methods() as swaps:
         for klass, patch, module_paths in patches_for(model, context.variant):
-            saved.append((klass, patch.method, klass.__dict__.get(patch.method, _missing)))
-            setattr(klass, patch.method, patch.make(context))
+            swaps.swap(klass, patch.method, patch.make(context))
             # One entry per registered patch: a class name can match several classes (mmcv's ConvTranspose2d
             # subclasses torch's), and each of them is patched, but it is still one patch.
             same = next((i for i, a in enumerate(applied) if (a.target, a.method) == (patch.target, patch.method)), None)
@@ -99,12 +127,6 @@ def export_patches(model: torch.nn.Module, context: PatchContext) -> Iterator[li
                 merged = applied[same].module_paths + tuple(p for p in module_paths if p not in applied[same].module_paths)
                 applied[same] = AppliedPatch(patch.target, patch.method, patch.reason, merged, patch.substitutes)
         yield applied
-    finally:
-        for klass, method, original in reversed(saved):
-            if original is _missing:
-                delattr(klass, method)
-            else:
-                setattr(klass, method, original)
 
 
 @contextmanager
@@ -113,9 +135,8 @@ def eager_substitutions(device: str) -> Iterator[list[ExportPatch]]:
     by import path for the duration of the block, then restored. Yields the substitutions applied."""
     import importlib
 
-    saved: list[tuple[type, str, Any]] = []
     used: list[ExportPatch] = []
-    try:
+    with swapped_methods() as swaps:
         for _, patches in EXPORT_PATCHES.items():
             for patch in patches:
                 if device.split(":")[0] not in patch.eager_devices or not patch.module:
@@ -124,13 +145,9 @@ def eager_substitutions(device: str) -> Iterator[list[ExportPatch]]:
                     klass = getattr(importlib.import_module(patch.module), patch.target)
                 except (ImportError, AttributeError):
                     continue  # the library that defines it is not installed: nothing to substitute
-                saved.append((klass, patch.method, klass.__dict__.get(patch.method)))
-                setattr(klass, patch.method, patch.make(PatchContext(batch_size=1)))
+                swaps.swap(klass, patch.method, patch.make(PatchContext(batch_size=1)))
                 used.append(patch)
         yield used
-    finally:
-        for klass, method, original in reversed(saved):
-            setattr(klass, method, original)
 
 
 # ---- PointPillarsScatter ------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from .manifest import Manifest, iter_tensors
 from .padding import PaddedInputs, PaddingPlan, plan_padding
 from .report import export_info, library_versions, outputs_info, save_npz, write_json
 from .result import ExportResult, export_runners, write_reports
-from .runners import EagerRunner
+from .runners import EagerRunner, onnxruntime_kernels
 from .quantize import QuantRecipe, QuantizationResult, freeze_for_export, frozen_quantizers, quantize_model, sensitivity_profile
 from .half import HalfResult, to_fp16
 from .samples import point_files_in
@@ -201,7 +201,6 @@ def _variant_exporter(wrapper: torch.nn.Module, model: torch.nn.Module, analysis
     return export_variant
 
 
-
 PRECISIONS = ("fp32", "int8", "fp16")
 # Which artifact stands for the reduced-precision model in the fidelity report, first available wins. INT8: ONNX
 # Runtime's integer kernels are the deployed form. FP16: model.pt2; ONNX Runtime's CPU FP16 path is no deployment
@@ -258,26 +257,6 @@ def _reduce_precision(options: ExportOptions, analysis: Analysis, run_factory, c
     for path, why in result.float_layers.items():
         log.info("  float: %s (%s)", path, why)
     return result
-
-
-def onnxruntime_kernels(onnx_path: Path) -> dict[str, int]:
-    """Op types in the graph ONNX Runtime actually runs (after its QDQ fusions), counted."""
-    import tempfile
-
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as folder:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
-        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(options.optimized_model_filepath).graph
-    counts: dict[str, int] = {}
-    for node in graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
 
 
 def _fidelity(options: ExportOptions, analysis: Analysis, fp32_runner: EagerRunner, candidates: list,

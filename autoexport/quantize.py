@@ -390,14 +390,14 @@ def calibrate(model: torch.nn.Module, recipe: QuantRecipe, run_samples: Callable
             q.enable_quant()
     collect_s = time.perf_counter() - start
     start = time.perf_counter()
-    for q in quantizers:
-        if q._calibrator is None:
-            continue
-        # pytorch-quantization logs a warning per quantizer here; the summary below says the same once.
-        logger = logging.getLogger("absl")
-        level = logger.level
-        logger.setLevel(logging.ERROR)
-        try:
+    # pytorch-quantization logs a warning per quantizer here; the returned summary says the same once.
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        for q in quantizers:
+            if q._calibrator is None:
+                continue
             if type(q._calibrator).__name__ == "HistogramCalibrator" and recipe.amax_method == "mse":
                 q.amax = mse_amax(q._calibrator)
             elif type(q._calibrator).__name__ == "HistogramCalibrator":
@@ -405,10 +405,10 @@ def calibrate(model: torch.nn.Module, recipe: QuantRecipe, run_samples: Callable
                 q.load_calib_amax(recipe.amax_method, **kwargs)
             else:
                 q.load_calib_amax()
-        finally:
-            logger.setLevel(level)
-        # An all-zero channel or input gives amax 0 (scale 0); any positive scale represents zeros exactly.
-        q._amax.clamp_(min=1e-8)
+            # An all-zero channel or input gives amax 0 (scale 0); any positive scale represents zeros exactly.
+            q._amax.clamp_(min=1e-8)
+    finally:
+        logger.setLevel(level)
     return {"samples": count, "collect_s": round(collect_s, 3), "amax_s": round(time.perf_counter() - start, 3),
             "calibrator": recipe.calibrator,
             "amax_method": recipe.amax_method if recipe.calibrator == "histogram" else "max"}
@@ -502,14 +502,11 @@ def frozen_quantizers() -> Iterator[None]:
     one step now and then, which an under-trained network amplifies (tests compare the two to one step)."""
     from pytorch_quantization.nn import TensorQuantizer
 
-    from .patches import PatchContext, _make_quantize_dequantize
+    from .patches import PatchContext, _make_quantize_dequantize, swapped_methods
 
-    original = TensorQuantizer.forward
-    TensorQuantizer.forward = _make_quantize_dequantize(PatchContext(batch_size=1))
-    try:
+    with swapped_methods() as swaps:
+        swaps.swap(TensorQuantizer, "forward", _make_quantize_dequantize(PatchContext(batch_size=1)))
         yield
-    finally:
-        TensorQuantizer.forward = original
 
 
 def sensitivity_profile(quantized: torch.nn.Module, run: Callable[[Any], dict[str, np.ndarray]],

@@ -97,3 +97,23 @@ class OnnxRuntimeRunner(Runner):
         self._check_feed(feed)
         outputs = self.session.run(self.output_names, {n: np.ascontiguousarray(feed[n]) for n in self.input_names})
         return self._named(outputs)
+
+
+def onnxruntime_kernels(onnx_path: Path) -> dict[str, int]:
+    """Op types in the graph ONNX Runtime actually runs (after its QDQ fusions), counted."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))

@@ -282,30 +282,27 @@ def np_square_distance(center: np.ndarray, points: np.ndarray) -> np.ndarray:
     return (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1]) + d[:, 2] * d[:, 2]
 
 
-def np_furthest_point_sample(points: np.ndarray, num_samples: int) -> np.ndarray:
-    batch, count, _ = points.shape
+def _np_fps(distance_row, batch: int, count: int, num_samples: int) -> np.ndarray:
+    """mmcv's FPS loop: start at index 0, keep each point's distance to the picked set, pick the farthest."""
     picks = np.zeros((batch, num_samples), dtype=np.int32)
     for b in range(batch):
         nearest = np.full(count, 1e10, dtype=np.float32)
         last = 0
         for j in range(1, num_samples):
-            nearest = np.minimum(nearest, np_square_distance(points[b, last], points[b]))
+            nearest = np.minimum(nearest, distance_row(b, last))
             last = int(np.argmax(nearest))
             picks[b, j] = last
     return picks
+
+
+def np_furthest_point_sample(points: np.ndarray, num_samples: int) -> np.ndarray:
+    batch, count, _ = points.shape
+    return _np_fps(lambda b, last: np_square_distance(points[b, last], points[b]), batch, count, num_samples)
 
 
 def np_furthest_point_sample_with_dist(dist: np.ndarray, num_samples: int) -> np.ndarray:
     batch, count, _ = dist.shape
-    picks = np.zeros((batch, num_samples), dtype=np.int32)
-    for b in range(batch):
-        nearest = np.full(count, 1e10, dtype=np.float32)
-        last = 0
-        for j in range(1, num_samples):
-            nearest = np.minimum(nearest, dist[b, last])
-            last = int(np.argmax(nearest))
-            picks[b, j] = last
-    return picks
+    return _np_fps(lambda b, last: dist[b, last], batch, count, num_samples)
 
 
 def np_ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: np.ndarray,

@@ -136,16 +136,22 @@ class DeformConv2d(nn.Module):
                              self.deform_groups)
 
 
+def _zero_offset_conv(layer: nn.Module, values_per_tap: int) -> nn.Conv2d:
+    """The Pack classes' ``conv_offset``: same geometry as the layer, zero-initialized as in mmcv (no offsets)."""
+    conv = nn.Conv2d(layer.in_channels, layer.deform_groups * values_per_tap * math.prod(layer.kernel_size),
+                     kernel_size=layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                     dilation=layer.dilation, bias=True)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
 class DeformConv2dPack(DeformConv2d):
     """mmcv.ops.DeformConv2dPack (registered as 'DCN'): offsets from an internal ``conv_offset``."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.conv_offset = nn.Conv2d(self.in_channels, self.deform_groups * 2 * math.prod(self.kernel_size),
-                                     kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                                     dilation=self.dilation, bias=True)
-        nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
+        self.conv_offset = _zero_offset_conv(self, values_per_tap=2)  # (dy, dx)
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x, self.conv_offset(x))
@@ -181,11 +187,7 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.conv_offset = nn.Conv2d(self.in_channels, self.deform_groups * 3 * math.prod(self.kernel_size),
-                                     kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                                     dilation=self.dilation, bias=True)
-        nn.init.zeros_(self.conv_offset.weight)
-        nn.init.zeros_(self.conv_offset.bias)
+        self.conv_offset = _zero_offset_conv(self, values_per_tap=3)  # (dy, dx, mask)
 
     def forward(self, x: Tensor) -> Tensor:
         offset_y_x_and_mask = self.conv_offset(x)
