@@ -16,10 +16,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from . import camera
 from . import samples as sample_data
 from .boundaries import TensorBoundary, boundary_for, heads_of, output_namer_for
 from .errors import ExportFailedError, UserInputError
-from .manifest import (DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
+from .manifest import (METAINFO_TENSOR_KEYS, DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
                        get_by_path, iter_tensors, path_to_identifier, path_to_str)
 
 log = logging.getLogger("autoexport")
@@ -35,6 +36,26 @@ class PreparedSample:
     num_points: int
     inputs: dict
     data_samples: list
+
+    def metainfo_tensors(self) -> dict[str, torch.Tensor]:
+        """Numeric camera/lidar matrices of the metainfo as float32 tensors, by path 'metainfo.<i>.<key>'."""
+        found = {}
+        for index, sample in enumerate(self.data_samples):
+            for key in METAINFO_TENSOR_KEYS:
+                value = sample.metainfo.get(key)
+                if value is None:
+                    continue
+                try:
+                    array = np.asarray(value, dtype=np.float32)
+                except (TypeError, ValueError):
+                    continue
+                if array.ndim >= 2:
+                    found[f"metainfo.{index}.{key}"] = torch.from_numpy(array)
+        return found
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a manifest input can name: the model inputs ('inputs.…') and metainfo matrices."""
+        return {**{path_to_str(("inputs",) + p): t for p, t in iter_tensors(self.inputs)}, **self.metainfo_tensors()}
 
 
 @dataclass
@@ -199,20 +220,50 @@ def load_checkpoint_strict(model: torch.nn.Module, path: str) -> None:
 
 # ---- samples -------------------------------------------------------------------------------------
 
-def _pipeline_of(cfg: Any) -> tuple[list[dict], "sample_data.PointCloudFormat", Any, Any]:
+@dataclass
+class SampleSpec:
+    """What the config's test pipeline reads and how to synthesize it."""
+
+    pipeline: list[dict]
+    fmt: "sample_data.PointCloudFormat"
+    box_type_3d: Any
+    box_mode_3d: Any
+    cameras: "sample_data.CameraSampling | None"  # None: lidar-only pipeline
+
+    def synthesize(self, folder: Path, seed: int, **points: Any) -> list["sample_data.SampleSource"]:
+        return sample_data.synthesize_samples(self.fmt, folder, seed, self.box_type_3d, self.box_mode_3d,
+                                              cameras=self.cameras, **points)
+
+    def reject_user_files(self, what: str) -> None:
+        if self.cameras is not None:
+            raise UserInputError(f"{what} are point cloud files, but this config's test pipeline loads images; "
+                                 "user camera samples are not supported yet: leave them out to use synthesized "
+                                 "camera samples")
+
+
+def _sample_spec(cfg: Any, workdir: Path | None = None) -> SampleSpec:
     from mmdet3d.structures import get_box_type
 
     pipeline_cfg = sample_data.test_pipeline_of(cfg)
     modalities = sample_data.modalities_of(pipeline_cfg)
-    if "camera" in modalities:
-        raise UserInputError("this config's test pipeline loads images; camera and multi-modal sample synthesis "
-                             "is not supported yet (lidar-only pipelines are)")
-    if "lidar" not in modalities:
-        raise UserInputError("the config's test pipeline loads no point cloud (no LoadPointsFromFile)")
-    fmt = sample_data.point_cloud_format(cfg, pipeline_cfg)
+    if not modalities:
+        raise UserInputError("the config's test pipeline loads neither a point cloud (LoadPointsFromFile) nor "
+                             "images (LoadImageFromFile*)")
     dataset_cfg = cfg.get("test_dataloader", {}).get("dataset", {})
     box_type_3d, box_mode_3d = get_box_type(dataset_cfg.get("box_type_3d", "LiDAR"))
-    return pipeline_cfg, fmt, box_type_3d, box_mode_3d
+    if "lidar" in modalities:
+        fmt = sample_data.point_cloud_format(cfg, pipeline_cfg)
+    else:  # camera only: the scene is still synthesized as a cloud, then rendered into the images
+        dataset_type = sample_data.dataset_type_of(cfg)
+        fmt = sample_data.PointCloudFormat(4, [0, 1, 2, 3], camera.camera_only_range(),
+                                           intensity_scale=sample_data._INTENSITY_SCALE.get(dataset_type, 1.0),
+                                           dataset_type=dataset_type)
+    cameras = None
+    if "camera" in modalities:
+        rig = camera.rig_for(fmt.dataset_type)
+        folder = workdir or Path(tempfile.gettempdir())
+        cameras = sample_data.CameraSampling(rig, camera.dataset_for_parsing(cfg, folder), "lidar" in modalities)
+    return SampleSpec(pipeline_cfg, fmt, box_type_3d, box_mode_3d, cameras)
 
 
 def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
@@ -238,18 +289,23 @@ def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
         prepared.append(PreparedSample(source.name, source.role, source.origin, source.num_points,
                                        batch["inputs"], batch["data_samples"]))
         if not quiet:
-            log.info("  %s: %d points (%s)", source.name, source.num_points, source.origin)
+            images = [f for f in source.files if f.suffix in (".png", ".jpg")]
+            what = [f"{source.num_points} points"] if source.num_points else []
+            what += [f"{len(images)} image{'s' if len(images) > 1 else ''}"] if images else []
+            log.info("  %s: %s (%s)", source.name, " + ".join(what), source.origin)
     return prepared
 
 
 def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], workdir: Path,
                     seed: int) -> tuple[list[PreparedSample], dict]:
     """Run the config's test pipeline and the model's data preprocessor on each sample."""
-    pipeline_cfg, fmt, box_type_3d, box_mode_3d = _pipeline_of(cfg)
+    spec = _sample_spec(cfg, workdir)
+    pipeline_cfg, fmt = spec.pipeline, spec.fmt
     if sample_files:
-        sources = sample_data.user_samples(sample_files, fmt, workdir, seed, box_type_3d, box_mode_3d)
+        spec.reject_user_files("--sample files")
+        sources = sample_data.user_samples(sample_files, fmt, workdir, seed, spec.box_type_3d, spec.box_mode_3d)
     else:
-        sources = sample_data.synthesize_samples(fmt, workdir, seed, box_type_3d, box_mode_3d)
+        sources = spec.synthesize(workdir, seed)
     prepared = _run_pipeline(model, pipeline_cfg, sources)
     preprocess = {
         "point_cloud": {"load_dim": fmt.load_dim, "use_dim": fmt.use_dim, "sweeps_num": fmt.sweeps_num,
@@ -263,19 +319,20 @@ def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], 
 def prepare_more_samples(analysis: "Analysis", role: str, count: int, files: list[Path], seed: int) -> list[PreparedSample]:
     """`count` further samples through the same test pipeline and data preprocessor: the user's files first
     (sorted), synthesized scenes (point counts 12k-28k, their own seed) for the rest."""
-    pipeline_cfg, fmt, box_type_3d, box_mode_3d = _pipeline_of(analysis.cfg)
     with tempfile.TemporaryDirectory(prefix=f"autoexport-{role}-") as workdir:
-        sources = sample_data.file_sources(files[:count], fmt, role, box_type_3d, box_mode_3d)
+        spec = _sample_spec(analysis.cfg, Path(workdir))
+        if files:
+            spec.reject_user_files(f"{role} files")
+        sources = sample_data.file_sources(files[:count], spec.fmt, role, spec.box_type_3d, spec.box_mode_3d)
         missing = count - len(sources)
         if missing > 0:
             rng = np.random.default_rng(seed)
             sizes = tuple(int(n) for n in rng.integers(12000, 28001, missing))
-            synthesized = sample_data.synthesize_samples(fmt, Path(workdir), seed, box_type_3d, box_mode_3d,
-                                                         export_points=(), heldout_points=sizes)
+            synthesized = spec.synthesize(Path(workdir), seed, export_points=(), heldout_points=sizes)
             for offset, source in enumerate(synthesized):
                 source.name, source.role = f"{role}_{len(sources) + offset}", role
             sources += synthesized
-        return _run_pipeline(analysis.model, pipeline_cfg, sources, quiet=True)
+        return _run_pipeline(analysis.model, spec.pipeline, sources, quiet=True)
 
 
 # ---- manifest ------------------------------------------------------------------------------------
@@ -366,13 +423,23 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
     inputs = _clone_nested(first.inputs)
     before = {path_to_str(("inputs",) + p): t.clone() for p, t in iter_tensors(inputs)}
     recorder = _TensorUseRecorder({id(t): path_to_str(("inputs",) + p) for p, t in iter_tensors(inputs)})
+    # Metainfo matrices go in as tensors too: those a torch function receives are inputs, the rest stay constants.
+    meta_tensors = first.metainfo_tensors()
+    recorder.watched.update({id(t): path for path, t in meta_tensors.items()})
+    probe_samples = with_metainfo_tensors(first.data_samples, meta_tensors)
     with torch.no_grad(), recorder:
-        outputs = forward(model, inputs, first.data_samples)
+        outputs = forward(model, inputs, probe_samples)
+    meta_used = sorted(p for p in meta_tensors if p in recorder.used)
+    for path in meta_used:
+        for other in export_samples[1:]:
+            if other.metainfo_tensors()[path].shape != meta_tensors[path].shape:
+                raise UserInputError(f"metainfo {path} has a different shape in {other.name} than in {first.name}")
+        log.info("  metainfo %s is read by the model's tensor path: a named input", path)
     after = {path_to_str(("inputs",) + p): t for p, t in iter_tensors(inputs)}
     mutated = {k for k in before if not torch.equal(before[k], after[k])}
     for path in sorted(mutated):
         log.warning("  input mutation: the model writes into %s in place; every run gets a fresh copy", path)
-    used = recorder.used
+    used = recorder.used - set(meta_tensors)
     unused = [p for p in flat[0] if p not in used]
     if unused:
         # Confirm the model gives identical outputs without them before leaving them out.
@@ -415,6 +482,14 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
         specs.append(TensorSpec(name=name, path=path, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype),
                                 dynamic_dims=dynamic, description=describe_input(path),
                                 mutated_by_model=path in mutated))
+    for path in meta_used:
+        name = path_to_identifier(path)
+        while name in names:
+            name += "_"
+        names.add(name)
+        tensor = meta_tensors[path]
+        specs.append(TensorSpec(name=name, path=path, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype),
+                                description=describe_input(path)))
 
     # Outputs: flatten the raw head outputs and name them through the head's registry entry.
     namer = output_namer_for(model, boundary)
@@ -438,6 +513,19 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
     structure = _structure_of(first.inputs, ("inputs",), {s.path: s.name for s in specs})
     return Manifest(inputs=specs, outputs=out_specs, dims=dims, structure=structure, unused_inputs=unused,
                     batch_size=len(first.data_samples))
+
+
+def with_metainfo_tensors(data_samples: list, tensors: dict[str, torch.Tensor]) -> list:
+    """Copies of the data samples whose metainfo holds the given tensors ('metainfo.<i>.<key>') instead."""
+    copies = []
+    for index, sample in enumerate(data_samples):
+        copy_ = sample.clone()
+        for path, tensor in tensors.items():
+            _, batch_index, key = path.split(".", 2)
+            if int(batch_index) == index:
+                copy_.set_field(tensor, key, field_type="metainfo")
+        copies.append(copy_)
+    return copies
 
 
 def _structure_of(obj: Any, prefix: tuple, names: dict[str, str]) -> Any:

@@ -18,7 +18,7 @@ from .errors import ExportFailedError
 from .manifest import Manifest
 from .onnx_translations import translation_table
 from .padding import PaddingPlan
-from .patches import AppliedPatch, PatchContext, export_patches
+from .patches import AppliedPatch, PatchContext, export_patches, substituted_functions
 
 log = logging.getLogger("autoexport")
 
@@ -130,9 +130,13 @@ def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: M
             for patch in applied:
                 log.info("  patch %s.%s (used at %s)", patch.target, patch.method, ", ".join(patch.module_paths[:3]))
             shapes = dynamic_shapes_for(manifest, plan)
-            # PaddedInputs.forward takes *args: torch.export wants one entry for that single parameter.
-            program = torch.export.export(wrapper, example, dynamic_shapes=(shapes,) if plan else shapes,
-                                          strict=False)
+            with substituted_functions() as functions:
+                # PaddedInputs.forward takes *args: torch.export wants one entry for that single parameter.
+                program = torch.export.export(wrapper, example, dynamic_shapes=(shapes,) if plan else shapes,
+                                              strict=False)
+            for function in functions:
+                log.info("  substituted %s while tracing", function.target)
+            applied = [*applied, *functions]
     except Exception as err:
         raise ExportFailedError(describe_export_failure("torch.export", err, tracker.stack, verbose)) from err
     finally:

@@ -109,6 +109,8 @@ def path_to_identifier(path: str) -> str:
     """'inputs.voxels.num_points' -> 'voxels_num_points': a valid, readable Python/ONNX name."""
     if path.startswith("inputs."):
         path = path[len("inputs."):]
+    elif re.fullmatch(r"metainfo\.0\.\w+", path):  # batch of one: just the key, e.g. lidar2img
+        path = path.rsplit(".", 1)[-1]
     name = re.sub(r"[^0-9a-zA-Z_]+", "_", path).strip("_")
     return name if name and not name[0].isdigit() else f"t_{name}"
 
@@ -118,6 +120,19 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # What each input means, by mmdet3d's data preprocessor conventions (first match wins).
+# Camera/lidar matrices in Det3DDataSample metainfo that a model may compute with. Those its tensor path reads
+# become named inputs (path 'metainfo.<batch index>.<key>'), so one export serves every calibration.
+METAINFO_TENSOR_KEYS: dict[str, str] = {
+    "lidar2img": "lidar-to-image projection, 4x4 (per camera for multi-view)",
+    "cam2img": "camera intrinsics (3x3 or 4x4, per camera for multi-view)",
+    "lidar2cam": "lidar-to-camera extrinsics, 4x4",
+    "cam2lidar": "camera-to-lidar extrinsics, 4x4",
+    "depth2img": "depth-frame-to-image projection, 4x4",
+    "ego2img": "ego-to-image projection, 4x4",
+    "img_aug_matrix": "image augmentation (resize/crop/flip) as a 4x4 matrix",
+    "lidar_aug_matrix": "point cloud augmentation as a 4x4 matrix",
+}
+
 _INPUT_MEANINGS: list[tuple[str, str]] = [
     (r"voxels\.voxels$", "points grouped per voxel/pillar (num_voxels, max_points_per_voxel, point_features), zero-padded"),
     (r"voxels\.num_points$", "number of real points in each voxel (the rest of its rows are padding)"),
@@ -136,6 +151,8 @@ _DIM_MEANINGS: list[tuple[str, int, str]] = [
 
 
 def describe_input(path: str) -> str:
+    if path.startswith("metainfo."):
+        return METAINFO_TENSOR_KEYS.get(path.rsplit(".", 1)[-1], "metainfo value")
     for pattern, meaning in _INPUT_MEANINGS:
         if re.search(pattern, path):
             return meaning

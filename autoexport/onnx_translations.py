@@ -24,7 +24,52 @@ def _int8_quantize_per_channel(input: Any, scales: Any, zero_points: Any, axis: 
     return op.QuantizeLinear(input, op.CastLike(scales, input), op.Cast(zero_points, to=ir.DataType.INT8), axis=axis)
 
 
+# Largest matrix the cofactor inverse below unrolls: camera/lidar transforms are 3x3 or 4x4.
+MAX_INVERSE_SIZE = 4
+
+
+def _small_determinant(e: list[list[Any]]) -> Any:
+    """Determinant by Laplace expansion over element tensors (each of the batch shape)."""
+    n = len(e)
+    if n == 1:
+        return e[0][0]
+    if n == 2:
+        return op.Sub(op.Mul(e[0][0], e[1][1]), op.Mul(e[0][1], e[1][0]))
+    total = None
+    for j in range(n):
+        minor = [row[:j] + row[j + 1:] for row in e[1:]]
+        term = op.Mul(e[0][j], _small_determinant(minor))
+        total = term if total is None else (op.Sub(total, term) if j % 2 else op.Add(total, term))
+    return total
+
+
+def _small_inverse(A: Any, check_errors: bool = False) -> tuple[Any, Any]:
+    # ONNX has no matrix inverse; mmdet3d inverts 3x3/4x4 transforms (e.g. reversing point-cloud augmentation in
+    # point_sample). Adjugate over determinant, unrolled for the static size: exact algebra, well conditioned for
+    # rigid and projective transforms. info is 1 where the matrix is singular, as linalg_inv_ex's is nonzero.
+    n = A.shape[-1] if A.shape is not None else None
+    if not isinstance(n, int) or n != A.shape[-2] or n > MAX_INVERSE_SIZE:
+        raise NotImplementedError(f"aten::linalg_inv_ex: autoexport's ONNX translation handles static square matrices "
+                                  f"up to {MAX_INVERSE_SIZE}x{MAX_INVERSE_SIZE}, got shape {A.shape}")
+    e = [[op.Gather(op.Gather(A, op.Constant(value_int=i), axis=-2), op.Constant(value_int=j), axis=-1)
+          for j in range(n)] for i in range(n)]
+    det = _small_determinant(e)
+    rows = []
+    for i in range(n):  # inverse[i][j] = cofactor[j][i] / det
+        row = []
+        for j in range(n):
+            minor = [r[:i] + r[i + 1:] for k, r in enumerate(e) if k != j]
+            cofactor = _small_determinant(minor) if minor else op.CastLike(op.Constant(value_float=1.0), det)
+            if (i + j) % 2:
+                cofactor = op.Neg(cofactor)
+            row.append(op.Unsqueeze(op.Div(cofactor, det), op.Constant(value_ints=[-1])))
+        rows.append(op.Unsqueeze(op.Concat(*row, axis=-1), op.Constant(value_ints=[-2])))
+    info = op.Cast(op.Equal(det, op.CastLike(op.Constant(value_float=0.0), det)), to=ir.DataType.INT32)
+    return op.Concat(*rows, axis=-2), info
+
+
 def translation_table() -> dict[Callable, Callable]:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 
-    return {torch.ops.quantized_decomposed.quantize_per_channel.default: _int8_quantize_per_channel}
+    return {torch.ops.quantized_decomposed.quantize_per_channel.default: _int8_quantize_per_channel,
+            torch.ops.aten.linalg_inv_ex.default: _small_inverse}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from .registry import ClassRegistry
 
@@ -197,6 +198,40 @@ def _make_voxelnet_extract_feat(context: PatchContext) -> Callable[..., Any]:
     return extract_feat
 
 
+def _make_mvx_extract_pts_feat(context: PatchContext, dynamic_voxels: bool) -> Callable[..., Any]:
+    batch_size = context.batch_size
+
+    def extract_pts_feat(self: Any, voxel_dict: dict, points: Any = None, img_feats: Any = None,
+                         batch_input_metas: Any = None) -> Any:
+        if not self.with_pts_bbox:
+            return None
+        if dynamic_voxels:  # DynamicMVXFasterRCNN: the encoder returns the voxel coordinates it made
+            voxel_features, coors = self.pts_voxel_encoder(voxel_dict["voxels"], voxel_dict["coors"], points,
+                                                           img_feats, batch_input_metas)
+        else:
+            voxel_features = self.pts_voxel_encoder(voxel_dict["voxels"], voxel_dict["num_points"],
+                                                    voxel_dict["coors"], img_feats, batch_input_metas)
+            coors = voxel_dict["coors"]
+        # The original takes the batch size from coors[-1, 0] + 1, a data-dependent tensor; it is static here.
+        x = self.pts_middle_encoder(voxel_features, coors, batch_size)
+        x = self.pts_backbone(x)
+        if self.with_pts_neck:
+            x = self.pts_neck(x)
+        return x
+
+    return extract_pts_feat
+
+
+for _target, _dynamic in (("MVXTwoStageDetector", False), ("DynamicMVXFasterRCNN", True)):
+    register_patch(ExportPatch(
+        target=_target,
+        method="extract_pts_feat",
+        reason=("computes the batch size as coors[-1, 0] + 1, a data-dependent tensor that sparse/scatter encoders "
+                "use as a size; the export's batch size is static"),
+        make=lambda context, _dynamic=_dynamic: _make_mvx_extract_pts_feat(context, _dynamic),
+    ))
+
+
 register_patch(ExportPatch(
     target="VoxelNet",
     method="extract_feat",
@@ -362,4 +397,103 @@ register_patch(ExportPatch(
             "sparse conv; the replacement asserts at least one active site instead"),
     make=_make_sparse_sequential_forward,
     substitutes="mmcv.ops.SparseSequential",
+))
+
+
+# ---- deformable convolution (mmcv.ops), substituted by autoexport.ops ---------------------------
+
+def _library_forward(class_name: str) -> Callable[[PatchContext], Callable[..., Any]]:
+    """The op library's forward of the same-named class; it reads the same attributes as mmcv's
+    (weight, bias, stride, padding, dilation, groups, deform_groups, conv_offset)."""
+
+    def make(context: PatchContext) -> Callable[..., Any]:
+        from .ops import deform_conv
+
+        return getattr(deform_conv, class_name).forward
+
+    return make
+
+
+for _class_name, _op in (("DeformConv2d", "deform_conv2d"), ("DeformConv2dPack", "deform_conv2d"),
+                         ("ModulatedDeformConv2d", "modulated_deform_conv2d"),
+                         ("ModulatedDeformConv2dPack", "modulated_deform_conv2d")):
+    register_patch(ExportPatch(
+        target=_class_name,
+        method="forward",
+        reason=(f"mmcv's {_op} is a C++/CUDA op torch.export cannot trace; replaced by autoexport.ops' bilinear "
+                "sampling + grouped matmul in plain PyTorch (checked against mmcv's CPU kernel in tests/test_ops.py)"),
+        make=_library_forward(_class_name),
+        substitutes=f"mmcv.ops.{_class_name} ({_op})",
+    ))
+
+
+# ---- torch functions replaced while tracing -------------------------------------------------------
+
+@dataclass(frozen=True)
+class FunctionSubstitution:
+    """A torch function replaced during torch.export only (through a TorchFunctionMode), for every caller."""
+
+    name: str
+    functions: tuple[Callable[..., Any], ...]
+    replacement: Callable[..., Any]
+    reason: str
+
+
+def _inverse_without_error_check(matrix: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return torch.linalg.inv_ex(matrix)[0]
+
+
+FUNCTION_SUBSTITUTIONS: list[FunctionSubstitution] = [FunctionSubstitution(
+    name="torch.inverse",
+    functions=(torch.inverse, torch.linalg.inv, torch.Tensor.inverse),
+    replacement=_inverse_without_error_check,
+    reason=("torch.inverse/linalg.inv add a singular-matrix check that exports as a side-effect node ONNX cannot "
+            "hold; linalg.inv_ex computes the same inverse without it (mmdet3d inverts 3x3/4x4 transforms, e.g. "
+            "in point_sample; onnx_translations gives it an ONNX form)"),
+)]
+
+
+class _FunctionSubstitutionMode(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_function = {f: sub for sub in FUNCTION_SUBSTITUTIONS for f in sub.functions}
+        self.used: list[FunctionSubstitution] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        sub = self.by_function.get(func)
+        if sub is None:
+            return func(*args, **(kwargs or {}))
+        if sub not in self.used:
+            self.used.append(sub)
+        return sub.replacement(*args, **(kwargs or {}))
+
+
+@contextmanager
+def substituted_functions() -> Iterator[list[AppliedPatch]]:
+    """FUNCTION_SUBSTITUTIONS active for the block; yields (and fills on exit) the ones the model called."""
+    applied: list[AppliedPatch] = []
+    mode = _FunctionSubstitutionMode()
+    with mode:
+        yield applied
+    applied.extend(AppliedPatch(sub.name, "", sub.reason, ()) for sub in mode.used)
+
+
+# ---- dynamic scatter (mmcv.ops, CUDA-only), substituted by autoexport.ops ------------------------
+
+def _make_dynamic_scatter_forward(context: PatchContext) -> Callable[..., Any]:
+    from .ops.scatter import DynamicScatter
+
+    return DynamicScatter.forward
+
+
+register_patch(ExportPatch(
+    target="DynamicScatter",
+    method="forward",
+    reason=("mmcv's dynamic_point_to_voxel is a CUDA-only C++ op torch.export cannot trace, and its batch loop runs "
+            "to a data-dependent count; replaced by autoexport.ops' unique + scatter-reduce over (batch, z, y, x) "
+            "in plain PyTorch (checked against a numpy port of mmcv's kernel in tests/test_ops.py)"),
+    make=_make_dynamic_scatter_forward,
+    substitutes="mmcv.ops.DynamicScatter (dynamic_point_to_voxel)",
+    eager_devices=("cpu",),
+    module="mmcv.ops.scatter_points",
 ))

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .analyze import Analysis, analyze
+from .analyze import Analysis, PreparedSample, analyze, prepare_more_samples
 from .configs import resolve_config
 from .errors import ParityFailedError, UserInputError
 from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
 from .fidelity import DetectionDecoder, FidelityReport, compare_outputs, detection_agreement
 from .patches import eager_substitutions
 from .export import export_onnx, export_program, quiet_export_logs, save_pt2
-from .manifest import Manifest, iter_tensors
+from .manifest import Manifest
 from .padding import PaddedInputs, PaddingPlan, plan_padding
 from .report import export_info, library_versions, outputs_info, save_npz, write_json
 from .result import ExportResult, export_runners, write_reports
@@ -32,7 +32,6 @@ from .runners import EagerRunner, onnxruntime_kernels
 from .quantize import QuantRecipe, QuantizationResult, freeze_for_export, frozen_quantizers, quantize_model, sensitivity_profile
 from .half import HalfResult, to_fp16
 from .samples import point_files_in
-from .analyze import prepare_more_samples
 from .boundaries import heads_of
 from .verify import DEFAULT_TOLERANCES, Comparator, ParityReport, Tolerance
 from .wrap import build_wrapper, generate_wrapper_source, write_wrapper
@@ -85,8 +84,8 @@ class StageLog:
         log.info("[%d/%d] %s done in %.1f s", self.index, self.total, name, self.timings[name])
 
 
-def _feed(manifest: Manifest, inputs: dict) -> dict[str, np.ndarray]:
-    by_path = {"inputs." + ".".join(str(p) for p in path): t for path, t in iter_tensors(inputs)}
+def _feed(manifest: Manifest, sample: PreparedSample) -> dict[str, np.ndarray]:
+    by_path = sample.tensors()
     return {spec.name: by_path[spec.path].detach().cpu().numpy() for spec in manifest.inputs}
 
 
@@ -248,7 +247,7 @@ def _reduce_precision(options: ExportOptions, analysis: Analysis, run_factory, c
     origin = f"{min(len(calib_files), len(calib))} files from {options.calib_data}" if calib_files else "synthesized"
     log.info("  calibration samples: %d (%s), %s calibrator%s", len(calib), origin, recipe.calibrator,
              f" with {recipe.amax_method} amax" if recipe.calibrator == "histogram" else "")
-    feeds = [_feed(analysis.manifest, s.inputs) for s in calib]
+    feeds = [_feed(analysis.manifest, s) for s in calib]
     result = quantize_model(analysis.model, recipe, run_factory, feeds)
     result.calibration["origin"] = origin
     log.info("  quantized %d layers (%d kept in float), folded %d BatchNorms, %d shared input quantizers",
@@ -264,7 +263,7 @@ def _fidelity(options: ExportOptions, analysis: Analysis, fp32_runner: EagerRunn
     """Reduced precision against FP32 on held-out samples: raw outputs and decoded detections."""
     manifest = analysis.manifest
     samples = prepare_more_samples(analysis, "heldout", options.eval_samples, eval_files, options.seed + 2000)
-    feeds = [_feed(manifest, s.inputs) for s in samples]
+    feeds = [_feed(manifest, s) for s in samples]
     by_name = {r.name: r for r in candidates}
     candidate = next(by_name[n] for n in FIDELITY_RUNTIMES[options.precision] if n in by_name)
     log.info("  %d held-out samples: FP32 eager vs %s %s", len(feeds), options.precision.upper(), candidate.name)
@@ -367,7 +366,7 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
                 if isinstance(reduced, QuantizationResult):
                     freeze_for_export(export_model)
                 wrapper = build_wrapper(wrapper_path, export_model)
-        feeds = {s.name: _feed(manifest, s.inputs) for s in analysis.samples}
+        feeds = {s.name: _feed(manifest, s) for s in analysis.samples}
         for name, feed in feeds.items():
             save_npz(staging / "inputs" / f"{name}.npz", feed)
         # The reference runs the original mmdet3d code (no export patches) through the generated wrapper. INT8

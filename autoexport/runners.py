@@ -9,6 +9,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .errors import ExportFailedError
+
 Feed = dict[str, np.ndarray]
 
 
@@ -88,7 +90,13 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(input_names, output_names)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as err:  # ORT raises its own pybind Fail/InvalidGraph types
+            message = str(err).strip().splitlines()[0][:400]
+            raise ExportFailedError(f"ONNX Runtime cannot load {path.name}: {message}\n  what to do: the ONNX graph is "
+                                    "invalid for ONNX Runtime (often a shape-inference conflict in one node); "
+                                    "--format pt2 still works, and the node named above is where to look") from None
         graph_inputs = [i.name for i in self.session.get_inputs()]
         if graph_inputs != self.input_names:
             raise RuntimeError(f"{path}: graph inputs {graph_inputs} do not match the manifest {self.input_names}")

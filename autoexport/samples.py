@@ -260,9 +260,39 @@ EXPORT_SAMPLE_POINTS = (14000, 21000)
 HELDOUT_SAMPLE_POINTS = (28000,)
 
 
+@dataclass
+class CameraSampling:
+    """How to make camera samples: the dataset's rig, its parser, and whether the pipeline also loads the cloud."""
+
+    rig: Any  # camera.CameraRig
+    dataset: Any  # the config's dataset class instance, for parse_data_info
+    use_lidar: bool
+
+
+def _camera_info(cameras: CameraSampling, rng: np.random.Generator, cloud: np.ndarray, fmt: PointCloudFormat,
+                 folder: Path, name: str, index: int, main: Path) -> tuple[dict, list[Path]]:
+    """The dataset's parsed info for a camera (+lidar) sample of this scene, and the files it reads."""
+    from . import camera
+
+    images = camera.write_images(rng, cloud, fmt.intensity_scale, cameras.rig, folder, name)
+    raw: dict[str, Any] = dict(sample_idx=index, token=f"synthetic_{index}", timestamp=1.0, ego2global=np.eye(4).tolist(),
+                               images=images, instances=[], cam_instances={cam: [] for cam in images})
+    files = [Path(i["img_path"]) for i in images.values()]
+    if cameras.use_lidar:
+        raw["lidar_points"] = dict(lidar_path=str(main), num_pts_feats=fmt.load_dim, lidar2ego=np.eye(4).tolist())
+        files.append(main)
+        if fmt.sweeps_num:
+            raw["lidar_sweeps"] = _sweeps(rng, cloud, fmt, folder, name)
+            files += [Path(s["lidar_points"]["lidar_path"]) for s in raw["lidar_sweeps"]]
+    records = camera.parse_info(cameras.dataset, raw)
+    # Datasets that split a frame into one record per camera (mv_image_based): vary the camera across samples.
+    return records[index % len(records)], files
+
+
 def synthesize_samples(fmt: PointCloudFormat, folder: Path, seed: int, box_type_3d: Any, box_mode_3d: Any,
                        export_points: tuple[int, ...] = EXPORT_SAMPLE_POINTS,
-                       heldout_points: tuple[int, ...] = HELDOUT_SAMPLE_POINTS) -> list[SampleSource]:
+                       heldout_points: tuple[int, ...] = HELDOUT_SAMPLE_POINTS,
+                       cameras: CameraSampling | None = None) -> list[SampleSource]:
     rng = np.random.default_rng(seed)
     plan = [("export", n) for n in export_points] + [("heldout", n) for n in heldout_points]
     sources: list[SampleSource] = []
@@ -272,6 +302,10 @@ def synthesize_samples(fmt: PointCloudFormat, folder: Path, seed: int, box_type_
         counters[role] += 1
         cloud = synthesize_cloud(rng, n, fmt)
         main = _write_cloud(folder / f"{name}.bin", cloud)
+        if cameras is not None:
+            info, files = _camera_info(cameras, rng, cloud, fmt, folder, name, index, main)
+            sources.append(SampleSource(name, role, info, files, n if cameras.use_lidar else 0, "synthesized"))
+            continue
         info = _base_info(main, fmt, box_type_3d, box_mode_3d, index)
         files = [main]
         if fmt.sweeps_num:

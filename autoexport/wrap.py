@@ -94,7 +94,12 @@ def _shape_text(shape: list[int], dynamic: dict[int, str]) -> str:
 def generate_wrapper_source(manifest: Manifest, metainfo: list[dict], forward_name: str, model_type: str,
                             config_name: str) -> str:
     renderer = _Renderer()
-    metas = [{k: v for k, v in meta.items() if k not in _HOST_ONLY_METAINFO} for meta in metainfo]
+    # Metainfo matrices that are inputs (path 'metainfo.<i>.<key>') are set from the arguments on every call.
+    meta_inputs = [(t, int(t.path.split(".")[1]), t.path.split(".", 2)[2]) for t in manifest.inputs
+                   if t.path.startswith("metainfo.")]
+    metas = [{k: v for k, v in meta.items()
+              if k not in _HOST_ONLY_METAINFO and not any(i == index and k == key for _, i, key in meta_inputs)}
+             for index, meta in enumerate(metainfo)]
     rendered_meta = renderer.render(metas, 0)
     width = max(len(t.name) for t in manifest.inputs)
     out_width = max(len(o.name) for o in manifest.outputs)
@@ -109,6 +114,12 @@ def generate_wrapper_source(manifest: Manifest, metainfo: list[dict], forward_na
     copies = "".join(
         f"        # The model writes into {t.path} in place; copy it so every call sees the caller's values.\n"
         f"        {t.name} = {t.name}.clone()\n" for t in manifest.inputs if t.mutated_by_model)
+    meta_sets = "".join(
+        f"        self.data_samples[{index}].set_field({t.name}, {key!r}, field_type='metainfo')\n"
+        for t, index, key in meta_inputs)
+    if meta_sets:
+        meta_sets = ("        # Camera/lidar matrices the model computes with: inputs, not constants (set_field: no deep copy).\n"
+                     + meta_sets)
     returns = "".join(
         f"            outputs{''.join(f'[{p!r}]' for p in o.index_path)},  # {o.name}\n" for o in manifest.outputs)
     dropped = ""
@@ -155,7 +166,7 @@ class Wrapper(torch.nn.Module):
         self.data_samples = [Det3DDataSample(metainfo=dict(meta)) for meta in METAINFO]
 
     def forward(self, {signature}) -> tuple[Tensor, ...]:
-{copies}        inputs = {_render_structure(manifest.structure["inputs"] if "inputs" in manifest.structure else manifest.structure, 8)}
+{copies}{meta_sets}        inputs = {_render_structure(manifest.structure["inputs"] if "inputs" in manifest.structure else manifest.structure, 8)}
         outputs = model_tensor_forward(self.model, inputs, self.data_samples)
         return (
 {returns}        )

@@ -14,7 +14,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["dynamic_scatter", "DynamicScatter"]
+__all__ = ["dynamic_scatter", "DynamicScatter", "MAX_VOXELS"]
+
+MAX_VOXELS = 2**31 - 1
 
 
 def dynamic_scatter(feats: Tensor, coors: Tensor, reduce_type: str = "max") -> tuple[Tensor, Tensor]:
@@ -29,6 +31,10 @@ def dynamic_scatter(feats: Tensor, coors: Tensor, reduce_type: str = "max") -> t
         linear = linear * extents[column] + kept_coors[:, column]
     unique_linear, voxel_of_point = torch.unique(linear, return_inverse=True)
     num_voxels = unique_linear.shape[0]
+    # A voxel count is an int32-indexable row count. Without a constant bound torch.export bounds it by the int64
+    # maximum, a sparse conv after it multiplies that by its kernel volume, and torch.onnx cannot write the
+    # overflowing bound into its runtime assertion.
+    torch._check(num_voxels <= MAX_VOXELS)
 
     columns = []
     remainder = unique_linear

@@ -145,7 +145,8 @@ def conv_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int]
     num_out = unique_linear.shape[0]
     # The grid bounds the site count. Without it torch.export bounds it by the candidate count (27x the input's
     # int64 bound), and torch.onnx fails to write that overflowing bound into its runtime assertion.
-    torch._check(num_out <= batch_size * math.prod(out_shape))
+    # int(): mmdet3d's MVX detectors pass the batch size as a tensor (coors[-1, 0] + 1) in eager runs.
+    torch._check(num_out <= int(batch_size) * math.prod(out_shape))
     neighbors = torch.full((num_out * kernel_volume,), indices.shape[0], dtype=torch.int64, device=indices.device)
     neighbors = neighbors.index_put((out_row * kernel_volume + offset,), in_row).reshape(num_out, kernel_volume)
     out_indices = _delinearize(unique_linear, out_shape).to(indices.dtype)

@@ -1,0 +1,155 @@
+"""Camera and camera+lidar models: samples parsed by the dataset's own class, camera matrices as named inputs,
+deformable convolution and matrix inverse through the export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mmcv
+import numpy as np
+import pytest
+import torch
+
+from autoexport.analyze import _sample_spec, load_config
+from autoexport.configs import resolve_config
+from autoexport.onnx_translations import translation_table
+from autoexport.patches import substituted_functions
+from conftest import export_to
+
+SMOKE = "smoke_dla34_dlaneck_gn-all_4xb8-6x_kitti-mono3d"
+FCOS3D = "fcos3d_r101-caffe-dcn_fpn_head-gn_8xb2-1x_nus-mono3d"
+IMVOXELNET = "imvoxelnet_8xb4_kitti-3d-car"
+
+
+def test_kitti_mono_samples_come_from_the_dataset_parser(tmp_path: Path) -> None:
+    spec = _sample_spec(load_config(resolve_config(SMOKE)), tmp_path)
+    sources = spec.synthesize(tmp_path, seed=0)
+    assert [s.role for s in sources] == ["export", "export", "heldout"]
+    info = sources[0].info
+    # KittiDataset.parse_data_info copied the default camera (CAM2) up and composed lidar2img = cam2img @ lidar2cam.
+    assert Path(info["img_path"]).is_file() and info["img_path"].endswith("_CAM2.png")
+    np.testing.assert_allclose(info["lidar2img"], np.asarray(info["cam2img"]) @ np.asarray(info["lidar2cam"]))
+    image = mmcv.imread(info["img_path"])
+    assert image.shape == (375, 1242, 3)
+    # Scenes differ between samples, and objects are drawn: not a flat background.
+    other = mmcv.imread(sources[1].info["img_path"])
+    assert np.abs(image.astype(int) - other.astype(int)).mean() > 1.0 and image.std() > 20
+
+
+def test_nuscenes_multi_view_dataset_gives_one_record_per_camera(tmp_path: Path) -> None:
+    spec = _sample_spec(load_config(resolve_config(FCOS3D)), tmp_path)
+    sources = spec.synthesize(tmp_path, seed=0)
+    cameras = [next(iter(s.info["images"])) for s in sources]
+    # NuScenesDataset (mv_image_based) splits a frame into six camera records; samples take different cameras.
+    assert cameras == ["CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT"]
+    assert all(len(s.files) == 6 for s in sources)  # all six images were written for each frame
+
+
+def test_user_point_files_are_refused_for_camera_pipelines(tmp_path: Path) -> None:
+    cloud = tmp_path / "cloud.bin"
+    np.zeros((100, 4), np.float32).tofile(cloud)
+    assert export_to(SMOKE, tmp_path / "out", "--sample", str(cloud)) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_matrix_inverse_exports_to_onnx() -> None:
+    import onnxruntime as ort
+
+    class Inverts(torch.nn.Module):
+        def forward(self, batch: torch.Tensor, single: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return torch.inverse(batch), torch.linalg.inv(single), single[:2, :2].inverse()
+
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(2, 4, 4, generator=generator) + 3 * torch.eye(4)
+    single = torch.randn(3, 3, generator=generator) + 2 * torch.eye(3)
+    with substituted_functions() as used:
+        program = torch.export.export(Inverts(), (batch, single))
+    assert [u.target for u in used] == ["torch.inverse"]
+    onnx_program = torch.onnx.export(program, (), dynamo=True, custom_translation_table=translation_table())
+    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString())
+    outputs = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (batch, single))})
+    for got, expected in zip(outputs, Inverts()(batch, single)):
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_smoke_substitutes_deformable_conv_with_nonzero_offsets(tmp_path: Path) -> None:
+    from autoexport.analyze import build_model, init_random_weights
+
+    # mmcv zero-initializes the offset convs, which makes a deformable conv a plain conv; give them real offsets
+    # (up to a few pixels) so the library's bilinear sampling is what parity checks.
+    model = build_model(load_config(resolve_config(SMOKE)), "cpu", seed=0)
+    init_random_weights(model)
+    generator = torch.Generator().manual_seed(1)
+    offset_convs = [m for name, m in model.named_modules() if name.endswith("conv_offset")]
+    assert offset_convs
+    for conv in offset_convs:
+        conv.weight.data = torch.randn(conv.weight.shape, generator=generator) * 0.02
+        conv.bias.data = torch.randn(conv.bias.shape, generator=generator) * 0.5
+    checkpoint = tmp_path / "smoke_offsets.pth"
+    torch.save({"state_dict": model.state_dict()}, checkpoint)
+
+    out = tmp_path / "smoke"
+    assert export_to(SMOKE, out, "--checkpoint", str(checkpoint), "--format", "pt2") == 0
+    metadata = json.loads((out / "metadata.json").read_text())
+    substituted = json.dumps(metadata)
+    assert "mmcv.ops.ModulatedDeformConv2dPack (modulated_deform_conv2d)" in substituted
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and {c["runtime"] for c in parity["checks"]} == {"pt2"}
+    # eager runs mmcv's CPU kernel, model.pt2 the library's: agreement to fp32 accuracy, not bit-identity.
+    assert 0 < max(c["max_abs"] for c in parity["checks"]) <= 1e-4
+
+
+def _random_checkpoint(config: str, path: Path) -> Path:
+    from autoexport.analyze import build_model, init_random_weights
+
+    model = build_model(load_config(resolve_config(config)), "cpu", seed=0)
+    init_random_weights(model)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def imvoxelnet_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("camera")
+    checkpoint = _random_checkpoint(IMVOXELNET, folder / "imvoxelnet.pth")  # so a test can rebuild the same model
+    out = folder / "imvoxelnet"
+    assert export_to(IMVOXELNET, out, "--checkpoint", str(checkpoint), "--format", "onnx") == 0
+    return out, checkpoint
+
+
+def test_imvoxelnet_reads_lidar2img_as_a_named_input(imvoxelnet_export: tuple[Path, Path]) -> None:
+    out, _ = imvoxelnet_export
+    metadata = json.loads((out / "metadata.json").read_text())
+    inputs = {i["name"]: i for i in metadata["manifest"]["inputs"]}
+    assert inputs["lidar2img"]["path"] == "metainfo.0.lidar2img" and inputs["lidar2img"]["shape"] == [4, 4]
+    wrapper = (out / "wrapper.py").read_text()
+    assert "set_field(lidar2img, 'lidar2img', field_type='metainfo')" in wrapper
+    assert "'lidar2img': np.array" not in wrapper  # not also baked in as a constant
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and {c["runtime"] for c in parity["checks"]} == {"onnxruntime"}
+
+
+def test_imvoxelnet_onnx_follows_a_new_camera_calibration(imvoxelnet_export: tuple[Path, Path]) -> None:
+    """Another lidar2img fed to model.onnx gives what eager PyTorch gives with that matrix in its metainfo."""
+    import onnxruntime as ort
+
+    from autoexport.analyze import build_model, load_checkpoint_strict
+    from autoexport.wrap import build_wrapper
+
+    out, checkpoint = imvoxelnet_export
+    feed = dict(np.load(out / "inputs" / "sample_0.npz"))
+    shifted = feed["lidar2img"].copy()
+    shifted[0, :] += 40.0 * shifted[2, :]  # principal point moved 40 px to the right
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    original = session.run(None, feed)
+    moved = session.run(None, {**feed, "lidar2img": shifted})
+    assert np.abs(moved[0] - original[0]).max() > 1e-3  # the matrix is used, not a constant
+
+    model = build_model(load_config(resolve_config(IMVOXELNET)), "cpu", seed=0)
+    load_checkpoint_strict(model, str(checkpoint))
+    wrapper = build_wrapper(out / "wrapper.py", model.eval())
+    with torch.no_grad():
+        expected = wrapper(torch.from_numpy(feed["imgs"]), torch.from_numpy(shifted))
+    for got, want in zip(moved, expected):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
