@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import tempfile
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,11 @@ class Analysis:
 def load_config(config_path: Path) -> Any:
     from mmengine.config import Config
 
+    # `custom_imports` name modules relative to where the user keeps the project (e.g. projects.BEVFusion.bevfusion
+    # from mmdet3d's root): the config's folder and the working directory are importable, as with mmdet3d's tools.
+    for folder in (str(Path(config_path).resolve().parent), str(Path.cwd())):
+        if Path(config_path).is_file() and folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         return Config.fromfile(str(config_path))
     except Exception as err:  # mmengine raises many types for syntax, missing bases, bad imports
@@ -137,6 +144,11 @@ def build_model(cfg: Any, device: str, seed: int, for_training: bool = False) ->
     except KeyError as err:
         raise UserInputError(f"the config's model could not be built: {err}. If it is defined outside mmdet3d, "
                              "add its package to the config's custom_imports") from None
+    except (AssertionError, TypeError, ValueError) as err:  # the classes validate their arguments this way
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        raise UserInputError(f"the config's model could not be built: {type(err).__name__}: {err or '(assertion)'} "
+                             f"at {Path(frame.filename).name}:{frame.lineno} ({frame.line}); check the arguments "
+                             "of that module in the config") from None
     model.cfg = cfg
     model.dataset_meta = {"classes": list(cfg.get("class_names", []))}
     model.requires_grad_(False)  # an inference export: parameters in model.pt2 need no grad

@@ -68,8 +68,22 @@ def _small_inverse(A: Any, check_errors: bool = False) -> tuple[Any, Any]:
     return op.Concat(*rows, axis=-2), info
 
 
+def _squeeze_dim(self: Any, dim: int) -> Any:
+    # torch's squeeze(dim) leaves a dim whose size is not 1 alone; ONNX Squeeze rejects it. onnxscript's default
+    # emits Squeeze unconditionally, which breaks models that squeeze a known non-1 dim (mmdet3d's PointFusion).
+    shape = self.shape
+    if shape is not None and len(shape) > 0:
+        size = shape[dim]
+        if isinstance(size, int) and size != 1:
+            return op.Identity(self)
+    if shape is not None and len(shape) == 0:
+        return op.Identity(self)
+    return op.Squeeze(self, op.Constant(value_ints=[dim]))
+
+
 def translation_table() -> dict[Callable, Callable]:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 
     return {torch.ops.quantized_decomposed.quantize_per_channel.default: _int8_quantize_per_channel,
-            torch.ops.aten.linalg_inv_ex.default: _small_inverse}
+            torch.ops.aten.linalg_inv_ex.default: _small_inverse,
+            torch.ops.aten.squeeze.dim: _squeeze_dim}
