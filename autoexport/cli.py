@@ -38,6 +38,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", default="dynamic", metavar="dynamic|auto|N",
                    help="IREE inputs: dynamic shapes (default), or static buffers padded to N rows plus a count input; "
                         "auto takes the model's own bound (e.g. the voxel layer's test max_voxels)")
+    p.add_argument("--split", action="store_true",
+                   help="also export the model as named stages (stages/<name>/model.pt2/.onnx and stages.json: "
+                        "lidar.encoder, bev.backbone, head), each checked alone and chained")
     _precision_args(p)
     _tolerance_args(p)
     p.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
@@ -149,6 +152,7 @@ def _run_export(argv: list[str]) -> int:
         eval_samples=args.eval_samples,
         agreement_score_thr=args.agreement_score_thr,
         sensitivity=args.sensitivity,
+        split=args.split,
         verbose=args.verbose,
     )
     result = run_export(options)

@@ -119,7 +119,7 @@ def describe_export_failure(stage: str, err: BaseException, module_stack: list[t
 
 def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: Manifest,
                    example: tuple[torch.Tensor, ...], verbose: bool = False, variant: str = "default",
-                   plan: PaddingPlan | None = None) -> ExportedArtifacts:
+                   plan: PaddingPlan | None = None, star_args: bool = False) -> ExportedArtifacts:
     """torch.export the flat wrapper (or a PaddedInputs front when `plan` is given) under the export patches
     of `variant`."""
     tracker = ModuleTracker(model)
@@ -131,8 +131,8 @@ def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: M
                 log.info("  patch %s.%s (used at %s)", patch.target, patch.method, ", ".join(patch.module_paths[:3]))
             shapes = dynamic_shapes_for(manifest, plan)
             with substituted_functions() as functions:
-                # PaddedInputs.forward takes *args: torch.export wants one entry for that single parameter.
-                program = torch.export.export(wrapper, example, dynamic_shapes=(shapes,) if plan else shapes,
+                # PaddedInputs.forward (and split stages') take *args: torch.export wants one entry for that parameter.
+                program = torch.export.export(wrapper, example, dynamic_shapes=(shapes,) if plan or star_args else shapes,
                                               strict=False)
             for function in functions:
                 log.info("  substituted %s while tracing", function.target)

@@ -18,6 +18,7 @@ import torch
 
 from . import __version__
 from .analyze import Analysis, PreparedSample, analyze, prepare_more_samples
+from .split import SplitResult, export_split, split_plan_for
 from .configs import resolve_config
 from .errors import ParityFailedError, UserInputError
 from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
@@ -63,6 +64,7 @@ class ExportOptions:
     eval_samples: int = 20  # held-out samples for the fidelity report (never used for calibration)
     agreement_score_thr: float | None = None  # detection agreement at this score threshold (default: test_cfg's)
     sensitivity: bool = False  # int8: per-layer sensitivity profile in the fidelity report
+    split: bool = False  # also export named stages (split.py) with per-stage and chained parity
     verbose: bool = False
 
 
@@ -332,7 +334,12 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
     config_path = resolve_config(options.config)
     output_dir = options.output_dir.resolve()
     staging = _prepare_output_dir(output_dir, options.overwrite)
-    stages = StageLog(5 + bool(specs) + 2 * reduced_precision)
+    if options.split and reduced_precision:
+        raise UserInputError("--split exports FP32 stages; it cannot be combined with --precision int8/fp16 yet")
+    if options.split and "onnx" not in formats:
+        raise UserInputError("--split checks the stages chained in ONNX Runtime: use --format onnx or both")
+    stages = StageLog(5 + bool(specs) + 2 * reduced_precision + options.split)
+    split_result: SplitResult | None = None
     reduced: QuantizationResult | HalfResult | None = None
     fidelity: FidelityReport | None = None
     artifacts: list[LoweredArtifact] = []
@@ -342,6 +349,8 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
             analysis = analyze(config_path, options.checkpoint, options.device, options.samples, options.seed,
                                options.verbose)
             manifest = analysis.manifest
+            if options.split:
+                split_plan_for(analysis.model)  # a clear error before any export work when no plan is registered
             for spec in manifest.inputs:
                 dyn = {i: n for i, n in spec.dynamic_dims.items()}
                 log.info("  input %-20s %-8s %s dynamic %s", spec.name, spec.dtype, spec.shape, dyn or "-")
@@ -422,6 +431,13 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
                               else "eager PyTorch of the INT8 model (its frozen quantize/dequantize ops, wrapper.py)")
             parity = Comparator(options.tolerances).compare(
                 runners, feeds, expected, ParityReport(reference_name, options.tolerances, skipped=skipped))
+        if options.split:
+            with stages.stage("split", "export named stages, check each alone and chained"), \
+                    quiet_export_logs(options.verbose):
+                split_result = export_split(analysis.model, manifest, feeds,
+                                            [s.name for s in analysis.export_samples], expected, staging,
+                                            options.tolerances["fp32"], options.device, options.verbose)
+                write_json(staging / "stages.json", split_result.to_json())
         if reduced_precision:
             with stages.stage("fidelity", f"{options.precision.upper()} against FP32 on {options.eval_samples} "
                                           "held-out samples, outputs and decoded detections"):
@@ -446,6 +462,9 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
             metadata = _metadata(options, config_path, analysis, parity, exported, stages.timings, formats,
                                  artifacts, variants)
             metadata["precision"] = options.precision
+            if split_result is not None:
+                metadata["split"] = {"manifest": "stages.json", "passed": split_result.passed,
+                                     "stages": [st.name for st in split_result.stages]}
             metadata["substitutions"] = [
                 {"op": p.substitutes, "by": f"{p.target}.{p.method} (autoexport.ops)", "module_paths": list(p.module_paths),
                  "in_eager_reference": any(e.target == p.target and e.method == p.method for e in eager_substituted)}
@@ -462,7 +481,8 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
-    if not parity.passed or (fidelity is not None and not fidelity.passed):
+    if not parity.passed or (fidelity is not None and not fidelity.passed) or \
+            (split_result is not None and not split_result.passed):
         failed_dir = output_dir.parent / f"{output_dir.name}.failed"
         if failed_dir.exists():
             shutil.rmtree(failed_dir)
@@ -470,6 +490,11 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
         worst = sorted(parity.failures(), key=lambda c: -c.mismatched)[:5]
         lines = [f"  {c.runtime} {c.output} on {c.sample}: {c.mismatched}/{c.total} elements outside "
                  f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}" for c in worst]
+        if parity.passed and split_result is not None and not split_result.passed:
+            bad = [f"  stage {st.name}: max abs {st.worst_max_abs:.3g}" for st in split_result.stages if not st.parity_passed]
+            bad += [f"  chained stages: max abs {split_result.chained.get('max_abs', float('nan')):.3g}"]
+            raise ParityFailedError("split export parity failed:\n" + "\n".join(bad) + f"\nstages.json and the stage "
+                                    f"graphs were kept in {failed_dir}, not in {output_dir}")
         if parity.passed:
             low = [o for o in fidelity.outputs if o.min_cosine < fidelity.min_cosine_target]
             lines = [f"  {o.output}: min cosine {o.min_cosine:.5f} (max abs err {o.max_abs:.3g})" for o in low[:8]]

@@ -1,0 +1,285 @@
+"""Split export (`--split`): the model as named stages, each its own model.pt2/model.onnx, plus `stages.json`
+saying how tensors flow between them, the way CUDA-BEVFusion and CUDA-PointPillars deploy a detector as separate
+graphs (voxel encoder + scatter, BEV backbone, head). Stages are registered per detector class in SPLITS.
+
+Every stage is checked on its own (eager stage vs its PT2 and ONNX Runtime graphs, on the tensors the eager model
+passes across that boundary) and chained (the ONNX Runtime stages run one after the other from the model's inputs,
+compared with the eager model's outputs): a split deployment is exactly as good as the one-graph export.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import UserInputError
+from .export import export_onnx, export_program, save_pt2
+from .manifest import DynamicDim, Manifest, OutputSpec, TensorSpec, dtype_name, get_by_path
+from .registry import ClassRegistry
+from .runners import OnnxRuntimeRunner, PT2Runner
+from .verify import Comparator, ParityReport, Tolerance, compare_arrays
+
+log = logging.getLogger("autoexport")
+
+Tensors = dict[str, torch.Tensor]
+StageForward = Callable[[Any, Tensors, int], Tensors]  # (model, named inputs, batch size) -> named outputs
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str  # e.g. lidar.encoder
+    forward: StageForward
+    what: str  # one line for stages.json and logs
+    modules: tuple[str, ...]  # detector attributes the stage runs; only their weights go into its graph
+    reads: tuple[str, ...]  # tensor names it takes (model inputs or earlier stages' outputs); 'x_*' takes x_0, x_1, ...
+
+    def input_names(self, available: list[str]) -> list[str]:
+        names = []
+        for pattern in self.reads:
+            if pattern.endswith("*"):
+                names += sorted((n for n in available if n.startswith(pattern[:-1])), key=lambda n: int(n.rsplit("_", 1)[1]))
+            elif pattern in available:
+                names.append(pattern)
+            else:
+                raise UserInputError(f"--split: stage {self.name} reads {pattern}, which neither the model inputs nor an "
+                                     f"earlier stage provide (available: {', '.join(available)})")
+        return names
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    stages: tuple[StageDef, ...]
+
+
+# ---- stage forwards per family -------------------------------------------------------------------
+
+def _lidar_encoder(prefix: str, extra_args: bool) -> StageForward:
+    def forward(model: Any, t: Tensors, batch_size: int) -> Tensors:
+        encoder = getattr(model, f"{prefix}voxel_encoder")
+        args = (t["voxels_voxels"], t["voxels_num_points"], t["voxels_coors"])
+        features = encoder(*args, None, None) if extra_args else encoder(*args)
+        canvas = getattr(model, f"{prefix}middle_encoder")(features, t["voxels_coors"], batch_size)
+        return {"bev_canvas": canvas}
+
+    return forward
+
+
+def _bev_backbone(prefix: str) -> StageForward:
+    def forward(model: Any, t: Tensors, batch_size: int) -> Tensors:
+        features = getattr(model, f"{prefix}backbone")(t["bev_canvas"])
+        neck = getattr(model, f"{prefix}neck", None)  # absent when the detector has none
+        if neck is not None:
+            features = neck(features)
+        return {f"bev_features_{i}": f for i, f in enumerate(features)}
+
+    return forward
+
+
+def _dense_head(head_attr: str) -> StageForward:
+    def forward(model: Any, t: Tensors, batch_size: int) -> Tensors:
+        features = [t[k] for k in sorted((k for k in t if k.startswith("bev_features_")), key=lambda k: int(k[13:]))]
+        return {"head_outputs": getattr(model, head_attr)(features)}  # flattened to the model's output names later
+
+    return forward
+
+
+def _voxel_bev_plan(prefix: str, head_attr: str, extra_args: bool) -> SplitPlan:
+    return SplitPlan((
+        StageDef("lidar.encoder", _lidar_encoder(prefix, extra_args),
+                 "voxel/pillar encoder and BEV scatter (or sparse encoder)",
+                 (f"{prefix}voxel_encoder", f"{prefix}middle_encoder"),
+                 ("voxels_voxels", "voxels_num_points", "voxels_coors")),
+        StageDef("bev.backbone", _bev_backbone(prefix), "2D backbone and neck on the BEV canvas",
+                 (f"{prefix}backbone", f"{prefix}neck"), ("bev_canvas",)),
+        StageDef("head", _dense_head(head_attr), "dense head: raw outputs, decoded on the host", (head_attr,),
+                 ("bev_features_*",)),
+    ))
+
+
+SPLITS: ClassRegistry[SplitPlan | None] = ClassRegistry("split plan")
+SPLITS.register("VoxelNet", _voxel_bev_plan("", "bbox_head", extra_args=False))
+SPLITS.register("MVXTwoStageDetector", _voxel_bev_plan("pts_", "pts_bbox_head", extra_args=True))
+# Registered as unsupported so the MVX entry (hard voxels, no image branch) is not used for them by inheritance.
+SPLITS.register("DynamicMVXFasterRCNN", None)
+
+
+def split_plan_for(model: Any) -> SplitPlan:
+    found = SPLITS.lookup(model)
+    if found is None or found[1] is None:
+        known = ", ".join(name for name, plan in SPLITS.items() if plan is not None)
+        raise UserInputError(f"--split: no split plan is registered for {type(model).__name__} (plans exist for "
+                             f"{known}); register its stages in autoexport/split.py's SPLITS")
+    if getattr(model, "with_img_bbox", False) or getattr(model, "img_backbone", None) is not None:
+        raise UserInputError(f"--split: {type(model).__name__} has an image branch; its split plan covers the lidar "
+                             "path only")
+    return found[1]
+
+
+# ---- running, capturing and exporting stages -----------------------------------------------------
+
+class StageModule(torch.nn.Module):
+    """One stage with a flat tensor signature (what torch.export and ONNX need)."""
+
+    def __init__(self, model: torch.nn.Module, stage: StageDef, input_names: list[str], output_names: list[str],
+                 output_paths: dict[str, list] | None, batch_size: int) -> None:
+        super().__init__()
+        # Only the stage's own submodules, so its graph carries only their weights.
+        self.parts = torch.nn.Module()
+        for attr in stage.modules:
+            part = getattr(model, attr, None)
+            if part is not None:
+                setattr(self.parts, attr, part)
+        self.stage = stage
+        self.input_names = input_names
+        self.output_names = output_names
+        self.output_paths = output_paths  # head: model output name -> index path into the head's nested outputs
+        self.batch_size = batch_size
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.stage.forward(self.parts, dict(zip(self.input_names, tensors)), self.batch_size)
+        if self.output_paths is not None:
+            head = outputs["head_outputs"]
+            return tuple(get_by_path(head, self.output_paths[name]) for name in self.output_names)
+        return tuple(outputs[name] for name in self.output_names)
+
+
+@dataclass
+class StageRecord:
+    name: str
+    what: str
+    inputs: list[dict]  # name, shape, dtype, dynamic_dims, source ("model input" or "<stage>.<output>")
+    outputs: list[dict]
+    files: list[str]
+    parity_passed: bool = False
+    worst_max_abs: float = 0.0
+
+
+@dataclass
+class SplitResult:
+    stages: list[StageRecord] = field(default_factory=list)
+    chained: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(s.parity_passed for s in self.stages) and bool(self.chained.get("passed"))
+
+    def to_json(self) -> dict:
+        return {"passed": self.passed, "stages": [asdict(s) for s in self.stages], "chained": self.chained}
+
+
+def _stage_manifest(name: str, captured: list[Tensors], input_names: list[str], output_names: list[str],
+                    outputs_by_sample: list[Tensors], known_dims: dict[tuple[int, ...], str],
+                    batch_size: int) -> Manifest:
+    """Inputs/outputs of one stage with dynamic dims found across the export samples; a dim whose values match a
+    dim already named (e.g. num_voxels) keeps that name."""
+    dims: dict[str, DynamicDim] = {}
+
+    def dynamic(per_sample: list[torch.Tensor], prefix: str) -> dict[int, str]:
+        found = {}
+        for axis in range(per_sample[0].dim()):
+            values = tuple(int(t.shape[axis]) for t in per_sample)
+            if len(set(values)) > 1:
+                dim_name = known_dims.setdefault(values, f"{prefix}_dim{axis}")
+                dims[dim_name] = DynamicDim(dim_name, list(values))
+                found[axis] = dim_name
+        return found
+
+    specs = [TensorSpec(n, f"{name}.{n}", list(captured[0][n].shape), dtype_name(captured[0][n].dtype),
+                        dynamic([c[n] for c in captured], n)) for n in input_names]
+    outs = [OutputSpec(n, [n], list(outputs_by_sample[0][n].shape), dtype_name(outputs_by_sample[0][n].dtype),
+                       dynamic([o[n] for o in outputs_by_sample], n)) for n in output_names]
+    used = {d for s in specs for d in s.dynamic_dims.values()}
+    return Manifest(inputs=specs, outputs=outs, dims={k: v for k, v in dims.items() if k in used},
+                    structure={}, unused_inputs=[], batch_size=batch_size)
+
+
+def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, dict[str, np.ndarray]],
+                 export_sample_names: list[str], expected: dict[str, dict[str, np.ndarray]], output_dir: Path,
+                 tolerance: Tolerance, device: str, verbose: bool = False) -> SplitResult:
+    plan = split_plan_for(model)
+    batch_size = manifest.batch_size
+    output_paths = {o.name: o.index_path for o in manifest.outputs}
+    # Run the eager stages on every sample, keeping every tensor that crosses a boundary.
+    available = {name: {n: torch.from_numpy(a.copy()).to(device) for n, a in feed.items()} for name, feed in feeds.items()}
+    sources = {n: "model input" for n in manifest.input_names}
+    known_dims = {tuple(d.observed): n for n, d in manifest.dims.items()}
+    result = SplitResult()
+    stage_io: list[tuple[StageDef, list[str], list[str]]] = []
+    for stage in plan.stages:
+        is_head = stage is plan.stages[-1]
+        input_names = stage.input_names(list(available[export_sample_names[0]]))
+        # The eager stage (mmdet3d's own code, unpatched) on every sample. It gets copies: some modules write into
+        # their inputs (PillarFeatureNet's legacy mode).
+        per_sample_outputs: dict[str, Tensors] = {}
+        with torch.no_grad():
+            for sample, tensors in available.items():
+                raw = stage.forward(model, {n: tensors[n].clone() for n in input_names}, batch_size)
+                if is_head:  # the head's nested outputs under the one-graph export's output names
+                    raw = {name: get_by_path(raw["head_outputs"], path) for name, path in output_paths.items()}
+                per_sample_outputs[sample] = raw
+        output_names = list(per_sample_outputs[export_sample_names[0]])
+        stage_manifest = _stage_manifest(stage.name, [available[s] for s in export_sample_names], input_names,
+                                         output_names, [per_sample_outputs[s] for s in export_sample_names], known_dims,
+                                         batch_size)
+        folder = output_dir / "stages" / stage.name
+        folder.mkdir(parents=True, exist_ok=True)
+        module = StageModule(model, stage, input_names, output_names, output_paths if is_head else None, batch_size).eval()
+        example = tuple(available[export_sample_names[0]][n] for n in input_names)
+        log.info("  stage %s: %s -> %s", stage.name, ", ".join(input_names), ", ".join(output_names))
+        exported = export_program(module, model, stage_manifest, example, verbose, star_args=True)
+        # model.pt2 would otherwise carry the example inputs too: a BEV canvas is tens of MB.
+        exported.program.example_inputs = None
+        save_pt2(exported.program, folder / "model.pt2")
+        export_onnx(exported.program, input_names, output_names, folder / "model.onnx", verbose)
+        # Per-stage parity on the tensors the eager model passed across this boundary.
+        stage_feeds = {s: {n: available[s][n].detach().cpu().numpy() for n in input_names} for s in available}
+        stage_expected = {s: {n: t.detach().cpu().numpy() for n, t in per_sample_outputs[s].items()} for s in available}
+        runners = [PT2Runner.from_file(folder / "model.pt2", input_names, output_names, device),
+                   OnnxRuntimeRunner(folder / "model.onnx", input_names, output_names)]
+        report = Comparator(tolerance, reference=f"eager {stage.name}").compare(
+            runners, stage_feeds, stage_expected, ParityReport(f"eager {stage.name}", {tolerance.precision: tolerance}))
+        result.stages.append(StageRecord(
+            stage.name, stage.what,
+            inputs=[{**_spec_json(t), "source": sources[t.name]} for t in stage_manifest.inputs],
+            outputs=[_spec_json(o) for o in stage_manifest.outputs],
+            files=[f"stages/{stage.name}/model.pt2", f"stages/{stage.name}/model.onnx"],
+            parity_passed=report.passed, worst_max_abs=max(c.max_abs for c in report.checks)))
+        for sample in available:
+            available[sample].update(per_sample_outputs[sample])
+        for n in output_names:
+            sources[n] = f"{stage.name}.{n}"
+        stage_io.append((stage, input_names, output_names))
+    result.chained = _chained_parity(output_dir, stage_io, feeds, expected, tolerance)
+    return result
+
+
+def _spec_json(spec: TensorSpec | OutputSpec) -> dict:
+    return {"name": spec.name, "shape": spec.shape, "dtype": spec.dtype,
+            "dynamic_dims": {str(k): v for k, v in spec.dynamic_dims.items()}}
+
+
+def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dict, tolerance: Tolerance) -> dict:
+    """ONNX Runtime stages one after the other, from the model inputs to its outputs, against the eager model."""
+    sessions = [(OnnxRuntimeRunner(output_dir / "stages" / stage.name / "model.onnx", inputs, outputs), inputs)
+                for stage, inputs, outputs in stage_io]
+    worst = 0.0
+    passed = True
+    for sample, feed in feeds.items():
+        tensors = dict(feed)
+        for runner, inputs in sessions:
+            tensors.update(runner.infer({n: tensors[n] for n in inputs}))
+        for name, reference in expected[sample].items():
+            metrics = compare_arrays(reference, tensors[name], tolerance)
+            worst = max(worst, metrics["max_abs"])
+            passed = passed and metrics["passed"]
+    log.info("  chained onnxruntime stages vs eager model: max_abs %.2e  %s", worst, "pass" if passed else "FAIL")
+    return {"runtime": "onnxruntime", "reference": "eager model (wrapper.py)", "samples": list(feeds),
+            "max_abs": worst, "passed": passed, "tolerance": tolerance.describe()}
+
+
+__all__ = ["SPLITS", "SplitPlan", "StageDef", "export_split", "split_plan_for", "SplitResult"]

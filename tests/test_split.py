@@ -1,0 +1,57 @@
+"""--split: named stages with a stage manifest, each stage checked alone and the stages chained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from conftest import KITTI_PP, export_to
+
+FUSION_SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_configs" / "tiny_fusion_kitti.py")
+
+
+def test_pointpillars_split_into_three_stages_that_chain_to_the_model_outputs(tmp_path: Path) -> None:
+    out = tmp_path / "split"
+    assert export_to(KITTI_PP, out, "--format", "onnx", "--split") == 0
+    manifest = json.loads((out / "stages.json").read_text())
+    stages = manifest["stages"]
+    assert [s["name"] for s in stages] == ["lidar.encoder", "bev.backbone", "head"]
+    # How tensors flow: model inputs -> encoder -> canvas -> backbone -> features -> head -> the model's outputs.
+    assert [(i["name"], i["source"], i["dynamic_dims"]) for i in stages[0]["inputs"]] == [
+        ("voxels_voxels", "model input", {"0": "num_voxels"}), ("voxels_num_points", "model input", {"0": "num_voxels"}),
+        ("voxels_coors", "model input", {"0": "num_voxels"})]
+    assert [(i["name"], i["source"]) for i in stages[1]["inputs"]] == [("bev_canvas", "lidar.encoder.bev_canvas")]
+    assert [(i["name"], i["source"]) for i in stages[2]["inputs"]] == [("bev_features_0", "bev.backbone.bev_features_0")]
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert [o["name"] for o in stages[2]["outputs"]] == [o["name"] for o in metadata["manifest"]["outputs"]]
+    assert all(s["parity_passed"] and s["worst_max_abs"] <= 1e-4 for s in stages)
+    assert manifest["chained"]["passed"] and manifest["chained"]["max_abs"] <= 1e-4
+    assert metadata["split"] == {"manifest": "stages.json", "passed": True,
+                                 "stages": ["lidar.encoder", "bev.backbone", "head"]}
+
+    # Chain the stage graphs by hand, as a deployment would, on the held-out sample.
+    feed = dict(np.load(out / "inputs" / "heldout_0.npz"))
+    reference = dict(np.load(out / "reference" / "heldout_0.npz"))
+    tensors = dict(feed)
+    for stage in stages:
+        session = ort.InferenceSession(str(out / "stages" / stage["name"] / "model.onnx"))
+        names = [o.name for o in session.get_outputs()]
+        tensors.update(zip(names, session.run(None, {i["name"]: tensors[i["name"]] for i in stage["inputs"]})))
+    for name, expected in reference.items():
+        np.testing.assert_allclose(tensors[name], expected, atol=1e-4, rtol=1e-4)
+    # Each stage's model.pt2 holds only its own weights (the head's is small) and no example inputs.
+    head = torch.export.load(str(out / "stages" / "head" / "model.pt2"))
+    assert all(k.startswith("parts.bbox_head.") for k in head.state_dict)
+    assert (out / "stages" / "head" / "model.pt2").stat().st_size < 5e6
+
+
+def test_split_without_a_plan_or_with_int8_exits_2(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    assert export_to(KITTI_PP, tmp_path / "a", "--split", "--precision", "int8") == 2
+    assert export_to(KITTI_PP, tmp_path / "b", "--split", "--format", "pt2") == 2
+    assert export_to(FUSION_SAMPLE, tmp_path / "c", "--split") == 2
+    assert "no split plan is registered for TinyFusionDetector" in caplog.text
+    assert not any((tmp_path / n).exists() for n in "abc")
