@@ -131,7 +131,7 @@ def test_imvoxelnet_reads_lidar2img_as_a_named_input(imvoxelnet_export: tuple[Pa
     assert "set_field(lidar2img, 'lidar2img', field_type='metainfo')" in wrapper
     assert "'lidar2img': np.array" not in wrapper  # not also baked in as a constant
     parity = json.loads((out / "parity.json").read_text())
-    assert parity["passed"] and {c["runtime"] for c in parity["checks"]} == {"onnxruntime"}
+    assert parity["passed"] and {c["runtime"] for c in parity["checks"]} == {"pt2", "onnxruntime"}
 
 
 def test_imvoxelnet_onnx_follows_a_new_camera_calibration(imvoxelnet_export: tuple[Path, Path]) -> None:
