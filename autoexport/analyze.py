@@ -23,7 +23,8 @@ from . import samples as sample_data
 from .boundaries import TensorBoundary, boundary_for, heads_of, output_namer_for
 from .errors import ExportFailedError, UserInputError
 from .manifest import (METAINFO_TENSOR_KEYS, DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
-                       get_by_path, iter_tensors, path_to_identifier, path_to_str)
+                       get_by_path, iter_tensors, metainfo_path, parse_metainfo_path, path_to_identifier,
+                       path_to_str)
 
 log = logging.getLogger("autoexport")
 
@@ -52,7 +53,7 @@ class PreparedSample:
                 except (TypeError, ValueError):
                     continue
                 if array.ndim >= 2:
-                    found[f"metainfo.{index}.{key}"] = torch.from_numpy(array)
+                    found[metainfo_path(index, key)] = torch.from_numpy(array)
         return found
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -265,11 +266,8 @@ def _sample_spec(cfg: Any, workdir: Path | None = None) -> SampleSpec:
     box_type_3d, box_mode_3d = get_box_type(dataset_cfg.get("box_type_3d", "LiDAR"))
     if "lidar" in modalities:
         fmt = sample_data.point_cloud_format(cfg, pipeline_cfg)
-    else:  # camera only: the scene is still synthesized as a cloud, then rendered into the images
-        dataset_type = sample_data.dataset_type_of(cfg)
-        fmt = sample_data.PointCloudFormat(4, [0, 1, 2, 3], camera.camera_only_range(),
-                                           intensity_scale=sample_data._INTENSITY_SCALE.get(dataset_type, 1.0),
-                                           dataset_type=dataset_type)
+    else:
+        fmt = sample_data.camera_scene_format(cfg)
     cameras = None
     if "camera" in modalities:
         rig = camera.rig_for(fmt.dataset_type)
@@ -442,10 +440,12 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
     with torch.no_grad(), recorder:
         outputs = forward(model, inputs, probe_samples)
     meta_used = sorted(p for p in meta_tensors if p in recorder.used)
-    for path in meta_used:
-        for other in export_samples[1:]:
-            if other.metainfo_tensors()[path].shape != meta_tensors[path].shape:
+    for other in export_samples[1:]:
+        other_tensors = other.metainfo_tensors()
+        for path in meta_used:
+            if other_tensors[path].shape != meta_tensors[path].shape:
                 raise UserInputError(f"metainfo {path} has a different shape in {other.name} than in {first.name}")
+    for path in meta_used:
         log.info("  metainfo %s is read by the model's tensor path: a named input", path)
     after = {path_to_str(("inputs",) + p): t for p, t in iter_tensors(inputs)}
     mutated = {k for k in before if not torch.equal(before[k], after[k])}
@@ -533,8 +533,8 @@ def with_metainfo_tensors(data_samples: list, tensors: dict[str, torch.Tensor]) 
     for index, sample in enumerate(data_samples):
         copy_ = sample.clone()
         for path, tensor in tensors.items():
-            _, batch_index, key = path.split(".", 2)
-            if int(batch_index) == index:
+            batch_index, key = parse_metainfo_path(path)
+            if batch_index == index:
                 copy_.set_field(tensor, key, field_type="metainfo")
         copies.append(copy_)
     return copies

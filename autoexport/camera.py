@@ -103,11 +103,6 @@ def render_image(rng: np.random.Generator, xyz: np.ndarray, intensity: np.ndarra
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def camera_only_range() -> list[float]:
-    """Scene extent for camera-only configs, which name no point cloud range: KITTI's front area."""
-    return [0.0, -40.0, -3.0, 70.4, 40.0, 1.0]
-
-
 def write_images(rng: np.random.Generator, cloud: np.ndarray, intensity_scale: float, rig: CameraRig,
                  folder: Path, stem: str) -> dict[str, dict]:
     """Render every camera of the rig; the `images` field of a v2 info record."""
@@ -130,9 +125,9 @@ def dataset_for_parsing(cfg: Any, folder: Path) -> Any:
     import mmdet3d.datasets  # noqa: F401  (registers the dataset classes; register_all_modules needs lyft's SDK)
     from mmdet3d.registry import DATASETS
 
-    dataset_cfg = copy.deepcopy(cfg.test_dataloader.dataset)
-    while "dataset" in dataset_cfg and "pipeline" not in dataset_cfg:
-        dataset_cfg = dataset_cfg["dataset"]
+    from .samples import test_dataset_cfg
+
+    dataset_cfg = copy.deepcopy(test_dataset_cfg(cfg))
     # Empty prefixes under data_root=folder: files resolve to the folder, sweeps (joined by basename) too.
     prefixes = {key: "" for key in [*(dataset_cfg.get("data_prefix") or {}), "img", "pts", "sweeps"]}
     dataset_cfg.update(data_root=str(folder), data_prefix=prefixes, ann_file="", pipeline=[], test_mode=True,
@@ -154,4 +149,4 @@ def parse_info(dataset: Any, raw: dict) -> list[dict]:
 
 
 __all__ = ["CameraSpec", "CameraRig", "CAMERA_RIGS", "rig_for", "render_image", "write_images",
-           "dataset_for_parsing", "parse_info", "camera_only_range"]
+           "dataset_for_parsing", "parse_info"]

@@ -109,8 +109,8 @@ def path_to_identifier(path: str) -> str:
     """'inputs.voxels.num_points' -> 'voxels_num_points': a valid, readable Python/ONNX name."""
     if path.startswith("inputs."):
         path = path[len("inputs."):]
-    elif re.fullmatch(r"metainfo\.0\.\w+", path):  # batch of one: just the key, e.g. lidar2img
-        path = path.rsplit(".", 1)[-1]
+    elif (meta := parse_metainfo_path(path)) and meta[0] == 0:  # first batch item: just the key, e.g. lidar2img
+        path = meta[1]
     name = re.sub(r"[^0-9a-zA-Z_]+", "_", path).strip("_")
     return name if name and not name[0].isdigit() else f"t_{name}"
 
@@ -150,9 +150,20 @@ _DIM_MEANINGS: list[tuple[str, int, str]] = [
 ]
 
 
+def metainfo_path(index: int, key: str) -> str:
+    """Where a metainfo matrix input lives: 'metainfo.<batch index>.<key>'."""
+    return f"metainfo.{index}.{key}"
+
+
+def parse_metainfo_path(path: str) -> tuple[int, str] | None:
+    """(batch index, key) of a metainfo input path; None for any other path."""
+    match = re.fullmatch(r"metainfo\.(\d+)\.(\w+)", path)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
 def describe_input(path: str) -> str:
-    if path.startswith("metainfo."):
-        return METAINFO_TENSOR_KEYS.get(path.rsplit(".", 1)[-1], "metainfo value")
+    if meta := parse_metainfo_path(path):
+        return METAINFO_TENSOR_KEYS.get(meta[1], "metainfo value")
     for pattern, meaning in _INPUT_MEANINGS:
         if re.search(pattern, path):
             return meaning

@@ -53,17 +53,22 @@ def _small_inverse(A: Any, check_errors: bool = False) -> tuple[Any, Any]:
                                   f"up to {MAX_INVERSE_SIZE}x{MAX_INVERSE_SIZE}, got shape {A.shape}")
     e = [[op.Gather(op.Gather(A, op.Constant(value_int=i), axis=-2), op.Constant(value_int=j), axis=-1)
           for j in range(n)] for i in range(n)]
-    det = _small_determinant(e)
-    rows = []
-    for i in range(n):  # inverse[i][j] = cofactor[j][i] / det
+    one = op.CastLike(op.Constant(value_float=1.0), A)
+    cofactors = []
+    for i in range(n):
         row = []
         for j in range(n):
-            minor = [r[:i] + r[i + 1:] for k, r in enumerate(e) if k != j]
-            cofactor = _small_determinant(minor) if minor else op.CastLike(op.Constant(value_float=1.0), det)
-            if (i + j) % 2:
-                cofactor = op.Neg(cofactor)
-            row.append(op.Unsqueeze(op.Div(cofactor, det), op.Constant(value_ints=[-1])))
-        rows.append(op.Unsqueeze(op.Concat(*row, axis=-1), op.Constant(value_ints=[-2])))
+            minor = [r[:j] + r[j + 1:] for k, r in enumerate(e) if k != i]
+            value = _small_determinant(minor) if minor else one
+            row.append(op.Neg(value) if (i + j) % 2 else value)
+        cofactors.append(row)
+    det = None
+    for j in range(n):  # expansion along the first row, from the cofactors already built
+        term = op.Mul(e[0][j], cofactors[0][j])
+        det = term if det is None else op.Add(det, term)
+    # inverse[i][j] = cofactor[j][i] / det
+    rows = [op.Unsqueeze(op.Concat(*[op.Unsqueeze(op.Div(cofactors[j][i], det), op.Constant(value_ints=[-1]))
+                                     for j in range(n)], axis=-1), op.Constant(value_ints=[-2])) for i in range(n)]
     info = op.Cast(op.Equal(det, op.CastLike(op.Constant(value_float=0.0), det)), to=ir.DataType.INT32)
     return op.Concat(*rows, axis=-2), info
 
@@ -72,11 +77,7 @@ def _squeeze_dim(self: Any, dim: int) -> Any:
     # torch's squeeze(dim) leaves a dim whose size is not 1 alone; ONNX Squeeze rejects it. onnxscript's default
     # emits Squeeze unconditionally, which breaks models that squeeze a known non-1 dim (mmdet3d's PointFusion).
     shape = self.shape
-    if shape is not None and len(shape) > 0:
-        size = shape[dim]
-        if isinstance(size, int) and size != 1:
-            return op.Identity(self)
-    if shape is not None and len(shape) == 0:
+    if shape is not None and (len(shape) == 0 or (isinstance(shape[dim], int) and shape[dim] != 1)):
         return op.Identity(self)
     return op.Squeeze(self, op.Constant(value_ints=[dim]))
 

@@ -402,14 +402,14 @@ register_patch(ExportPatch(
 
 # ---- deformable convolution (mmcv.ops), substituted by autoexport.ops ---------------------------
 
-def _library_forward(class_name: str) -> Callable[[PatchContext], Callable[..., Any]]:
-    """The op library's forward of the same-named class; it reads the same attributes as mmcv's
-    (weight, bias, stride, padding, dilation, groups, deform_groups, conv_offset)."""
+def _library_forward(module: str, class_name: str) -> Callable[[PatchContext], Callable[..., Any]]:
+    """The forward of the op library's same-named drop-in class (autoexport.ops.<module>); it reads the same
+    attributes as mmcv's class (e.g. weight, stride, deform_groups, conv_offset; voxel_size, average_points)."""
 
     def make(context: PatchContext) -> Callable[..., Any]:
-        from .ops import deform_conv
+        import importlib
 
-        return getattr(deform_conv, class_name).forward
+        return getattr(importlib.import_module(f"autoexport.ops.{module}"), class_name).forward
 
     return make
 
@@ -422,7 +422,7 @@ for _class_name, _op in (("DeformConv2d", "deform_conv2d"), ("DeformConv2dPack",
         method="forward",
         reason=(f"mmcv's {_op} is a C++/CUDA op torch.export cannot trace; replaced by autoexport.ops' bilinear "
                 "sampling + grouped matmul in plain PyTorch (checked against mmcv's CPU kernel in tests/test_ops.py)"),
-        make=_library_forward(_class_name),
+        make=_library_forward("deform_conv", _class_name),
         substitutes=f"mmcv.ops.{_class_name} ({_op})",
     ))
 
@@ -480,19 +480,13 @@ def substituted_functions() -> Iterator[list[AppliedPatch]]:
 
 # ---- dynamic scatter (mmcv.ops, CUDA-only), substituted by autoexport.ops ------------------------
 
-def _make_dynamic_scatter_forward(context: PatchContext) -> Callable[..., Any]:
-    from .ops.scatter import DynamicScatter
-
-    return DynamicScatter.forward
-
-
 register_patch(ExportPatch(
     target="DynamicScatter",
     method="forward",
     reason=("mmcv's dynamic_point_to_voxel is a CUDA-only C++ op torch.export cannot trace, and its batch loop runs "
             "to a data-dependent count; replaced by autoexport.ops' unique + scatter-reduce over (batch, z, y, x) "
             "in plain PyTorch (checked against a numpy port of mmcv's kernel in tests/test_ops.py)"),
-    make=_make_dynamic_scatter_forward,
+    make=_library_forward("scatter", "DynamicScatter"),
     substitutes="mmcv.ops.DynamicScatter (dynamic_point_to_voxel)",
     eager_devices=("cpu",),
     module="mmcv.ops.scatter_points",

@@ -331,13 +331,13 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
     specs = _check_backends(options, formats)
     calib_files = _check_precision(options)
     reduced_precision = options.precision != "fp32"
-    config_path = resolve_config(options.config)
-    output_dir = options.output_dir.resolve()
-    staging = _prepare_output_dir(output_dir, options.overwrite)
     if options.split and reduced_precision:
         raise UserInputError("--split exports FP32 stages; it cannot be combined with --precision int8/fp16 yet")
     if options.split and "onnx" not in formats:
         raise UserInputError("--split checks the stages chained in ONNX Runtime: use --format onnx or both")
+    config_path = resolve_config(options.config)
+    output_dir = options.output_dir.resolve()
+    staging = _prepare_output_dir(output_dir, options.overwrite)
     stages = StageLog(5 + bool(specs) + 2 * reduced_precision + options.split)
     split_result: SplitResult | None = None
     reduced: QuantizationResult | HalfResult | None = None

@@ -59,23 +59,24 @@ def iter_pipeline_transforms(pipeline: Iterable[dict]) -> Iterable[dict]:
             yield from iter_pipeline_transforms(inner)
 
 
-def test_pipeline_of(cfg: Any) -> list[dict]:
-    """The config's test pipeline (test_dataloader's dataset, through dataset wrappers)."""
+def test_dataset_cfg(cfg: Any) -> dict:
+    """The config's test dataset, unwrapped from dataset wrappers (RepeatDataset, CBGSDataset, ...)."""
     dataset = cfg.get("test_dataloader", {}).get("dataset", {})
     while isinstance(dataset, dict) and "pipeline" not in dataset and "dataset" in dataset:
         dataset = dataset["dataset"]
-    pipeline = dataset.get("pipeline") if isinstance(dataset, dict) else None
-    pipeline = pipeline or cfg.get("test_pipeline")
+    return dataset if isinstance(dataset, dict) else {}
+
+
+def test_pipeline_of(cfg: Any) -> list[dict]:
+    """The config's test pipeline (test_dataloader's dataset, through dataset wrappers)."""
+    pipeline = test_dataset_cfg(cfg).get("pipeline") or cfg.get("test_pipeline")
     if not pipeline:
         raise UserInputError("the config defines no test pipeline (test_dataloader.dataset.pipeline or test_pipeline)")
     return list(pipeline)
 
 
 def dataset_type_of(cfg: Any) -> str:
-    dataset = cfg.get("test_dataloader", {}).get("dataset", {})
-    while isinstance(dataset, dict) and "dataset" in dataset and "pipeline" not in dataset:
-        dataset = dataset["dataset"]
-    return dataset.get("type", "") if isinstance(dataset, dict) else ""
+    return test_dataset_cfg(cfg).get("type", "")
 
 
 def modalities_of(pipeline: list[dict]) -> set[str]:
@@ -108,6 +109,17 @@ def point_cloud_format(cfg: Any, pipeline: list[dict]) -> PointCloudFormat:
         intensity_scale=_INTENSITY_SCALE.get(dataset_type, 1.0),
         dataset_type=dataset_type,
     )
+
+
+# Scene extent for camera-only configs, which name no point cloud range: KITTI's front area.
+CAMERA_ONLY_RANGE = [0.0, -40.0, -3.0, 70.4, 40.0, 1.0]
+
+
+def camera_scene_format(cfg: Any) -> PointCloudFormat:
+    """Camera-only pipelines load no cloud; the scene is still synthesized as one, then rendered into images."""
+    dataset_type = dataset_type_of(cfg)
+    return PointCloudFormat(4, [0, 1, 2, 3], list(CAMERA_ONLY_RANGE),
+                            intensity_scale=_INTENSITY_SCALE.get(dataset_type, 1.0), dataset_type=dataset_type)
 
 
 # ---- synthesized scenes --------------------------------------------------------------------------

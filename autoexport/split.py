@@ -82,7 +82,7 @@ def _bev_backbone(prefix: str) -> StageForward:
 
 def _dense_head(head_attr: str) -> StageForward:
     def forward(model: Any, t: Tensors, batch_size: int) -> Tensors:
-        features = [t[k] for k in sorted((k for k in t if k.startswith("bev_features_")), key=lambda k: int(k[13:]))]
+        features = list(t.values())  # bev_features_0, _1, ... in the order StageDef.input_names gives
         return {"head_outputs": getattr(model, head_attr)(features)}  # flattened to the model's output names later
 
     return forward
@@ -141,11 +141,18 @@ class StageModule(torch.nn.Module):
         self.batch_size = batch_size
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = self.stage.forward(self.parts, dict(zip(self.input_names, tensors)), self.batch_size)
-        if self.output_paths is not None:
-            head = outputs["head_outputs"]
-            return tuple(get_by_path(head, self.output_paths[name]) for name in self.output_names)
+        outputs = run_stage(self.stage, self.parts, dict(zip(self.input_names, tensors)), self.batch_size,
+                            self.output_paths)
         return tuple(outputs[name] for name in self.output_names)
+
+
+def run_stage(stage: StageDef, model: Any, tensors: Tensors, batch_size: int,
+              output_paths: dict[str, list] | None) -> Tensors:
+    """A stage's named outputs; the head's nested outputs under the one-graph export's output names."""
+    outputs = stage.forward(model, tensors, batch_size)
+    if output_paths is not None:
+        return {name: get_by_path(outputs["head_outputs"], path) for name, path in output_paths.items()}
+    return outputs
 
 
 @dataclass
@@ -218,10 +225,8 @@ def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, di
         per_sample_outputs: dict[str, Tensors] = {}
         with torch.no_grad():
             for sample, tensors in available.items():
-                raw = stage.forward(model, {n: tensors[n].clone() for n in input_names}, batch_size)
-                if is_head:  # the head's nested outputs under the one-graph export's output names
-                    raw = {name: get_by_path(raw["head_outputs"], path) for name, path in output_paths.items()}
-                per_sample_outputs[sample] = raw
+                per_sample_outputs[sample] = run_stage(stage, model, {n: tensors[n].clone() for n in input_names},
+                                                       batch_size, output_paths if is_head else None)
         output_names = list(per_sample_outputs[export_sample_names[0]])
         stage_manifest = _stage_manifest(stage.name, [available[s] for s in export_sample_names], input_names,
                                          output_names, [per_sample_outputs[s] for s in export_sample_names], known_dims,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .manifest import Manifest
+from .manifest import Manifest, parse_metainfo_path
 
 # Metainfo keys that only describe where data came from on the host; the model never reads them.
 _HOST_ONLY_METAINFO = {"lidar_path", "img_path", "filename", "sample_idx", "num_pts_feats", "lidar_sweeps"}
@@ -95,8 +95,7 @@ def generate_wrapper_source(manifest: Manifest, metainfo: list[dict], forward_na
                             config_name: str) -> str:
     renderer = _Renderer()
     # Metainfo matrices that are inputs (path 'metainfo.<i>.<key>') are set from the arguments on every call.
-    meta_inputs = [(t, int(t.path.split(".")[1]), t.path.split(".", 2)[2]) for t in manifest.inputs
-                   if t.path.startswith("metainfo.")]
+    meta_inputs = [(t, *meta) for t in manifest.inputs if (meta := parse_metainfo_path(t.path))]
     metas = [{k: v for k, v in meta.items()
               if k not in _HOST_ONLY_METAINFO and not any(i == index and k == key for _, i, key in meta_inputs)}
              for index, meta in enumerate(metainfo)]
