@@ -55,3 +55,4 @@ def test_split_without_a_plan_or_with_int8_exits_2(tmp_path: Path, caplog) -> No
     assert export_to(FUSION_SAMPLE, tmp_path / "c", "--split") == 2
     assert "no split plan is registered for TinyFusionDetector" in caplog.text
     assert not any((tmp_path / n).exists() for n in "abc")
+    assert list(tmp_path.iterdir()) == []  # no hidden staging directory left behind either
