@@ -18,7 +18,8 @@ from .errors import ExportFailedError
 from .manifest import Manifest
 from .onnx_translations import translation_table
 from .padding import PaddingPlan
-from .patches import AppliedPatch, PatchContext, export_patches, substituted_functions
+from .patches import (AppliedPatch, PatchContext, export_patches, substituted_functions,
+                      substituted_op_functions)
 
 log = logging.getLogger("autoexport")
 
@@ -130,13 +131,16 @@ def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: M
             for patch in applied:
                 log.info("  patch %s.%s (used at %s)", patch.target, patch.method, ", ".join(patch.module_paths[:3]))
             shapes = dynamic_shapes_for(manifest, plan)
-            with substituted_functions() as functions:
+            with substituted_functions() as functions, substituted_op_functions() as op_functions:
                 # PaddedInputs.forward (and split stages') take *args: torch.export wants one entry for that parameter.
                 program = torch.export.export(wrapper, example, dynamic_shapes=(shapes,) if plan or star_args else shapes,
                                               strict=False)
             for function in functions:
                 log.info("  substituted %s while tracing", function.target)
-            applied = [*applied, *functions]
+            for function in op_functions:
+                log.info("  substituted %s by %s (used in %s)", function.substitutes, function.target,
+                         ", ".join(function.module_paths[:3]))
+            applied = [*applied, *functions, *op_functions]
     except Exception as err:
         raise ExportFailedError(describe_export_failure("torch.export", err, tracker.stack, verbose)) from err
     finally:

@@ -85,6 +85,9 @@ def _squeeze_dim(self: Any, dim: int) -> Any:
 def translation_table() -> dict[Callable, Callable]:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 
+    from .ops import onnx_translation_table
+
     return {torch.ops.quantized_decomposed.quantize_per_channel.default: _int8_quantize_per_channel,
             torch.ops.aten.linalg_inv_ex.default: _small_inverse,
-            torch.ops.aten.squeeze.dim: _squeeze_dim}
+            torch.ops.aten.squeeze.dim: _squeeze_dim,
+            **onnx_translation_table()}  # the op library's custom ops (furthest point sampling, ...)

@@ -7,9 +7,11 @@ reference) always runs mmdet3d's original code and parity proves each patch is f
 
 from __future__ import annotations
 
+import importlib
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -131,12 +133,10 @@ def export_patches(model: torch.nn.Module, context: PatchContext) -> Iterator[li
 
 
 @contextmanager
-def eager_substitutions(device: str) -> Iterator[list[ExportPatch]]:
-    """Op substitutions the eager reference needs on `device` (mmcv has no kernel there), applied to their classes
-    by import path for the duration of the block, then restored. Yields the substitutions applied."""
-    import importlib
-
-    used: list[ExportPatch] = []
+def eager_substitutions(device: str) -> Iterator[list[AppliedPatch]]:
+    """Op substitutions the eager reference needs on `device` (mmcv has no kernel there): class methods by import
+    path and op functions wherever imported, for the duration of the block, then restored. Yields those applied."""
+    used: list[AppliedPatch] = []
     with swapped_methods() as swaps:
         for _, patches in EXPORT_PATCHES.items():
             for patch in patches:
@@ -147,8 +147,9 @@ def eager_substitutions(device: str) -> Iterator[list[ExportPatch]]:
                 except (ImportError, AttributeError):
                     continue  # the library that defines it is not installed: nothing to substitute
                 swaps.swap(klass, patch.method, patch.make(PatchContext(batch_size=1)))
-                used.append(patch)
-        yield used
+                used.append(AppliedPatch(patch.target, patch.method, patch.reason, (), patch.substitutes))
+        with substituted_op_functions(device, report="bound") as functions:
+            yield [*used, *functions]
 
 
 # ---- PointPillarsScatter ------------------------------------------------------------------------
@@ -360,11 +361,17 @@ register_patch(ExportPatch(
 
 # ---- sparse convolution (mmcv.ops), substituted by autoexport.ops -------------------------------
 
+# How each export finds active sites: IREE's sort is quadratic, so its export indexes them in dense grid tables.
+_SITE_INDEX_BY_VARIANT = {"iree": "dense"}
+
+
 def _make_sparse_conv_forward(context: PatchContext) -> Callable[..., Any]:
     from .ops.sparse_conv import sparse_conv_forward
 
+    site_index = _SITE_INDEX_BY_VARIANT.get(context.variant, "sort")
+
     def forward(self: Any, input: Any) -> Any:
-        return sparse_conv_forward(self, input)
+        return sparse_conv_forward(self, input, site_index)
 
     return forward
 
@@ -407,8 +414,6 @@ def _library_forward(module: str, class_name: str) -> Callable[[PatchContext], C
     attributes as mmcv's class (e.g. weight, stride, deform_groups, conv_offset; voxel_size, average_points)."""
 
     def make(context: PatchContext) -> Callable[..., Any]:
-        import importlib
-
         return getattr(importlib.import_module(f"autoexport.ops.{module}"), class_name).forward
 
     return make
@@ -476,6 +481,91 @@ def substituted_functions() -> Iterator[list[AppliedPatch]]:
     with mode:
         yield applied
     applied.extend(AppliedPatch(sub.name, "", sub.reason, ()) for sub in mode.used)
+
+
+# ---- mmcv op functions, substituted by autoexport.ops wherever a module imported them -----------
+
+@dataclass(frozen=True)
+class OpFunctionSubstitution:
+    """An mmcv op function (an autograd Function's apply over a C++/CUDA kernel) that torch.export cannot trace.
+
+    Modules bind these at import (``from mmcv.ops import furthest_point_sample``), so the substitution rebinds
+    every module global that is the same object, in mmcv, mmdet3d and the user's custom_imports alike.
+    """
+
+    mmcv_function: str  # import path, e.g. "mmcv.ops.furthest_point_sample"
+    library_function: str  # attribute of autoexport.ops.point_sample with the same signature
+    eager_devices: tuple[str, ...] = ("cpu",)  # mmcv 2.1.0 has CUDA kernels only
+
+
+_POINT_OP_REASON = ("mmcv's {name} is a CUDA-only C++ op torch.export cannot trace; autoexport.ops.point_sample "
+                    "has it in PyTorch (FPS as a custom op with an ONNX Loop), checked against numpy ports of the "
+                    "CUDA kernel in tests/test_ops.py")
+
+OP_FUNCTION_SUBSTITUTIONS: list[OpFunctionSubstitution] = [
+    OpFunctionSubstitution(f"mmcv.ops.{name}", name)
+    for name in ("furthest_point_sample", "furthest_point_sample_with_dist", "ball_query", "knn", "three_nn",
+                 "three_interpolate", "gather_points", "grouping_operation")]
+
+
+def _resolve(path: str) -> Any:
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def _recording(sub: OpFunctionSubstitution, used: dict[str, OpFunctionSubstitution]) -> Callable[..., Any]:
+    from .ops import point_sample
+
+    implementation = getattr(point_sample, sub.library_function)
+
+    def substitute(*args: Any, **kwargs: Any) -> Any:
+        used[sub.mmcv_function] = sub
+        return implementation(*args, **kwargs)
+
+    return substitute
+
+
+@contextmanager
+def substituted_op_functions(device: str | None = None,
+                             report: Literal["bound", "called"] = "called") -> Iterator[list[AppliedPatch]]:
+    """OP_FUNCTION_SUBSTITUTIONS bound in every loaded module for the block (device None: all of them, as the
+    export needs; otherwise those mmcv has no kernel for on that device). Yields the ones bound, or (filled on
+    exit) the ones the block called."""
+    wanted = [sub for sub in OP_FUNCTION_SUBSTITUTIONS
+              if device is None or device.split(":")[0] in sub.eager_devices]
+    originals: dict[int, tuple[OpFunctionSubstitution, Any]] = {}
+    for sub in wanted:
+        try:
+            original = _resolve(sub.mmcv_function)
+        except (ImportError, AttributeError):
+            continue  # mmcv without this op: nothing can call it
+        originals[id(original)] = (sub, original)
+    used: dict[str, OpFunctionSubstitution] = {}
+    replacements = {key: _recording(sub, used) for key, (sub, _) in originals.items()}
+    rebound: list[tuple[Any, str, Any]] = []
+    where: dict[str, list[str]] = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name.startswith(("autoexport", "torch")):
+            continue
+        for name, value in list(vars(module).items()):
+            entry = originals.get(id(value))
+            if entry is not None and value is entry[1]:
+                rebound.append((module, name, value))
+                setattr(module, name, replacements[id(value)])
+                where.setdefault(entry[0].mmcv_function, []).append(module_name)
+    def applied(subs: Iterable[OpFunctionSubstitution]) -> list[AppliedPatch]:
+        return [AppliedPatch(f"autoexport.ops.point_sample.{sub.library_function}", "",
+                             _POINT_OP_REASON.format(name=sub.mmcv_function), tuple(where[sub.mmcv_function]),
+                             sub.mmcv_function) for sub in subs]
+
+    result = applied(sub for sub, _ in originals.values() if sub.mmcv_function in where) if report == "bound" else []
+    try:
+        yield result
+    finally:
+        for module, name, value in reversed(rebound):
+            setattr(module, name, value)
+    if report == "called":
+        result.extend(applied(used.values()))
 
 
 # ---- dynamic scatter (mmcv.ops, CUDA-only), substituted by autoexport.ops ------------------------

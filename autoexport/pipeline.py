@@ -319,8 +319,13 @@ def run_export(options: ExportOptions) -> ExportResult:
     # op library's substitute, which tests/test_ops.py checks against mmcv or a dense reference.
     with eager_substitutions(options.device) as substituted:
         for patch in substituted:
-            log.info("  %s has no %s kernel in mmcv here: the eager reference uses autoexport.ops' substitute",
-                     patch.substitutes, options.device)
+            if patch.method:
+                log.info("  %s has no %s kernel in mmcv here: the eager reference uses autoexport.ops' substitute",
+                         patch.substitutes, options.device)
+        functions = [p.substitutes.rsplit(".", 1)[-1] for p in substituted if not p.method]
+        if functions:  # bound for every model, called by few: the export log names those it called
+            log.debug("  mmcv has no %s kernel for %s here: the eager reference calls autoexport.ops' versions",
+                     options.device, ", ".join(functions))
         return _run_export(options, substituted)
 
 
@@ -466,7 +471,8 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
                 metadata["split"] = {"manifest": "stages.json", "passed": split_result.passed,
                                      "stages": [st.name for st in split_result.stages]}
             metadata["substitutions"] = [
-                {"op": p.substitutes, "by": f"{p.target}.{p.method} (autoexport.ops)", "module_paths": list(p.module_paths),
+                {"op": p.substitutes, "by": f"{p.target}.{p.method} (autoexport.ops)" if p.method else p.target,
+                 "module_paths": list(p.module_paths),
                  "in_eager_reference": any(e.target == p.target and e.method == p.method for e in eager_substituted)}
                 for p in exported.patches if p.substitutes]
             if reduced is not None:

@@ -274,6 +274,59 @@ def test_sparse_conv_forward_patches_mmcv_modules() -> None:
     torch.testing.assert_close(through_mmcv.features, ours.features, rtol=0, atol=0)
 
 
+def test_dense_site_tables_build_the_sorted_rulebooks() -> None:
+    """IREE's export indexes active sites in dense grid tables instead of sorting; the rulebooks must be the same."""
+    _, indices = sparse_input(2500, seed=61)
+    for kernel, stride, padding in (([3, 3, 3], [2, 2, 2], [1, 1, 1]), ([3, 1, 1], [2, 1, 1], [0, 0, 0])):
+        by_sort = spc.conv_rulebook(indices, 2, SPARSE_SHAPE, kernel, stride, padding, [1, 1, 1], "sort")
+        by_table = spc.conv_rulebook(indices, 2, SPARSE_SHAPE, kernel, stride, padding, [1, 1, 1], "dense")
+        assert by_sort.neighbors.shape[0] > 0
+        torch.testing.assert_close(by_table.out_indices, by_sort.out_indices, rtol=0, atol=0)
+        torch.testing.assert_close(by_table.neighbors, by_sort.neighbors, rtol=0, atol=0)
+    by_sort = spc.subm_rulebook(indices, 2, SPARSE_SHAPE, [3, 3, 3], [1, 1, 1], "sort")
+    by_table = spc.subm_rulebook(indices, 2, SPARSE_SHAPE, [3, 3, 3], [1, 1, 1], "dense")
+    assert (by_sort.neighbors < indices.shape[0]).sum() > indices.shape[0]  # beyond itself, some site has neighbours
+    torch.testing.assert_close(by_table.neighbors, by_sort.neighbors, rtol=0, atol=0)
+
+
+class DenseSiteChain(SparseChain):
+    """SparseChain with the rulebooks IREE's export builds (dense site tables)."""
+
+    def forward(self, features: Tensor, indices: Tensor) -> tuple[Tensor, ...]:
+        x = SparseConvTensor(features, indices, SPARSE_SHAPE, 2)
+        layers = (self.subm_a, self.subm_b, self.down, self.subm_c, self.up, self.squash)
+        for layer in layers:
+            x = sparse_conv_forward(layer, x, "dense")
+        return x.features, x.indices
+
+
+@pytest.mark.slow
+def test_sparse_conv_runs_in_iree(tmp_path) -> None:
+    """The dense-table rulebook has no ONNX Unique or TopK: IREE compiles it and matches eager PyTorch."""
+    import onnx
+
+    from autoexport.backends.iree import LLVM_CPU_FLAGS, IreeRunner, compile_vmfb, import_onnx
+
+    torch.manual_seed(62)
+    chain = DenseSiteChain().eval()
+    with torch.no_grad():
+        program = torch.export.export(chain, sparse_input(700, seed=63), strict=False,
+                                      dynamic_shapes=({0: sites_dim}, {0: sites_dim}))
+        onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+        check_inputs = sparse_input(1000, seed=64)
+        expected = SparseChain.forward(chain, *check_inputs)[-3:-1]  # the sort-built rulebooks' squash output
+    path = tmp_path / "sparse.onnx"
+    onnx_program.save(str(path))
+    op_types = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert not op_types & {"Unique", "TopK"}
+    import_onnx(path, tmp_path / "sparse.mlir")
+    compile_vmfb(tmp_path / "sparse.mlir", tmp_path / "sparse.vmfb", LLVM_CPU_FLAGS)
+    runner = IreeRunner(tmp_path / "sparse.vmfb", "local-task", ["features", "indices"], ["features", "indices"])
+    got = runner.infer({"features": check_inputs[0].numpy(), "indices": check_inputs[1].numpy()})
+    torch.testing.assert_close(torch.from_numpy(got["indices"]), expected[1], rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(got["features"]), expected[0], rtol=1e-5, atol=1e-5)
+
+
 # --- CUDA-only in mmcv: brute-force numpy references written from the CUDA kernels ------------------------------
 
 def np_square_distance(center: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -45,7 +45,7 @@ def _entry(mmcv_name: str, kind: Literal["module", "function"], implementation: 
                    mmcv_cpu_kernel, note)
 
 
-_SPARSE_NOTE = ("rulebook by sort-based joins (torch.unique), one gather + one GEMM; mmcv 2.1.0 has no CPU "
+_SPARSE_NOTE = ("rulebook by sort-based joins (sort + cumsum unique), one gather + one GEMM; mmcv 2.1.0 has no CPU "
                 "get_indice_pairs/indice_conv, checked against a dense conv3d")
 
 OP_LIBRARY: dict[str, OpEntry] = {entry.mmcv_name: entry for entry in [
@@ -90,7 +90,7 @@ OP_LIBRARY: dict[str, OpEntry] = {entry.mmcv_name: entry for entry in [
     _entry("three_interpolate", "function", three_interpolate, "pure-pytorch", False, "gather + weighted sum"),
     _entry("knn", "function", knn, "pure-pytorch", False, "(B, M, N) distances + top-k; tie order may differ"),
     _entry("dynamic_scatter", "function", dynamic_scatter, "pure-pytorch", False,
-           "torch.unique over linearised coordinates (unbacked voxel count) + scatter max/mean/sum"),
+           "sorted unique (sort + cumsum) over linearised coordinates (unbacked voxel count) + scatter max/mean/sum"),
     _entry("DynamicScatter", "module", DynamicScatter, "pure-pytorch", False,
            "one lexicographic sort over (batch, z, y, x) instead of mmcv's per-sample loop"),
     _entry("RoIAwarePool3d", "module", RoIAwarePool3d, "pure-pytorch", False,

@@ -3,8 +3,8 @@
 mmcv's kernel (csrc/pytorch/cuda/scatter_points_cuda.cu) drops points with any negative coordinate, takes the
 distinct coordinate rows sorted lexicographically (``unique_dim(..., sorted=True)``) and reduces the features of
 each row's points by max, mean or sum. Rows are linearised with the per-column extents of the cloud, so sorting
-the linear index is the lexicographic row sort; the voxel count is data-dependent (an unbacked size under
-torch.export) but traces without a custom op.
+the linear index is the lexicographic row sort (``ops.unique.sorted_unique``, which IREE can import); the voxel
+count is data-dependent (an unbacked size under torch.export) but traces without a custom op.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .unique import sorted_unique
 
 __all__ = ["dynamic_scatter", "DynamicScatter", "MAX_VOXELS"]
 
@@ -29,7 +31,7 @@ def dynamic_scatter(feats: Tensor, coors: Tensor, reduce_type: str = "max") -> t
     linear = kept_coors[:, 0]
     for column in range(1, coors.shape[1]):
         linear = linear * extents[column] + kept_coors[:, column]
-    unique_linear, voxel_of_point = torch.unique(linear, return_inverse=True)
+    unique_linear, voxel_of_point = sorted_unique(linear)
     num_voxels = unique_linear.shape[0]
     # A voxel count is an int32-indexable row count. Without a constant bound torch.export bounds it by the int64
     # maximum, a sparse conv after it multiplies that by its kernel volume, and torch.onnx cannot write the

@@ -1,9 +1,10 @@
 """Sparse 3D convolution (mmcv.ops.SubMConv3d / SparseConv3d / SparseInverseConv3d) in plain PyTorch.
 
 The rulebook is a neighbour table ``neighbors[out_row, kernel_offset] = in_row`` (``num_in`` where the site has no
-active input at that offset), built with sort-based joins on linear site indices: ``torch.unique`` over keys and
+active input at that offset), built with sort-based joins on linear site indices: a sorted unique over keys and
 queries together, then a scatter from the keys' unique ids. (``torch.searchsorted`` does the same lookup but has no
-ONNX translation; ``torch.unique`` exports to ONNX ``Unique``.) The convolution is then one gather and one GEMM:
+ONNX translation; the unique is ``ops.unique.sorted_unique``, not ``torch.unique``, whose ONNX ``Unique`` IREE
+cannot import.) The convolution is then one gather and one GEMM:
 ``features[neighbors] (N_out, K*C_in) @ weight (K*C_in, C_out)``, an implicit GEMM with no scatter-add.
 
 Geometry follows mmcv's rulebook (csrc/common/utils/spconv/spconv/geometry.h): output site ``o`` reads input site
@@ -19,11 +20,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import guard_or_true
+
+from .unique import sorted_unique
 
 __all__ = ["SparseConvTensor", "Rulebook", "SparseConvolution", "SubMConv3d", "SparseConv3d", "SparseInverseConv3d",
            "sparse_conv_forward", "sparse_sequential_forward", "subm_rulebook", "conv_rulebook", "inverse_neighbors"]
@@ -91,13 +94,43 @@ def _delinearize(linear: Tensor, spatial_shape: Sequence[int]) -> Tensor:
     return torch.stack(columns[::-1], dim=1)
 
 
-def _lookup(keys: Tensor, queries: Tensor) -> Tensor:
-    """Row of each query in ``keys`` (distinct), ``len(keys)`` where absent: a sort-based hash join."""
+SiteIndex = Literal["sort", "dense"]
+# Dense site tables are int32 rows over every cell of the grid: 4 bytes a cell, so at most 2**31 cells (8 GiB).
+# Larger grids fall back to the sort, however slow the backend's sort is.
+_DENSE_MAX_CELLS = 2**31
+
+
+def _use_dense(site_index: SiteIndex, num_cells: int) -> bool:
+    return site_index == "dense" and num_cells <= _DENSE_MAX_CELLS
+
+
+def _lookup(keys: Tensor, queries: Tensor, num_cells: int, site_index: SiteIndex) -> Tensor:
+    """Row of each query in ``keys`` (distinct sites in [0, num_cells)), ``len(keys)`` where absent (query -1).
+
+    "sort": a sort-based hash join, O(n log n) where sorting is. "dense": a table over the whole grid, for backends
+    whose sort is quadratic (IREE 3.13 lowers ONNX TopK to a selection: 2.3 s for 64k keys on this CPU, hours for
+    the ~450k keys and queries of SECOND's first layer), at 4 bytes a grid cell.
+    """
     num_keys = keys.shape[0]
-    _, unique_id = torch.unique(torch.cat([keys, queries]), return_inverse=True)
+    if _use_dense(site_index, num_cells):
+        rows = torch.arange(num_keys, dtype=torch.int32, device=keys.device)
+        table = torch.full((num_cells + 1,), num_keys, dtype=torch.int32, device=keys.device)
+        table = table.index_put((keys,), rows)
+        return table[torch.where(queries < 0, num_cells, queries)].long()  # the spare last cell is never a key
+    _, unique_id = sorted_unique(torch.cat([keys, queries]))
     row_of_unique = torch.full((num_keys + queries.shape[0],), num_keys, dtype=torch.int64, device=keys.device)
     row_of_unique = row_of_unique.index_put((unique_id[:num_keys],), torch.arange(num_keys, device=keys.device))
     return row_of_unique[unique_id[num_keys:]]
+
+
+def _distinct_sites(linear: Tensor, num_cells: int, site_index: SiteIndex) -> tuple[Tensor, Tensor]:
+    """(distinct sites ascending, index of each entry's site) for sites in [0, num_cells); see _lookup."""
+    if not _use_dense(site_index, num_cells):
+        return sorted_unique(linear)
+    occupied = torch.zeros(num_cells, dtype=torch.int32, device=linear.device).index_put(
+        (linear,), torch.ones_like(linear, dtype=torch.int32))
+    rank = torch.cumsum(occupied, dim=0) - 1  # nonzero and cumsum both run in site order
+    return torch.nonzero(occupied).squeeze(1), rank[linear].long()
 
 
 def conv_output_size(spatial_shape: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
@@ -107,8 +140,8 @@ def conv_output_size(spatial_shape: Sequence[int], kernel_size: Sequence[int], s
             for size, k, st, pad, dil in zip(spatial_shape, kernel_size, stride, padding, dilation)]
 
 
-def subm_rulebook(indices: Tensor, spatial_shape: Sequence[int], kernel_size: Sequence[int],
-                  dilation: Sequence[int]) -> Rulebook:
+def subm_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int], kernel_size: Sequence[int],
+                  dilation: Sequence[int], site_index: SiteIndex = "sort") -> Rulebook:
     """Submanifold rulebook: output sites are the input sites; neighbour at ``o - kernel_size // 2 + k * dilation``."""
     indices64 = indices.long()
     offsets = _kernel_offsets(kernel_size, indices.device)
@@ -120,12 +153,14 @@ def subm_rulebook(indices: Tensor, spatial_shape: Sequence[int], kernel_size: Se
     queries = _linear(indices64[:, None, 0], neighbor_coords, spatial_shape)
     queries = torch.where(inside, queries, torch.full_like(queries, -1))
     keys = _linear(indices64[:, 0], indices64[:, 1:], spatial_shape)
-    neighbors = _lookup(keys, queries.reshape(-1)).reshape(queries.shape)
+    num_cells = int(batch_size) * math.prod(spatial_shape)
+    neighbors = _lookup(keys, queries.reshape(-1), num_cells, site_index).reshape(queries.shape)
     return Rulebook(indices, indices, neighbors, list(spatial_shape), list(spatial_shape))
 
 
 def conv_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int], kernel_size: Sequence[int],
-                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> Rulebook:
+                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                  site_index: SiteIndex = "sort") -> Rulebook:
     """Regular sparse-conv rulebook: every output site reached by an active input, sorted by linear index."""
     indices64 = indices.long()
     out_shape = conv_output_size(spatial_shape, kernel_size, stride, padding, dilation)
@@ -141,12 +176,13 @@ def conv_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int]
     in_row = pair // kernel_volume
     offset = pair % kernel_volume
     out_linear = _linear(indices64[in_row, 0], out_coords.reshape(-1, len(kernel_size))[pair], out_shape)
-    unique_linear, out_row = torch.unique(out_linear, return_inverse=True)
+    # int(): mmdet3d's MVX detectors pass the batch size as a tensor (coors[-1, 0] + 1) in eager runs.
+    num_cells = int(batch_size) * math.prod(out_shape)
+    unique_linear, out_row = _distinct_sites(out_linear, num_cells, site_index)
     num_out = unique_linear.shape[0]
     # The grid bounds the site count. Without it torch.export bounds it by the candidate count (27x the input's
     # int64 bound), and torch.onnx fails to write that overflowing bound into its runtime assertion.
-    # int(): mmdet3d's MVX detectors pass the batch size as a tensor (coors[-1, 0] + 1) in eager runs.
-    torch._check(num_out <= int(batch_size) * math.prod(out_shape))
+    torch._check(num_out <= num_cells)
     neighbors = torch.full((num_out * kernel_volume,), indices.shape[0], dtype=torch.int64, device=indices.device)
     neighbors = neighbors.index_put((out_row * kernel_volume + offset,), in_row).reshape(num_out, kernel_volume)
     out_indices = _delinearize(unique_linear, out_shape).to(indices.dtype)
@@ -177,12 +213,13 @@ def gather_gemm(features: Tensor, neighbors: Tensor, weight: Tensor) -> Tensor:
     return gathered @ weight.reshape(kernel_volume * in_channels, out_channels)
 
 
-def sparse_conv_forward(module: nn.Module, input: Any) -> Any:
+def sparse_conv_forward(module: nn.Module, input: Any, site_index: SiteIndex = "sort") -> Any:
     """Forward of an mmcv ``SparseConvolution`` (or this module's classes) on a sparse-conv tensor.
 
     Reads the module's mmcv attributes (ndim, kernel_size, stride, padding, dilation, subm, inverse, transposed,
     indice_key, weight (*kernel, C_in, C_out), bias) and returns a tensor of the input's type, sharing its
-    ``indice_dict`` so that later layers reuse rulebooks by ``indice_key`` as in mmcv.
+    ``indice_dict`` so that later layers reuse rulebooks by ``indice_key`` as in mmcv. ``site_index`` picks how
+    rulebooks find active sites (see ``_lookup``); both give the same rulebook.
     """
     if module.transposed:
         raise NotImplementedError("transposed sparse convolution (SparseConvTranspose3d) is not implemented")
@@ -206,12 +243,12 @@ def sparse_conv_forward(module: nn.Module, input: Any) -> Any:
         else:
             if rulebook is None:
                 if module.subm:
-                    rulebook = subm_rulebook(input.indices, input.spatial_shape, kernel_size,
-                                             _as_list(module.dilation, ndim))
+                    rulebook = subm_rulebook(input.indices, input.batch_size, input.spatial_shape, kernel_size,
+                                             _as_list(module.dilation, ndim), site_index)
                 else:
                     rulebook = conv_rulebook(input.indices, input.batch_size, input.spatial_shape, kernel_size,
                                              _as_list(module.stride, ndim), _as_list(module.padding, ndim),
-                                             _as_list(module.dilation, ndim))
+                                             _as_list(module.dilation, ndim), site_index)
                 input.indice_dict[module.indice_key] = rulebook
             neighbors = rulebook.neighbors
             out_indices, out_shape = rulebook.out_indices, rulebook.out_spatial_shape

@@ -1,0 +1,28 @@
+"""``torch.unique(values, sorted=True, return_inverse=True)`` for 1-D integer tensors, without ONNX ``Unique``.
+
+torch.onnx writes ``torch.unique`` as ONNX ``Unique``, which IREE's ONNX importer has no conversion for (IREE 3.13:
+"failed to legalize operation 'torch.operator' ... onnx.Unique"). The same result from a sort, a run-start mask and a
+cumulative sum exports as TopK, CumSum, ScatterND and NonZero, which ONNX Runtime and IREE both run. The distinct
+count stays data-dependent (an unbacked size under torch.export), as it is with ``torch.unique``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["sorted_unique"]
+
+# Smaller than any linear site index or query (queries use -1 for "outside the grid"), so the first sorted value
+# always starts a run.
+_BEFORE_ANY_VALUE = torch.iinfo(torch.int64).min
+
+
+def sorted_unique(values: Tensor) -> tuple[Tensor, Tensor]:
+    """(distinct values ascending, index of each value's distinct value), for 1-D int64 ``values``."""
+    ordered, order = torch.sort(values)
+    previous = torch.cat([ordered.new_full((1,), _BEFORE_ANY_VALUE), ordered[:-1]])
+    run_start = ordered != previous
+    run_of_sorted = torch.cumsum(run_start.to(torch.int64), dim=0) - 1
+    inverse = torch.zeros_like(run_of_sorted).index_put((order,), run_of_sorted)
+    return ordered[run_start], inverse
