@@ -138,7 +138,7 @@ def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: M
             for function in functions:
                 log.info("  substituted %s while tracing", function.target)
             for function in op_functions:
-                log.info("  substituted %s by %s (used in %s)", function.substitutes, function.target,
+                log.info("  substituted %s by %s (rebound in %s)", function.substitutes, function.target,
                          ", ".join(function.module_paths[:3]))
             applied = [*applied, *functions, *op_functions]
     except Exception as err:
@@ -159,7 +159,7 @@ def export_onnx(program: torch.export.ExportedProgram, input_names: list[str], o
     sink = io.StringIO()
     try:
         # The dynamo exporter prints its own progress; keep it for --verbose only.
-        with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext():
+        with contextlib.redirect_stdout(sink) if not verbose else contextlib.nullcontext(), _no_approximate_no_ops():
             onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=input_names,
                                              output_names=output_names, opset_version=ONNX_OPSET,
                                              optimize=True, verbose=verbose,
@@ -173,6 +173,26 @@ def export_onnx(program: torch.export.ExportedProgram, input_names: list[str], o
             "--format pt2 still works" + ("" if not verbose else "\n" + "".join(traceback.format_exception(err)))
         ) from err
     onnx_program.save(str(path), external_data=False)
+
+
+@contextlib.contextmanager
+def _no_approximate_no_ops() -> Iterator[None]:
+    """torch.onnx's optimizer without onnxscript's no-op rules (x + 0, x - 0, x * 1, x / 1, dropout).
+
+    onnxscript 0.7 matches their constant with math.isclose(abs_tol=1e-8), so ``x + 1e-8`` counts as ``x + 0``
+    and is deleted: mmdet3d's PointFPModule computes ``1 / (dist + 1e-8)``, and VoteNet's ONNX got inf where a
+    point coincides with a sampled one (dist 0). Exact no-ops are rare in exported graphs; dropping the rules
+    costs a few Identity-like nodes at most.
+    """
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import _no_op
+
+    original = rewriter._DEFAULT_REWRITE_RULES
+    rewriter._DEFAULT_REWRITE_RULES = tuple(rule for rule in original if rule not in _no_op.rules.rules)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = original
 
 
 @contextlib.contextmanager

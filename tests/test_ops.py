@@ -706,3 +706,22 @@ def test_registry_is_complete() -> None:
     for entry in OP_LIBRARY.values():
         module_path, name = entry.mmcv_target.rsplit(".", 1)
         assert getattr(__import__(module_path, fromlist=[name]), name) is not None
+
+
+class Reciprocal(nn.Module):
+    def forward(self, distance: Tensor) -> Tensor:
+        return 1.0 / (distance + 1e-8)  # mmdet3d's PointFPModule weights
+
+
+def test_onnx_keeps_small_epsilons(tmp_path) -> None:
+    """onnxscript's no-op rules treat `x + 1e-8` as `x + 0`; the export must keep the epsilon (1/0 would be inf)."""
+    import onnxruntime
+
+    from autoexport.export import export_onnx
+
+    program = torch.export.export(Reciprocal(), (torch.rand(2, 3),), strict=False)
+    export_onnx(program, ["distance"], ["weight"], tmp_path / "reciprocal.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "reciprocal.onnx"), providers=["CPUExecutionProvider"])
+    distance = np.array([[0.0, 1e-3, 2.0], [4.0, 0.0, 1e-7]], dtype=np.float32)
+    np.testing.assert_allclose(session.run(None, {"distance": distance})[0], 1.0 / (distance + np.float32(1e-8)),
+                               rtol=1e-6)

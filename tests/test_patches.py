@@ -116,3 +116,41 @@ def test_padded_rows_land_in_the_spare_canvas_row_and_are_dropped():
     with export_patches(scatter, PatchContext(batch_size=1, spare_batch_row=True)):
         got = scatter(pad_feats, pad_coors, 1)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_point_op_functions_are_substituted_wherever_imported_and_restored():
+    """mmdet3d's PointNet++ set abstraction calls mmcv's CUDA-only FPS, ball query, grouping and gather through
+    names bound at import; the substitution rebinds them for the eager reference and for torch.export."""
+    import mmcv.ops
+    import numpy as np
+    import pytest
+    from mmdet3d.models.layers.pointnet_modules import PointSAModule
+    from mmdet3d.models.layers.pointnet_modules import point_sa_module
+
+    from autoexport.patches import eager_substitutions, substituted_op_functions
+    from test_ops import np_furthest_point_sample, point_cloud_batch
+
+    torch.manual_seed(5)
+    module = PointSAModule(num_point=16, radius=0.6, num_sample=8, mlp_channels=[3, 8], use_xyz=True).eval()
+    xyz, features = point_cloud_batch(1, 120, seed=6), torch.randn(1, 3, 120)
+    with pytest.raises(Exception):  # mmcv 2.1.0 has no CPU kernel for these ops
+        module(xyz, features)
+
+    with eager_substitutions("cpu") as substituted, torch.no_grad():
+        new_xyz, new_features, indices = module(xyz, features)
+    names = {p.substitutes for p in substituted if not p.method}
+    assert {"mmcv.ops.furthest_point_sample", "mmcv.ops.ball_query", "mmcv.ops.gather_points"} <= names
+    np.testing.assert_array_equal(indices.numpy(), np_furthest_point_sample(xyz.numpy(), 16))
+    torch.testing.assert_close(new_xyz, xyz[0, indices[0].long()][None], rtol=0, atol=0)
+
+    with substituted_op_functions() as called, torch.no_grad():
+        program = torch.export.export(module, (xyz, features), strict=False)
+    assert {p.substitutes for p in called} == {"mmcv.ops.furthest_point_sample", "mmcv.ops.ball_query",
+                                               "mmcv.ops.grouping_operation", "mmcv.ops.gather_points"}
+    assert "autoexport.furthest_point_sample" in str(program.graph)
+    other_xyz, other_features = point_cloud_batch(1, 120, seed=7), torch.randn(1, 3, 120)
+    with eager_substitutions("cpu"), torch.no_grad():
+        expected = module(other_xyz, other_features)
+    for got, want in zip(program.module()(other_xyz, other_features), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert point_sa_module.gather_points is mmcv.ops.gather_points  # restored
