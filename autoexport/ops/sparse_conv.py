@@ -153,7 +153,9 @@ def subm_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int]
     queries = _linear(indices64[:, None, 0], neighbor_coords, spatial_shape)
     queries = torch.where(inside, queries, torch.full_like(queries, -1))
     keys = _linear(indices64[:, 0], indices64[:, 1:], spatial_shape)
-    num_cells = int(batch_size) * math.prod(spatial_shape)
+    # Only dense tables need the cell count; the sort also serves batch sizes that are data-dependent
+    # (dynamic-voxelization VoxelNet passes coors[-1, 0] + 1).
+    num_cells = int(batch_size) * math.prod(spatial_shape) if site_index == "dense" else 0
     neighbors = _lookup(keys, queries.reshape(-1), num_cells, site_index).reshape(queries.shape)
     return Rulebook(indices, indices, neighbors, list(spatial_shape), list(spatial_shape))
 

@@ -13,16 +13,12 @@ from torch import Tensor
 
 __all__ = ["sorted_unique"]
 
-# Smaller than any linear site index or query (queries use -1 for "outside the grid"), so the first sorted value
-# always starts a run.
-_BEFORE_ANY_VALUE = torch.iinfo(torch.int64).min
-
-
 def sorted_unique(values: Tensor) -> tuple[Tensor, Tensor]:
     """(distinct values ascending, index of each value's distinct value), for 1-D int64 ``values``."""
     ordered, order = torch.sort(values)
-    previous = torch.cat([ordered.new_full((1,), _BEFORE_ANY_VALUE), ordered[:-1]])
-    run_start = ordered != previous
+    # A gather, not ordered[:-1]: slicing a data-dependent (unbacked) length makes torch.export guard on it.
+    positions = torch.arange(ordered.shape[0], device=values.device)
+    run_start = (ordered != ordered[(positions - 1).clamp(min=0)]) | (positions == 0)
     run_of_sorted = torch.cumsum(run_start.to(torch.int64), dim=0) - 1
     inverse = torch.zeros_like(run_of_sorted).index_put((order,), run_of_sorted)
     return ordered[run_start], inverse
