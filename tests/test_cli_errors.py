@@ -69,9 +69,13 @@ def test_existing_output_dir_is_refused_without_overwrite(tmp_path: Path, caplog
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_model_that_cannot_run_names_module_and_op(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    """VoteNet's furthest point sampling has no CPU kernel in mmcv 2.1.0 and no substitution is registered yet:
-    exit 3, the module, the op, what to do."""
+def test_model_that_cannot_run_names_module_and_op(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch):
+    """An op with no CPU kernel in mmcv 2.1.0 and no substitution: VoteNet's furthest point sampling with the
+    point-op substitutions unregistered. Exit 3, the module, the op, what to do."""
+    from autoexport import patches
+
+    monkeypatch.setattr(patches, "OP_FUNCTION_SUBSTITUTIONS", [])
     out = tmp_path / "out"
     assert export_to("votenet_8xb8_scannet-3d", out) == 3
     assert "DFPSSampler" in caplog.text and "furthest_point_sample" in caplog.text
