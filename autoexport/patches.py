@@ -550,6 +550,7 @@ def substituted_op_functions(device: str | None = None,
     replacements = {key: _recording(sub, used) for key, (sub, _) in originals.items()}
     rebound: list[tuple[Any, str, Any]] = []
     where: dict[str, list[str]] = {}
+    loaded_before = set(sys.modules)
     for module_name, module in list(sys.modules.items()):
         if module is None or module_name.startswith(("autoexport", "torch")):
             continue
@@ -570,6 +571,18 @@ def substituted_op_functions(device: str | None = None,
     finally:
         for module, name, value in reversed(rebound):
             setattr(module, name, value)
+        # A module first imported inside the block (mmengine's registry imports mmdet3d.models lazily, at the first
+        # build) bound the substitutes from the rebound mmcv.ops; give it mmcv's functions back too.
+        originals_by_replacement = {id(replacements[key]): (replacements[key], original)
+                                    for key, (_, original) in originals.items()}
+        for module_name in set(sys.modules) - loaded_before:
+            module = sys.modules.get(module_name)
+            if module is None:
+                continue
+            for name, value in list(vars(module).items()):
+                entry = originals_by_replacement.get(id(value))
+                if entry is not None and value is entry[0]:
+                    setattr(module, name, entry[1])
     if report == "called":
         result.extend(applied(used.values()))
 

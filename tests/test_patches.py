@@ -154,3 +154,24 @@ def test_point_op_functions_are_substituted_wherever_imported_and_restored():
     for got, want in zip(program.module()(other_xyz, other_features), expected):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert point_sa_module.gather_points is mmcv.ops.gather_points  # restored
+
+
+def test_point_op_functions_are_restored_in_modules_imported_inside_the_block(tmp_path, monkeypatch):
+    """mmengine's registry imports mmdet3d.models at the first build, inside the export's substitution block; a
+    module imported there binds the substitute and must get mmcv's function back on exit (it once kept it, so
+    later exports in the process recorded their calls into a finished block's list)."""
+    import sys
+
+    import mmcv.ops
+
+    from autoexport.patches import substituted_op_functions
+
+    (tmp_path / "imported_inside_block.py").write_text("from mmcv.ops import gather_points, ball_query\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "imported_inside_block", raising=False)
+    with substituted_op_functions():
+        import imported_inside_block
+        bound_inside = imported_inside_block.gather_points
+    assert bound_inside is not mmcv.ops.gather_points  # the substitute was bound inside the block
+    assert imported_inside_block.gather_points is mmcv.ops.gather_points
+    assert imported_inside_block.ball_query is mmcv.ops.ball_query
