@@ -4,6 +4,7 @@ directory that is moved into place only when everything succeeded."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import shutil
@@ -34,7 +35,7 @@ from .quantize import QuantRecipe, QuantizationResult, freeze_for_export, frozen
 from .half import HalfResult, to_fp16
 from .samples import point_files_in
 from .boundaries import heads_of
-from .verify import DEFAULT_TOLERANCES, Comparator, ParityReport, Tolerance
+from .verify import DEFAULT_TOLERANCES, Comparator, ParityReport, Tolerance, measure_against_float64
 from .wrap import build_wrapper, generate_wrapper_source, write_wrapper
 
 log = logging.getLogger("autoexport")
@@ -314,6 +315,30 @@ def _fidelity(options: ExportOptions, analysis: Analysis, fp32_runner: EagerRunn
     return report
 
 
+def _float64_reference(model: torch.nn.Module, wrapper_path: Path, manifest: Manifest, feeds: dict[str, dict],
+                       device: str) -> dict[str, dict[str, np.ndarray]]:
+    """Eager outputs of a float64 copy of the model on float64 inputs: the yardstick for fp32 rounding."""
+    runner = EagerRunner(build_wrapper(wrapper_path, copy.deepcopy(model).double()), manifest.input_names,
+                         manifest.output_names, device)
+    return {name: runner.infer({k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feed.items()})
+            for name, feed in feeds.items()}
+
+
+def _diagnose_with_float64(parity: ParityReport, comparator: Comparator, model: torch.nn.Module, wrapper_path: Path,
+                           manifest: Manifest, feeds: dict[str, dict], expected: dict[str, dict],
+                           device: str) -> None:
+    samples = {c.sample for c in parity.failures()}
+    try:
+        expected64 = _float64_reference(model, wrapper_path, manifest, {s: feeds[s] for s in samples}, device)
+    except Exception as exc:  # noqa: BLE001 - a diagnosis only; models that hard-code float32 cannot run in float64
+        log.info("  float64 reference not available (%s: %s)", type(exc).__name__, str(exc).splitlines()[0][:160])
+        return
+    measure_against_float64(parity, comparator.failed_outputs, expected, expected64)
+    for check in parity.failures():
+        if check.float64:
+            log.info("  %s %s on %s, %s", check.runtime, check.output, check.sample, check.note)
+
+
 def run_export(options: ExportOptions) -> ExportResult:
     # Where mmcv has no kernel for an op on this device (sparse convolution on CPU), the eager reference runs the
     # op library's substitute, which tests/test_ops.py checks against mmcv or a dense reference.
@@ -434,8 +459,12 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
                 log.info("  %s: not run (%s)", item.runtime, item.reason)
             reference_name = ("eager PyTorch (the original mmdet3d code through wrapper.py)" if not quantized_reference
                               else "eager PyTorch of the INT8 model (its frozen quantize/dequantize ops, wrapper.py)")
-            parity = Comparator(options.tolerances).compare(
+            comparator = Comparator(options.tolerances)
+            parity = comparator.compare(
                 runners, feeds, expected, ParityReport(reference_name, options.tolerances, skipped=skipped))
+            if not quantized_reference and any(c.precision == "fp32" for c in parity.failures()):
+                _diagnose_with_float64(parity, comparator, analysis.model, wrapper_path, manifest, feeds, expected,
+                                       options.device)
         if options.split:
             with stages.stage("split", "export named stages, check each alone and chained"), \
                     quiet_export_logs(options.verbose):

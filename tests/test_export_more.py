@@ -94,6 +94,9 @@ def test_failed_parity_exits_1_and_keeps_artifacts_out_of_the_output_dir(tmp_pat
     assert any(c["runtime"] == "onnxruntime" and not c["passed"] for c in parity["checks"])
     assert _meta(failed)["status"] == "parity_failed"
     assert "parity failed" in caplog.text and "elements outside" in caplog.text
+    # Each failed check is also measured against a float64 run of the model (eager fp32 misses a zero tolerance too).
+    measured = [c["float64"] for c in parity["checks"] if not c["passed"]]
+    assert measured and all(m is not None and m["eager_fp32_mismatched"] > 0 for m in measured)
     assert not (failed / "model.pt2").exists(), "--format onnx writes no model.pt2"
     shutil.rmtree(failed)
 

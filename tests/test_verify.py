@@ -57,3 +57,32 @@ def test_comparator_reports_each_runner_sample_and_output():
     assert {(c.sample, c.passed) for c in report.checks if c.runtime == "offset"} == {("s0", True), ("s1", True), ("s0", False), ("s1", False)}
     summary = report.to_json()["summary"]["offset"]
     assert summary["checks"] == 4 and abs(summary["worst_max_abs"] - 1e-2) < 1e-6
+
+
+def test_failed_fp32_checks_are_measured_against_float64():
+    """A failure is put against eager float64: here eager fp32 is itself 3e-4 off the exact value (rounding at the
+    tolerance's scale) while the runtime is 5e-4 off on another element; the verdict stays failed."""
+    from autoexport.verify import measure_against_float64
+
+    exact = np.array([1.0, 2.0, 3.0])
+    eager32 = np.array([1.0 + 3e-4, 2.0, 3.0], np.float32)
+    runtime = np.array([1.0 + 3e-4, 2.0 + 5e-4, 3.0], np.float32)
+
+    class _Fixed(Runner):
+        name = "fixed"
+
+        def __init__(self) -> None:
+            super().__init__(["x"], ["y"])
+
+        def infer(self, feed):
+            return {"y": runtime}
+
+    comparator = Comparator(TOL)
+    report = comparator.compare([_Fixed()], {"s": {"x": exact}}, {"s": {"y": eager32}})
+    assert not report.passed and set(comparator.failed_outputs) == {("fixed", "s", "y")}
+    measure_against_float64(report, comparator.failed_outputs, {"s": {"y": eager32}}, {"s": {"y": exact}})
+    check = report.failures()[0]
+    assert check.float64["eager_fp32_mismatched"] == 1 and check.float64["runtime_mismatched"] == 2
+    assert abs(check.float64["eager_fp32_max_abs"] - 3e-4) < 1e-6
+    assert abs(check.float64["runtime_max_abs"] - 5e-4) < 1e-6
+    assert "against eager float64" in check.note and not report.passed
