@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import camera
 from . import samples as sample_data
-from .boundaries import TensorBoundary, boundary_for, heads_of, output_namer_for
+from .boundaries import TensorBoundary, boundary_for, heads_of, host_inputs_for, output_namer_for
 from .errors import ExportFailedError, UserInputError
 from .manifest import (METAINFO_TENSOR_KEYS, DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
                        get_by_path, iter_tensors, metainfo_path, parse_metainfo_path, path_to_identifier,
@@ -278,13 +278,16 @@ def _sample_spec(cfg: Any, workdir: Path | None = None) -> SampleSpec:
 
 def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
                   sources: list[sample_data.SampleSource], quiet: bool = False) -> list[PreparedSample]:
+    host_inputs = host_inputs_for(boundary_for(model)[0])
     from mmengine.dataset import Compose, pseudo_collate
 
     pipeline = Compose(pipeline_cfg)
     prepared = []
-    for source in sources:
+    for ordinal, source in enumerate(sources):
         try:
-            packed = pipeline(copy.deepcopy(source.info))
+            with tempfile.TemporaryDirectory(prefix="autoexport-masks-") as masks:
+                sample_data.add_annotation_stand_ins([source], pipeline_cfg, Path(masks))
+                packed = pipeline(copy.deepcopy(source.info))
         except Exception as err:
             raise UserInputError(f"the test pipeline failed on {source.origin}: {type(err).__name__}: {err}") from None
         with torch.no_grad():
@@ -296,6 +299,9 @@ def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
                                     f"({' -> '.join(str(t.get('type')) for t in pipeline_cfg)}) probably packs "
                                     "several augmented views. What to do: export with a config whose test "
                                     "pipeline has no test-time augmentation")
+        if host_inputs is not None:  # e.g. a segmentor's sliding patches: host-side work before the graph
+            with torch.no_grad():
+                batch["inputs"] = host_inputs(model, batch["inputs"], batch["data_samples"], ordinal)
         prepared.append(PreparedSample(source.name, source.role, source.origin, source.num_points,
                                        batch["inputs"], batch["data_samples"]))
         if not quiet:
@@ -573,6 +579,7 @@ def postprocess_info(model: torch.nn.Module, cfg: Any, boundary: TensorBoundary)
     head_cfgs = {attr: _plain(model_cfg.get(attr)) for attr in boundary.head_attrs if model_cfg.get(attr) is not None}
     return {"head_types": [type(h).__name__ for h in heads], "heads": head_cfgs,
             "test_cfg": _plain(model_cfg.get("test_cfg", {})),
+            **({"host_side": boundary.host_side} if boundary.host_side else {}),
             "classes": list(getattr(model, "dataset_meta", {}).get("classes", []))}
 
 

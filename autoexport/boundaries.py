@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
+
 from .registry import ClassRegistry
 
 TensorForward = Callable[[Any, dict, list], Any]
@@ -19,6 +21,10 @@ TensorForward = Callable[[Any, dict, list], Any]
 class TensorBoundary:
     forward_name: str  # name of a function in this module: (model, inputs, data_samples) -> raw outputs
     head_attrs: tuple[str, ...]  # attributes of the detector holding the dense head(s), for naming/metadata
+    # Name of a function in this module turning the data preprocessor's inputs into the graph's, for models whose
+    # inference starts with host-side work the graph should not hold: (model, inputs, data_samples, ordinal) -> inputs.
+    host_inputs: str = ""
+    host_side: str = ""  # what the host does around the graph, for metadata.json
 
 
 def tensor_mode_forward(model: Any, inputs: dict, data_samples: list) -> Any:
@@ -39,9 +45,40 @@ def mvx_two_stage_forward(model: Any, inputs: dict, data_samples: list) -> Any:
     return outputs["pts"] if list(outputs) == ["pts"] else outputs
 
 
+def sliding_patches(model: Any, inputs: dict, data_samples: list, ordinal: int) -> dict:
+    """EncoderDecoder3D's slide inference cuts the cloud into overlapping blocks of test_cfg.num_points points
+    (random fill, so the RNG is seeded per sample) and runs the network on batches of them. The graph takes a
+    batch of patches; sample k carries 2 + k of them, so the patch count is a dynamic dim (the host sends up to
+    test_cfg.batch_size at once). Whole-scene mode passes the cloud as one patch."""
+    points = inputs["points"]
+    cfg = model.test_cfg
+    if cfg.get("mode") != "slide":
+        return {"patches": torch.stack(points)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ordinal)
+        patches, _ = model._sliding_patch_generation(points[0], cfg.num_points, cfg.block_size, cfg.sample_rate,
+                                                     cfg.use_normalized_coord)
+    patches = patches.view(-1, cfg.num_points, patches.shape[-1])
+    count = min(2 + ordinal, patches.shape[0])
+    return {"patches": patches[:count].contiguous()}
+
+
+def segmentor_patch_forward(model: Any, inputs: dict, data_samples: list) -> Any:
+    """EncoderDecoder3D's network on a batch of patches (B, num_points, C): per-point class logits (B, K, N)."""
+    # The decode heads ignore the metas; one per patch would turn the dynamic patch count into a Python int.
+    return model.encode_decode(inputs["patches"], [sample.metainfo for sample in data_samples])
+
+
+_SLIDE_HOST_SIDE = ("cut each cloud into patches with EncoderDecoder3D._sliding_patch_generation(points, "
+                    "test_cfg.num_points, block_size, sample_rate, use_normalized_coord), run the graph on up to "
+                    "test_cfg.batch_size patches at a time, and average each point's logits over the patches that "
+                    "hold it (scatter_add by patch index, divide by bincount), as slide_inference does")
+
 BOUNDARIES: ClassRegistry[TensorBoundary] = ClassRegistry("tensor boundary")
 BOUNDARIES.register("Base3DDetector", TensorBoundary("tensor_mode_forward", ("bbox_head",)))
 BOUNDARIES.register("MVXTwoStageDetector", TensorBoundary("mvx_two_stage_forward", ("pts_bbox_head", "img_bbox_head")))
+BOUNDARIES.register("EncoderDecoder3D", TensorBoundary("segmentor_patch_forward", ("decode_head",),
+                                                       host_inputs="sliding_patches", host_side=_SLIDE_HOST_SIDE))
 
 
 def boundary_for(model: Any) -> tuple[TensorBoundary, TensorForward]:
@@ -52,6 +89,10 @@ def boundary_for(model: Any) -> tuple[TensorBoundary, TensorForward]:
     else:
         boundary = found[1]
     return boundary, globals()[boundary.forward_name]
+
+
+def host_inputs_for(boundary: TensorBoundary) -> Callable[[Any, dict, list, int], dict] | None:
+    return globals()[boundary.host_inputs] if boundary.host_inputs else None
 
 
 def heads_of(model: Any, boundary: TensorBoundary) -> list[Any]:
@@ -78,6 +119,10 @@ def _level_suffixed(names: tuple[str, ...]) -> OutputNamer:
 OUTPUT_NAMERS.register("Anchor3DHead", _level_suffixed(("cls_score", "bbox_pred", "dir_cls_pred")))
 OUTPUT_NAMERS.register("FreeAnchor3DHead", _level_suffixed(("cls_score", "bbox_pred", "dir_cls_pred")))
 OUTPUT_NAMERS.register("ShapeAwareHead", _level_suffixed(("cls_score", "bbox_pred", "dir_cls_pred")))
+
+
+# Segmentation decode heads (PointNet2Head, DGCNNHead, PAConvHead): one (B, num_classes, N) tensor.
+OUTPUT_NAMERS.register("Base3DDecodeHead", lambda path: "seg_logits" if not path else default_output_name(path))
 
 
 @OUTPUT_NAMERS.decorator("CenterHead")

@@ -140,6 +140,7 @@ _INPUT_MEANINGS: list[tuple[str, str]] = [
     (r"voxels\.voxel_centers$", "metric center (x, y, z) of each voxel"),
     (r"points\.\d+$", "raw point cloud of one sample after the test pipeline: (num_points, point_features)"),
     (r"imgs$", "normalized, padded image batch"),
+    (r"patches$", "a segmentor's point patches (num_patches, points_per_patch, point_features), cut on the host"),
     (r"img$", "normalized, padded image batch"),
 ]
 
@@ -147,6 +148,7 @@ _INPUT_MEANINGS: list[tuple[str, str]] = [
 _DIM_MEANINGS: list[tuple[str, int, str]] = [
     (r"voxels\.(voxels|num_points|coors|voxel_centers)$", 0, "num_voxels"),
     (r"points\.\d+$", 0, "num_points"),
+    (r"patches$", 0, "num_patches"),
 ]
 
 

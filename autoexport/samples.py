@@ -99,7 +99,10 @@ def point_cloud_format(cfg: Any, pipeline: list[dict]) -> PointCloudFormat:
     pc_range = next((t["point_cloud_range"] for t in transforms if t.get("type") == "PointsRangeFilter"), None)
     if pc_range is None:
         voxel_layer = cfg.model.get("data_preprocessor", {}).get("voxel_layer", {}) or {}
-        pc_range = voxel_layer.get("point_cloud_range", [-40.0, -40.0, -3.0, 40.0, 40.0, 1.0])
+        # Depth-camera datasets (ScanNet, S3DIS, SUNRGBD) are rooms: a street-sized scene would give an indoor
+        # segmentor's sliding window thousands of patches.
+        indoor = loader.get("coord_type") == "DEPTH"
+        pc_range = voxel_layer.get("point_cloud_range", INDOOR_RANGE if indoor else [-40.0, -40.0, -3.0, 40.0, 40.0, 1.0])
     dataset_type = dataset_type_of(cfg)
     return PointCloudFormat(
         load_dim=load_dim,
@@ -110,6 +113,9 @@ def point_cloud_format(cfg: Any, pipeline: list[dict]) -> PointCloudFormat:
         dataset_type=dataset_type,
     )
 
+
+# Scene extent for indoor (depth-camera) configs without a point cloud range: a 10 m x 10 m room, 3 m high.
+INDOOR_RANGE = [-5.0, -5.0, -1.0, 5.0, 5.0, 2.0]
 
 # Scene extent for camera-only configs, which name no point cloud range: KITTI's front area.
 CAMERA_ONLY_RANGE = [0.0, -40.0, -3.0, 70.4, 40.0, 1.0]
@@ -325,6 +331,31 @@ def synthesize_samples(fmt: PointCloudFormat, folder: Path, seed: int, box_type_
             files += [Path(s["lidar_points"]["lidar_path"]) for s in info["lidar_sweeps"]]
         sources.append(SampleSource(name, role, info, files, n, "synthesized"))
     return sources
+
+
+# ---- annotation stand-ins -------------------------------------------------------------------------
+
+# (LoadAnnotations3D flag, info key of the file it reads, the transform's dtype argument)
+_MASK_FILES = (("with_seg_3d", "pts_semantic_mask_path", "seg_3d_dtype"),
+               ("with_mask_3d", "pts_instance_mask_path", None))
+
+
+def add_annotation_stand_ins(sources: list[SampleSource], pipeline: list[dict], folder: Path) -> None:
+    """Segmentation test pipelines load the per-point masks for the evaluator (LoadAnnotations3D with_seg_3d,
+    PointSegClassMapping); the model never reads them. Each sample gets all-zero masks of the transform's dtype, one
+    label per point, and an identity label mapping, so the real pipeline runs on points alone."""
+    loaders = [t for t in iter_pipeline_transforms(pipeline) if t.get("type") == "LoadAnnotations3D"]
+    wanted = [(key, t.get(dtype_arg, "np.int64") if dtype_arg else "np.int64")
+              for flag, key, dtype_arg in _MASK_FILES for t in loaders if t.get(flag)]
+    maps_labels = any(t.get("type") == "PointSegClassMapping" for t in iter_pipeline_transforms(pipeline))
+    for source in sources:
+        for key, dtype_name in wanted:
+            if key not in source.info:
+                path = folder / f"{source.name}.{key}.bin"
+                np.zeros(source.num_points, dtype=getattr(np, str(dtype_name).split(".")[-1])).tofile(path)
+                source.info[key] = str(path)
+        if maps_labels and "seg_label_mapping" not in source.info:
+            source.info["seg_label_mapping"] = np.arange(256, dtype=np.int64)
 
 
 # ---- user samples --------------------------------------------------------------------------------
