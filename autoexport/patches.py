@@ -531,6 +531,19 @@ def _recording(sub: OpFunctionSubstitution, used: dict[str, OpFunctionSubstituti
     return substitute
 
 
+def _rebind_globals(modules: Iterable[tuple[str, Any]], swap: dict[int, tuple[Any, Any]]) -> list[tuple[Any, str, Any, str]]:
+    """Sets every global of `modules` that is one of swap's objects (keyed by id: (object, replacement)) to its
+    replacement. Returns (module, name, previous value, module name) for each one set."""
+    rebound = []
+    for module_name, module in modules:
+        for name, value in list(vars(module).items()):
+            entry = swap.get(id(value))
+            if entry is not None and value is entry[0]:
+                setattr(module, name, entry[1])
+                rebound.append((module, name, value, module_name))
+    return rebound
+
+
 @contextmanager
 def substituted_op_functions(device: str | None = None,
                              report: Literal["bound", "called"] = "called") -> Iterator[list[AppliedPatch]]:
@@ -547,19 +560,14 @@ def substituted_op_functions(device: str | None = None,
             continue  # mmcv without this op: nothing can call it
         originals[id(original)] = (sub, original)
     used: dict[str, OpFunctionSubstitution] = {}
-    replacements = {key: _recording(sub, used) for key, (sub, _) in originals.items()}
-    rebound: list[tuple[Any, str, Any]] = []
-    where: dict[str, list[str]] = {}
+    to_library = {key: (original, _recording(sub, used)) for key, (sub, original) in originals.items()}
     loaded_before = set(sys.modules)
-    for module_name, module in list(sys.modules.items()):
-        if module is None or module_name.startswith(("autoexport", "torch")):
-            continue
-        for name, value in list(vars(module).items()):
-            entry = originals.get(id(value))
-            if entry is not None and value is entry[1]:
-                rebound.append((module, name, value))
-                setattr(module, name, replacements[id(value)])
-                where.setdefault(entry[0].mmcv_function, []).append(module_name)
+    rebound = _rebind_globals(((name, module) for name, module in list(sys.modules.items())
+                               if module is not None and not name.startswith(("autoexport", "torch"))), to_library)
+    where: dict[str, list[str]] = {}
+    for _, _, value, module_name in rebound:
+        where.setdefault(originals[id(value)][0].mmcv_function, []).append(module_name)
+
     def applied(subs: Iterable[OpFunctionSubstitution]) -> list[AppliedPatch]:
         return [AppliedPatch(f"autoexport.ops.point_sample.{sub.library_function}", "",
                              _POINT_OP_REASON.format(name=sub.mmcv_function), tuple(where[sub.mmcv_function]),
@@ -569,20 +577,13 @@ def substituted_op_functions(device: str | None = None,
     try:
         yield result
     finally:
-        for module, name, value in reversed(rebound):
+        for module, name, value, _ in reversed(rebound):
             setattr(module, name, value)
         # A module first imported inside the block (mmengine's registry imports mmdet3d.models lazily, at the first
         # build) bound the substitutes from the rebound mmcv.ops; give it mmcv's functions back too.
-        originals_by_replacement = {id(replacements[key]): (replacements[key], original)
-                                    for key, (_, original) in originals.items()}
-        for module_name in set(sys.modules) - loaded_before:
-            module = sys.modules.get(module_name)
-            if module is None:
-                continue
-            for name, value in list(vars(module).items()):
-                entry = originals_by_replacement.get(id(value))
-                if entry is not None and value is entry[0]:
-                    setattr(module, name, entry[1])
+        to_mmcv = {id(replacement): (replacement, original) for original, replacement in to_library.values()}
+        _rebind_globals(((name, sys.modules[name]) for name in set(sys.modules) - loaded_before
+                         if sys.modules.get(name) is not None), to_mmcv)
     if report == "called":
         result.extend(applied(used.values()))
 
