@@ -153,7 +153,11 @@ def build_model(cfg: Any, device: str, seed: int, for_training: bool = False) ->
     model.cfg = cfg
     model.dataset_meta = {"classes": list(cfg.get("class_names", []))}
     model.requires_grad_(False)  # an inference export: parameters in model.pt2 need no grad
-    return model.to(device).eval()
+    # Not `model.to(device).eval()`: some detectors override train() without returning self (ImVoteNet),
+    # so eval() returns None there.
+    model.to(device)
+    model.eval()
+    return model
 
 
 def init_random_weights(model: torch.nn.Module) -> None:
@@ -290,6 +294,10 @@ def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
                 packed = pipeline(copy.deepcopy(source.info))
         except Exception as err:
             raise UserInputError(f"the test pipeline failed on {source.origin}: {type(err).__name__}: {err}") from None
+        if isinstance(packed, list) and len(packed) == 1:
+            # One augmented view packed inside MultiScaleFlipAug3D (Waymo configs): no test-time augmentation,
+            # the same unwrapping Pack3DDetInputs does for a one-view list.
+            packed = packed[0]
         with torch.no_grad():
             batch = model.data_preprocessor(pseudo_collate([packed]), False)
         if not isinstance(batch, dict) or "inputs" not in batch:

@@ -56,10 +56,13 @@ class CameraSpec:
 class CameraRig:
     cameras: tuple[CameraSpec, ...]
     image_suffix: str = ".png"
+    # The point cloud's frame as the dataset names it: indoor datasets project "depth" points with depth2img.
+    point_frame: str = "lidar"
 
 
 # Rigs keyed by dataset class. Nominal values of each dataset's sensor setup: KITTI's CAM2 (P2 of a
-# typical drive), nuScenes' six 1600x900 cameras at their mounting yaws.
+# typical drive), nuScenes' six 1600x900 cameras at their mounting yaws, SUN RGB-D's Kinect v2 frame
+# (730x530; depth frame x right, y forward, z up, so the camera looks along +y).
 CAMERA_RIGS: ClassRegistry[CameraRig] = ClassRegistry("camera rig")
 CAMERA_RIGS.register("KittiDataset", CameraRig((
     CameraSpec("CAM2", 1242, 375, 721.54, (609.56, 172.85), 0.0, (0.27, 0.0, -0.08)),)))
@@ -67,6 +70,8 @@ CAMERA_RIGS.register("NuScenesDataset", CameraRig(tuple(
     CameraSpec(name, 1600, 900, 1266.4, (816.3, 491.5), yaw, (0.5, 0.0, -0.3))
     for name, yaw in (("CAM_FRONT", 0.0), ("CAM_FRONT_RIGHT", -55.0), ("CAM_FRONT_LEFT", 55.0),
                       ("CAM_BACK", 180.0), ("CAM_BACK_LEFT", 110.0), ("CAM_BACK_RIGHT", -110.0))), ".jpg"))
+CAMERA_RIGS.register("SUNRGBDDataset", CameraRig((
+    CameraSpec("CAM0", 730, 530, 529.5, (365.0, 265.0), 90.0),), ".jpg", point_frame="depth"))
 
 
 def rig_for(dataset_type: str) -> CameraRig:
@@ -117,6 +122,8 @@ def write_images(rng: np.random.Generator, cloud: np.ndarray, intensity_scale: f
         images[camera.name] = dict(img_path=str(path), height=camera.height, width=camera.width,
                                    cam2img=cam2img.tolist(), lidar2cam=lidar2cam.tolist(),
                                    lidar2img=(cam2img @ lidar2cam).tolist())
+        if rig.point_frame != "lidar":
+            images[camera.name][f"{rig.point_frame}2img"] = images[camera.name]["lidar2img"]
     return images
 
 

@@ -198,3 +198,42 @@ def test_missing_custom_import_and_bad_module_arguments_exit_2(tmp_path: Path, c
     assert export_to(str(bad), tmp_path / "b") == 2
     assert "could not be built" in caplog.text and "resnet.py" in caplog.text and "Traceback" not in caplog.text
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+IMVOTENET = "imvotenet_stage2_8xb16_sunrgbd-3d"
+
+
+def test_sunrgbd_samples_project_depth_points_with_depth2img(tmp_path: Path) -> None:
+    """SUN RGB-D's parser reads depth2img of its default camera; the rig looks along the depth frame's +y."""
+    spec = _sample_spec(load_config(resolve_config(IMVOTENET)), tmp_path)
+    sources = spec.synthesize(tmp_path, seed=0)
+    info = sources[0].info
+    depth2img = np.asarray(info["depth2img"])
+    np.testing.assert_allclose(depth2img, np.asarray(info["images"]["CAM0"]["cam2img"])
+                               @ np.asarray(info["images"]["CAM0"]["lidar2cam"]), rtol=1e-6)
+    # A point 3 m straight ahead of the camera lands on the principal point; one 1 m to the right, right of it.
+    ahead = depth2img @ np.array([0.0, 3.0, 0.0, 1.0])
+    right = depth2img @ np.array([1.0, 3.0, 0.0, 1.0])
+    np.testing.assert_allclose(ahead[:2] / ahead[2], (365.0, 265.0), atol=1e-6)
+    assert right[0] / right[2] > 365.0 + 100
+    image = mmcv.imread(info["img_path"])
+    assert image.shape == (530, 730, 3) and image.std() > 20
+    assert sources[0].num_points == 14000 and Path(info["lidar_points"]["lidar_path"]).is_file()
+
+
+def test_detector_whose_train_returns_none_is_built_and_initialised(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """ImVoteNet.train() returns None, so `model.eval()` is None: the build must not chain it. Its two-stage 2D
+    branch then has no tensor path: a clear exit 3, not a traceback."""
+    from autoexport.analyze import build_model, init_random_weights
+
+    model = build_model(load_config(resolve_config(IMVOTENET)), "cpu", seed=0)
+    assert type(model).__name__ == "ImVoteNet" and not model.training
+    assert not model._is_init
+    init_random_weights(model)  # raised AttributeError on None before
+    assert model._is_init
+
+    out = tmp_path / "out"
+    assert export_to(IMVOTENET, out, "--format", "pt2") == 3
+    assert "the eager PyTorch run on cpu failed in module `<model>` (ImVoteNet)" in caplog.text
+    assert "Traceback" not in caplog.text and not out.exists()

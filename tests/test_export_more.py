@@ -117,3 +117,19 @@ def test_sparse_conv_model_exports_through_the_op_library(tmp_path: Path) -> Non
     import mmcv.ops.sparse_conv as sparse_conv
 
     assert sparse_conv.SparseConvolution.forward.__module__ == "mmcv.ops.sparse_conv"
+
+
+def test_one_view_test_time_augmentation_is_unwrapped(tmp_path: Path) -> None:
+    """Waymo configs pack inside MultiScaleFlipAug3D, so the pipeline returns a one-view list; the data
+    preprocessor then returned a list of batches. One view is no augmentation: it must reach the model as a batch."""
+    from autoexport.analyze import _run_pipeline, _sample_spec, build_model, load_config
+    from autoexport.configs import resolve_config
+
+    cfg = load_config(resolve_config("second_hv_secfpn_sbn-all_16xb2-2x_waymoD5-3d-3class"))
+    assert cfg.test_dataloader.dataset.pipeline[-1]["type"] == "MultiScaleFlipAug3D"
+    model = build_model(cfg, "cpu", seed=0)
+    spec = _sample_spec(cfg, tmp_path)
+    [prepared] = _run_pipeline(model, spec.pipeline, spec.synthesize(tmp_path, seed=0)[:1], quiet=True)
+    voxels = prepared.inputs["voxels"]
+    assert voxels["voxels"].shape[1:] == (20, 5) and voxels["voxels"].shape[0] > 1000  # Waymo: 5 features, 20 points
+    assert len(prepared.data_samples) == 1 and type(prepared.data_samples[0]).__name__ == "Det3DDataSample"
