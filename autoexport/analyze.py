@@ -147,6 +147,10 @@ def build_model(cfg: Any, device: str, seed: int, for_training: bool = False) ->
                              "add its package to the config's custom_imports") from None
     except (AssertionError, TypeError, ValueError) as err:  # the classes validate their arguments this way
         frame = traceback.extract_tb(err.__traceback__)[-1]
+        if "install" in str(err).lower():  # mmdet3d asserts optional libraries (torchsparse, MinkowskiEngine) this way
+            raise UserInputError(f"the config's model needs a library that is not installed here: {err} (asserted at "
+                                 f"{Path(frame.filename).name}:{frame.lineno}). What to do: install it; autoexport's "
+                                 "op library has no substitute for it") from None
         raise UserInputError(f"the config's model could not be built: {type(err).__name__}: {err or '(assertion)'} "
                              f"at {Path(frame.filename).name}:{frame.lineno} ({frame.line}); check the arguments "
                              "of that module in the config") from None

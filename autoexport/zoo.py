@@ -217,6 +217,7 @@ class ZooOptions:
     keep: bool = False
     coverage_json: Path | None = DEFAULT_COVERAGE
     markdown: Path | None = None  # None: print the table to stdout
+    replace_coverage: bool = False  # False: rows of configs not swept here stay in the coverage JSON
 
 
 @dataclass
@@ -503,6 +504,18 @@ def load_results(path: Path) -> dict[str, ZooResult]:
     return rows
 
 
+def previous_rows(coverage_json: Path | None) -> dict[str, ZooResult]:
+    """The rows of an existing coverage JSON, read before a sweep so that a file that is not one stops it early."""
+    if coverage_json is None or not coverage_json.is_file():
+        return {}
+    try:
+        rows = [ZooResult.from_json(r) for r in json.loads(coverage_json.read_text()).get("rows", [])]
+    except (ValueError, TypeError, AttributeError) as err:
+        raise UserInputError(f"{coverage_json} is not a coverage JSON written by `autoexport zoo` ({err}); move it "
+                             "away or pass --replace-coverage") from None
+    return {r.config: r for r in rows}
+
+
 def environment() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -582,6 +595,9 @@ def zoo_parser() -> argparse.ArgumentParser:
     p.add_argument("--coverage-json", type=Path, default=DEFAULT_COVERAGE,
                    help=f"coverage summary and rows (default {DEFAULT_COVERAGE})")
     p.add_argument("--markdown", type=Path, help="write the coverage table here (default: print it)")
+    p.add_argument("--replace-coverage", action="store_true",
+                   help="write only this output folder's results to the coverage JSON (default: configs it has not "
+                        "recorded keep their rows from the existing coverage JSON)")
     p.add_argument("--list", action="store_true", help="list the selected model-zoo configs and exit")
     p.add_argument("--verbose", action="store_true")
     return p
@@ -594,7 +610,8 @@ def options_from_args(args: argparse.Namespace) -> ZooOptions:
         raise UserInputError("--timeout must be positive")
     return ZooOptions(output=args.output.expanduser().resolve(), backends=tuple(args.backend),
                       timeout_s=args.timeout, jobs=args.jobs, resume=args.resume, keep=args.keep,
-                      coverage_json=args.coverage_json, markdown=args.markdown)
+                      coverage_json=args.coverage_json, markdown=args.markdown,
+                      replace_coverage=args.replace_coverage)
 
 
 def run_zoo(args: argparse.Namespace) -> int:
@@ -610,6 +627,7 @@ def run_zoo(args: argparse.Namespace) -> int:
             print(f"{e.family:22} {e.config:70} {e.task:28} {'' if e.path else 'NOT SHIPPED'}")
         return EXIT_OK
 
+    previous = {} if options.replace_coverage else previous_rows(options.coverage_json)
     options.output.mkdir(parents=True, exist_ok=True)
     recorded = load_results(options.output / RESULTS_FILE)
     wanted = sorted(options.backends)
@@ -636,7 +654,13 @@ def run_zoo(args: argparse.Namespace) -> int:
                       sweep.results_path)
             return 130
 
-    rows = _ordered(load_results(options.output / RESULTS_FILE).values())
+    recorded = load_results(options.output / RESULTS_FILE)
+    # A sweep of a few families (or into a fresh output folder) updates the table instead of replacing it.
+    kept = {c: r for c, r in previous.items() if c not in recorded}
+    if kept:
+        log.info("zoo: %d configs not recorded in %s keep their rows from %s (--replace-coverage drops them)",
+                 len(kept), options.output / RESULTS_FILE, options.coverage_json)
+    rows = _ordered([*recorded.values(), *kept.values()])
     if options.coverage_json:
         options.coverage_json.parent.mkdir(parents=True, exist_ok=True)
         options.coverage_json.write_text(json.dumps(coverage(rows, index, options), indent=2) + "\n")

@@ -12,8 +12,8 @@ from autoexport.cli import main
 from conftest import KITTI_PP
 
 FCOS3D = "fcos3d_r101-caffe-dcn_fpn_head-gn_8xb2-1x_nus-mono3d"
-# Its test pipeline packs test-time-augmented views: the export stops in analyze (exit 3) after ~6 s.
-SECOND_WAYMO = "second_hv_secfpn_sbn-all_16xb2-2x_waymoD5-3d-3class"
+# Its backbone asserts torchsparse is installed (it is not): the export stops in analyze (exit 2) after ~6 s.
+MINKUNET = "minkunet18_w16_torchsparse_8xb2-amp-15e_semantickitti"
 
 
 # ---- enumeration --------------------------------------------------------------------------------------------------
@@ -110,34 +110,34 @@ def _rows(path: Path) -> list[dict]:
 def test_sweep_records_verdicts_resumes_and_tabulates(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                       monkeypatch: pytest.MonkeyPatch):
     out, cov, table = tmp_path / "zoo", tmp_path / "coverage.json", tmp_path / "table.md"
-    args = ["zoo", "--config", KITTI_PP, SECOND_WAYMO, "--output", str(out), "--coverage-json", str(cov),
+    args = ["zoo", "--config", KITTI_PP, MINKUNET, "--output", str(out), "--coverage-json", str(cov),
             "--markdown", str(table), "--jobs", "2"]
     assert main(args) == 0
 
     rows = {r["config"]: r for r in _rows(out / zoo.RESULTS_FILE)}
-    assert set(rows) == {KITTI_PP, SECOND_WAYMO}
-    pp, waymo = rows[KITTI_PP], rows[SECOND_WAYMO]
+    assert set(rows) == {KITTI_PP, MINKUNET}
+    pp, mink = rows[KITTI_PP], rows[MINKUNET]
     assert (pp["verdict"], pp["pt2"], pp["onnx"], pp["ort_parity"], pp["iree_parity"], pp["exit_code"]) == \
         ("pass", "pass", "pass", "pass", "-", 0)
     assert pp["method"].startswith("patched") and "PointPillarsScatter.forward" in pp["patches"]
     assert pp["reason"] == "" and pp["family"] == "pointpillars" and pp["task"] == "3D Object Detection"
-    assert (waymo["verdict"], waymo["exit_code"], waymo["pt2"], waymo["onnx"], waymo["ort_parity"]) == \
-        ("export failed", 3, "not reached", "not reached", "not reached")
-    assert "packs several augmented views" in waymo["reason"] and "\n" not in waymo["reason"]
-    assert waymo["stage"] == "analyze" and waymo["method"] == "-"
+    assert (mink["verdict"], mink["exit_code"], mink["pt2"], mink["onnx"], mink["ort_parity"]) == \
+        ("bad input", 2, "not reached", "not reached", "not reached")
+    assert "install Torchsparse" in mink["reason"] and "\n" not in mink["reason"]
+    assert mink["stage"] == "analyze" and mink["method"] == "-"
     # Exports are deleted once recorded; the logs stay.
-    assert not (out / KITTI_PP).exists() and not (out / SECOND_WAYMO).exists()
+    assert not (out / KITTI_PP).exists() and not (out / MINKUNET).exists()
     assert (out / "logs" / f"{KITTI_PP}.log").is_file()
     assert "[2/2 done]" in caplog.text and f"zoo: start {KITTI_PP}" in caplog.text
 
     report = json.loads(cov.read_text())
-    assert report["summary"]["by_verdict"] == {"pass": 1, "export failed": 1}
+    assert report["summary"]["by_verdict"] == {"pass": 1, "bad input": 1}
     assert report["summary"]["by_family"]["pointpillars"] == {"total": 1, "pass": 1}
     assert report["zoo"]["entries"] == 116 and "torch" in report["environment"] and len(report["rows"]) == 2
     markdown = table.read_text()
     assert "| config | family | PT2 | ONNX | ORT parity | IREE parity | method | reason |" in markdown
     assert f"| {KITTI_PP} | pointpillars | pass | pass | pass | - | patched" in markdown
-    assert f"| {SECOND_WAYMO} | second | not reached | not reached | not reached | - | - | the data preprocessor" \
+    assert f"| {MINKUNET} | minkunet | not reached | not reached | not reached | - | - | the config's model" \
         in markdown
 
     # Resume: both are recorded, so nothing runs again.
@@ -149,14 +149,30 @@ def test_sweep_records_verdicts_resumes_and_tabulates(tmp_path: Path, caplog: py
         patched.setattr(zoo.Sweep, "run_entry", no_export)
         assert main(args) == 0
     assert "2 of 2 already recorded" in caplog.text and len(_rows(out / zoo.RESULTS_FILE)) == 2
-    assert f"| {KITTI_PP} |" in table.read_text() and f"| {SECOND_WAYMO} |" in table.read_text()
+    assert f"| {KITTI_PP} |" in table.read_text() and f"| {MINKUNET} |" in table.read_text()
 
     # --no-resume runs it again (a second line); a timeout kills it and says so. The table keeps one row per config.
-    assert main(["zoo", "--config", SECOND_WAYMO, "--output", str(out), "--coverage-json", str(cov), "--markdown",
+    assert main(["zoo", "--config", KITTI_PP, "--output", str(out), "--coverage-json", str(cov), "--markdown",
                  str(table), "--no-resume", "--timeout", "2"]) == 0
     lines = _rows(out / zoo.RESULTS_FILE)
-    assert len(lines) == 3 and lines[-1]["config"] == SECOND_WAYMO
+    assert len(lines) == 3 and lines[-1]["config"] == KITTI_PP
     assert lines[-1]["verdict"] == "timeout" and lines[-1]["reason"].startswith("timed out after 2 s")
-    assert not list(out.glob(f"*{SECOND_WAYMO}*"))
+    assert not list(out.glob(f"*{KITTI_PP}*"))
     report = json.loads(cov.read_text())
-    assert report["summary"]["by_verdict"] == {"pass": 1, "timeout": 1}
+    assert report["summary"]["by_verdict"] == {"timeout": 1, "bad input": 1}
+
+    # A sweep of one config into a fresh output folder updates the coverage JSON: the other config keeps its row.
+    caplog.clear()
+    fresh = ["zoo", "--config", MINKUNET, "--output", str(tmp_path / "fresh"), "--coverage-json", str(cov),
+             "--markdown", str(table)]
+    assert main(fresh) == 0
+    assert "1 configs not recorded" in caplog.text
+    report = json.loads(cov.read_text())
+    assert {r["config"]: r["verdict"] for r in report["rows"]} == {KITTI_PP: "timeout", MINKUNET: "bad input"}
+    assert f"| {KITTI_PP} |" in table.read_text()
+    # --replace-coverage writes only what this output folder recorded.
+    assert main([*fresh, "--replace-coverage"]) == 0
+    assert [r["config"] for r in json.loads(cov.read_text())["rows"]] == [MINKUNET]
+    # A coverage file that is not one is refused (exit 2) rather than overwritten.
+    cov.write_text("[1, 2]")
+    assert main(fresh) == 2 and cov.read_text() == "[1, 2]"
