@@ -66,9 +66,61 @@ def _compile_tool() -> str:
     return binaries.find_tool("iree-compile")
 
 
+LOOP_CONDITION_TRUE = "autoexport_loop_condition_true"
+
+
+def make_loops_for_like(model: "onnx.ModelProto") -> int:
+    """Rewrite the graph's ONNX Loops into the form torch-mlir's importer lowers (to torch.prim.Loop).
+
+    Two gaps, both in the FPS translation (autoexport.ops.point_sample): onnxscript leaves the optional loop
+    condition empty, which the importer cannot bind (it needs a tensor), and shape inference gives the Loop's
+    results and the body's carried values no type, which the importer then declares as scalars where prim.Loop
+    needs the inits' types. So: an explicit `true` condition (the body already forwards it unchanged, the for-like
+    form), and each loop-carried result, body argument and body result typed like its init. Valid because the
+    library's loops keep their carried shapes. FPS over a distance matrix (3DSSD's F-FPS) still fails: its body
+    has an Unsqueeze that shape inference leaves untyped. Returns the number of loops rewritten."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    loops = [n for n in model.graph.node if n.op_type == "Loop" and n.domain in ("", "ai.onnx")]
+    if not loops:
+        return 0
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)  # the importer's own inference
+    types = {v.name: v.type for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
+    if not any(i.name == LOOP_CONDITION_TRUE for i in model.graph.initializer):
+        model.graph.initializer.append(helper.make_tensor(LOOP_CONDITION_TRUE, TensorProto.BOOL, [], [True]))
+    declared = {v.name: v for v in model.graph.value_info}
+    for loop in loops:
+        while len(loop.input) < 2:
+            loop.input.append("")
+        if not loop.input[1]:
+            loop.input[1] = LOOP_CONDITION_TRUE
+        body = next(a.g for a in loop.attribute if a.name == "body")
+        for init, result, body_arg, body_result in zip(loop.input[2:], loop.output, body.input[2:], body.output[1:]):
+            if init not in types:
+                continue
+            if result in declared:
+                declared[result].type.CopyFrom(types[init])
+            else:
+                model.graph.value_info.append(helper.make_value_info(result, types[init]))
+            for value in (body_arg, body_result):  # the prim.Loop region's arguments and yields
+                value.type.CopyFrom(types[init])
+    return len(loops)
+
+
 def import_onnx(onnx_path: Path, mlir_path: Path) -> None:
-    _run_tool([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(onnx_path), "-o", str(mlir_path)],
-              "iree-import-onnx")
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    rewritten = mlir_path.with_name(f".{mlir_path.stem}.loops.onnx")
+    if make_loops_for_like(model):
+        onnx.save(model, str(rewritten))
+        onnx_path = rewritten
+    try:
+        _run_tool([sys.executable, "-m", "iree.compiler.tools.import_onnx", str(onnx_path), "-o", str(mlir_path)],
+                  "iree-import-onnx")
+    finally:
+        rewritten.unlink(missing_ok=True)  # an intermediate, like the .mlir
 
 
 def compile_vmfb(mlir_path: Path, vmfb_path: Path, flags: Sequence[str]) -> None:
