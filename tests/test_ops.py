@@ -121,7 +121,10 @@ def test_deform_conv_packs_match_mmcv() -> None:
         ours = ours_class(16, 16, 3, padding=1, deform_groups=2)
         ours.load_state_dict(reference.state_dict())
         with torch.no_grad():
-            torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+            expected = reference(x)
+            torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
+            # The export patch binds the library's forward to mmcv's own module (CenterPoint's DCN head).
+            torch.testing.assert_close(ours_class.forward(reference, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_points_in_boxes_match_mmcv_cpu() -> None:
@@ -252,6 +255,26 @@ def test_sparse_conv_matches_dense_conv() -> None:
         occupied = torch.zeros_like(expected_squash[:, :1], dtype=torch.bool)
         occupied[site[:, 0], 0, site[:, 1], site[:, 2], site[:, 3]] = True
         _assert_features_close(squash_dense, expected_squash * occupied)
+
+
+def test_rulebook_cached_by_a_conv_of_another_kernel_is_reused_as_mmcv_does() -> None:
+    """Cylinder3D shares indice_keys between 1x3x3, 3x1x3 and 3x3x3 submanifold convs. mmcv reuses the first
+    conv's rulebook for the later ones and its kernel reads filters 0..8 over those 9 offsets; so the 3x1x3 conv
+    acts as a 1x3x3 conv with its own first 9 filters, and the 3x3x3 conv as a 1x3x3 conv with filters 0..8."""
+    torch.manual_seed(10)
+    first = spc.SubMConv3d(4, 8, (1, 3, 3), indice_key="bef")
+    second = spc.SubMConv3d(8, 8, (3, 1, 3), indice_key="bef")
+    third = spc.SubMConv3d(8, 8, 3, indice_key="bef")
+    features, indices = sparse_input(2500, seed=11)
+    with torch.no_grad():
+        a = first(SparseConvTensor(features, indices, SPARSE_SHAPE, 2))
+        b = second(a)
+        c = third(b)
+        for conv, before, after in ((second, a, b), (third, b, c)):
+            as_first = conv.weight.reshape(-1, *conv.weight.shape[-2:])[:9].reshape(1, 3, 3, *conv.weight.shape[-2:])
+            dense = SparseConvTensor(before.features, indices, SPARSE_SHAPE, 2).dense()
+            expected = F.conv3d(dense, _dense_weight(as_first), conv.bias, padding=(0, 1, 1))
+            _assert_features_close(after.features, _at_sites(expected, indices))
 
 
 def test_sparse_conv_forward_patches_mmcv_modules() -> None:
@@ -450,6 +473,47 @@ def test_furthest_point_sample_matches_reference() -> None:
     dist = torch.cdist(points, points) ** 2
     expected_dist = np_furthest_point_sample_with_dist(dist.numpy(), 128)
     np.testing.assert_array_equal(ps.furthest_point_sample_with_dist(dist, 128).numpy(), expected_dist)
+
+
+class FurthestPointSamples(nn.Module):
+    """Two FPS loops in one graph, as in a PointNet++ backbone (one per set-abstraction level)."""
+
+    def forward(self, xyz: Tensor) -> tuple[Tensor, Tensor]:
+        stretched = xyz * torch.tensor([1.0, 3.0, 0.5])
+        return ps.furthest_point_sample(xyz, 48), ps.furthest_point_sample(stretched, 16)
+
+
+def test_furthest_point_sample_loops_compile_and_run_in_iree(tmp_path) -> None:
+    """The FPS translation is an ONNX Loop; torch-mlir lowers it only in for-like form with typed carried values
+    (backends/iree.py make_loops_for_like). IREE must give the reference's indices at a point count it was not
+    exported with."""
+    pytest.importorskip("iree.runtime")
+    from pathlib import Path
+
+    import onnx
+
+    from autoexport.backends.iree import (LLVM_CPU_FLAGS, LOOP_CONDITION_TRUE, IreeRunner, compile_vmfb, import_onnx,
+                                          make_loops_for_like)
+    from autoexport.export import export_onnx
+
+    program = torch.export.export(FurthestPointSamples(), (point_cloud_batch(2, 300, seed=40),),
+                                  dynamic_shapes=({1: _dim("points", 64)},), strict=False)
+    onnx_path = Path(tmp_path) / "fps.onnx"
+    export_onnx(program, ["xyz"], ["centers", "stretched_centers"], onnx_path)
+    model = onnx.load(str(onnx_path))
+    assert [n.input[1] for n in model.graph.node if n.op_type == "Loop"] == ["", ""]  # what onnxscript writes
+    assert make_loops_for_like(model) == 2
+    assert [n.input[1] for n in model.graph.node if n.op_type == "Loop"] == [LOOP_CONDITION_TRUE] * 2
+    import_onnx(onnx_path, Path(tmp_path) / "fps.mlir")
+    compile_vmfb(Path(tmp_path) / "fps.mlir", Path(tmp_path) / "fps.vmfb", LLVM_CPU_FLAGS)
+    runner = IreeRunner(Path(tmp_path) / "fps.vmfb", "local-task", ["xyz"], ["centers", "stretched_centers"])
+    for count, seed in ((300, 41), (517, 42)):
+        xyz = point_cloud_batch(2, count, seed=seed).numpy()
+        out = runner.infer({"xyz": xyz})
+        np.testing.assert_array_equal(out["centers"], np_furthest_point_sample(xyz, 48))
+        stretched = xyz * np.array([1.0, 3.0, 0.5], np.float32)
+        np.testing.assert_array_equal(out["stretched_centers"], np_furthest_point_sample(stretched, 16))
+        assert not np.array_equal(out["centers"][:, :16], out["stretched_centers"])
 
 
 def test_ball_query_matches_reference() -> None:

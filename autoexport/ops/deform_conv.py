@@ -154,7 +154,8 @@ class DeformConv2dPack(DeformConv2d):
         self.conv_offset = _zero_offset_conv(self, values_per_tap=2)  # (dy, dx)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x, self.conv_offset(x))
+        # Not super(): the export patch runs this on mmcv's DeformConv2dPack, which is no subclass of this class.
+        return DeformConv2d.forward(self, x, self.conv_offset(x))
 
 
 class ModulatedDeformConv2d(nn.Module):

@@ -227,6 +227,8 @@ def sparse_conv_forward(module: nn.Module, input: Any, site_index: SiteIndex = "
         raise NotImplementedError("transposed sparse convolution (SparseConvTranspose3d) is not implemented")
     ndim = module.ndim
     kernel_size = _as_list(module.kernel_size, ndim)
+    # Python ints: Cylinder3D passes a numpy grid shape, and torch._check refuses the numpy bools it then gives.
+    input.spatial_shape = [int(size) for size in input.spatial_shape]
     in_channels, out_channels = module.weight.shape[-2:]
     weight = module.weight.reshape(-1, in_channels, out_channels)
 
@@ -254,6 +256,14 @@ def sparse_conv_forward(module: nn.Module, input: Any, site_index: SiteIndex = "
                 input.indice_dict[module.indice_key] = rulebook
             neighbors = rulebook.neighbors
             out_indices, out_shape = rulebook.out_indices, rulebook.out_spatial_shape
+        if neighbors.shape[1] != weight.shape[0]:
+            # A rulebook cached under the same indice_key by a conv of another kernel (Cylinder3D shares keys
+            # between 1x3x3, 3x1x3 and 3x3x3 convs). mmcv reuses it as is: its kernel loops over the cached
+            # offsets and reads filters[0 .. cached volume - 1].
+            if neighbors.shape[1] > weight.shape[0]:
+                raise ValueError(f"indice_key {module.indice_key!r}: the cached rulebook has {neighbors.shape[1]} "
+                                 f"kernel offsets, more than this conv's {weight.shape[0]} filters")
+            weight = weight[: neighbors.shape[1]]
         features = gather_gemm(input.features, neighbors, weight)
     if module.bias is not None:
         features = features + module.bias
