@@ -302,8 +302,20 @@ def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
             # One augmented view packed inside MultiScaleFlipAug3D (Waymo configs): no test-time augmentation,
             # the same unwrapping Pack3DDetInputs does for a one-view list.
             packed = packed[0]
-        with torch.no_grad():
-            batch = model.data_preprocessor(pseudo_collate([packed]), False)
+        try:
+            with torch.no_grad():
+                batch = model.data_preprocessor(pseudo_collate([packed]), False)
+        except Exception as err:  # the preprocessor is mmdet3d's code: say where it failed, not a traceback
+            frames = traceback.extract_tb(err.__traceback__)
+            # The innermost frame outside torch: the model code's line, not torch's own raise.
+            frame = next((f for f in reversed(frames) if "/torch/" not in f.filename), frames[-1])
+            where = f"{Path(frame.filename).name}:{frame.lineno} ({(frame.line or '').strip()})"
+            device = next(model.parameters()).device
+            hint = (" It moves tensors to CUDA itself: run on a CUDA machine (--device cuda)."
+                    if "CUDA" in str(err) and device.type == "cpu" else "")
+            raise ExportFailedError(f"the data preprocessor ({type(model.data_preprocessor).__name__}) failed on "
+                                    f"sample {source.name} ({source.origin}) on {device.type}: "
+                                    f"{type(err).__name__}: {err} at {where}.{hint}") from None
         if not isinstance(batch, dict) or "inputs" not in batch:
             # e.g. a test pipeline that packs a list of augmented views (test-time augmentation)
             raise ExportFailedError(f"the data preprocessor ({type(model.data_preprocessor).__name__}) returned a "
@@ -503,14 +515,14 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
             if values is None:
                 continue
             if values not in by_values:
-                dim_name = dim_name_for(path, dim, name)
+                dim_name = dim_name_for(path, dim, name, tensor.dim())
                 while dim_name in dims:
                     dim_name += "_"
                 by_values[values] = dim_name
                 dims[dim_name] = DynamicDim(dim_name, list(values))
             dynamic[dim] = by_values[values]
         specs.append(TensorSpec(name=name, path=path, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype),
-                                dynamic_dims=dynamic, description=describe_input(path),
+                                dynamic_dims=dynamic, description=describe_input(path, tensor.dim()),
                                 mutated_by_model=path in mutated))
     for path in meta_used:
         name = path_to_identifier(path)

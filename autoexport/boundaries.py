@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from .errors import ExportFailedError
 from .registry import ClassRegistry
 
 TensorForward = Callable[[Any, dict, list], Any]
@@ -69,6 +70,25 @@ def segmentor_patch_forward(model: Any, inputs: dict, data_samples: list) -> Any
     return model.encode_decode(inputs["patches"], [sample.metainfo for sample in data_samples])
 
 
+def point_to_voxel_map(model: Any, inputs: dict, data_samples: list, ordinal: int) -> dict:
+    """Voxel segmentors (Cylinder3D): the data preprocessor maps each point to its voxel (point2voxel_map, on the
+    data sample). The graph takes that map as an input, so it can return per-point logits as predict does."""
+    if len(data_samples) != 1:
+        raise ExportFailedError(f"{type(model).__name__}: one scene per batch only (predict maps points per sample)")
+    # The raw cloud is not passed: the network reads only how many clouds there are, and voxels.voxels holds the
+    # points already.
+    return {"voxels": inputs["voxels"], "point2voxel_map": data_samples[0].point2voxel_map}
+
+
+def voxel_segmentor_forward(model: Any, inputs: dict, data_samples: list) -> Any:
+    """Cylinder3D's extract_feat and decode head: voxel logits (M, K) gathered to per-point logits (N, K), the
+    logits its decode_head.predict returns for a one-scene batch."""
+    voxels = dict(inputs["voxels"])  # extract_feat writes voxel_coors into it
+    features = model.extract_feat({"points": [None], "voxels": voxels})  # points: only its length (batch) is read
+    logits = model.decode_head.forward(features).features
+    return logits[inputs["point2voxel_map"].long()]
+
+
 _SLIDE_HOST_SIDE = ("cut each cloud into patches with EncoderDecoder3D._sliding_patch_generation(points, "
                     "test_cfg.num_points, block_size, sample_rate, use_normalized_coord), run the graph on up to "
                     "test_cfg.batch_size patches at a time, and average each point's logits over the patches that "
@@ -79,6 +99,10 @@ BOUNDARIES.register("Base3DDetector", TensorBoundary("tensor_mode_forward", ("bb
 BOUNDARIES.register("MVXTwoStageDetector", TensorBoundary("mvx_two_stage_forward", ("pts_bbox_head", "img_bbox_head")))
 BOUNDARIES.register("EncoderDecoder3D", TensorBoundary("segmentor_patch_forward", ("decode_head",),
                                                        host_inputs="sliding_patches", host_side=_SLIDE_HOST_SIDE))
+BOUNDARIES.register("Cylinder3D", TensorBoundary(
+    "voxel_segmentor_forward", ("decode_head",), host_inputs="point_to_voxel_map",
+    host_side="the data preprocessor's cylindrical voxelization gives voxels, coors and point2voxel_map; argmax of "
+              "seg_logits over classes is each point's label"))
 
 
 def boundary_for(model: Any) -> tuple[TensorBoundary, TensorForward]:

@@ -134,9 +134,10 @@ METAINFO_TENSOR_KEYS: dict[str, str] = {
 }
 
 _INPUT_MEANINGS: list[tuple[str, str]] = [
-    (r"voxels\.voxels$", "points grouped per voxel/pillar (num_voxels, max_points_per_voxel, point_features), zero-padded"),
     (r"voxels\.num_points$", "number of real points in each voxel (the rest of its rows are padding)"),
-    (r"voxels\.coors$", "integer voxel coordinates per voxel: (batch_index, z, y, x)"),
+    (r"voxels\.coors$", "integer voxel coordinates (batch_index, z, y, x) of each voxel, or of each point when "
+                        "voxels.voxels holds points (dynamic voxelization)"),
+    (r"point2voxel_map$", "each point's row among the voxels (the data preprocessor's point2voxel_map)"),
     (r"voxels\.voxel_centers$", "metric center (x, y, z) of each voxel"),
     (r"points\.\d+$", "raw point cloud of one sample after the test pipeline: (num_points, point_features)"),
     (r"imgs$", "normalized, padded image batch"),
@@ -163,16 +164,22 @@ def parse_metainfo_path(path: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
-def describe_input(path: str) -> str:
+def describe_input(path: str, rank: int | None = None) -> str:
     if meta := parse_metainfo_path(path):
         return METAINFO_TENSOR_KEYS.get(meta[1], "metainfo value")
+    if re.search(r"voxels\.voxels$", path):  # hard voxels are (voxels, points, features); dynamic ones are points
+        return ("one row per point (num_points, point_features); coors gives its voxel (dynamic voxelization)"
+                if rank == 2 else
+                "points grouped per voxel/pillar (num_voxels, max_points_per_voxel, point_features), zero-padded")
     for pattern, meaning in _INPUT_MEANINGS:
         if re.search(pattern, path):
             return meaning
     return "model input"
 
 
-def dim_name_for(path: str, dim: int, fallback_name: str) -> str:
+def dim_name_for(path: str, dim: int, fallback_name: str, rank: int | None = None) -> str:
+    if dim == 0 and rank == 2 and re.search(r"voxels\.voxels$", path):  # dynamic voxelization: one row per point
+        return "num_points"
     for pattern, index, name in _DIM_MEANINGS:
         if index == dim and re.search(pattern, path):
             return name

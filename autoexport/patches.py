@@ -499,9 +499,11 @@ class OpFunctionSubstitution:
     every module global that is the same object, in mmcv, mmdet3d and the user's custom_imports alike.
     """
 
-    mmcv_function: str  # import path, e.g. "mmcv.ops.furthest_point_sample"
-    library_function: str  # attribute of autoexport.ops.point_sample with the same signature
+    mmcv_function: str  # import path, e.g. "mmcv.ops.furthest_point_sample" (or mmdet3d's own binding of one)
+    library_function: str  # attribute of autoexport.ops.<library_module> with the same signature
     eager_devices: tuple[str, ...] = ("cpu",)  # mmcv 2.1.0 has CUDA kernels only
+    library_module: str = "point_sample"
+    reason: str = ""  # metadata.json's reason; empty: the point-op one
 
 
 _POINT_OP_REASON = ("mmcv's {name} is a CUDA-only C++ op torch.export cannot trace; autoexport.ops.point_sample "
@@ -511,7 +513,13 @@ _POINT_OP_REASON = ("mmcv's {name} is a CUDA-only C++ op torch.export cannot tra
 OP_FUNCTION_SUBSTITUTIONS: list[OpFunctionSubstitution] = [
     OpFunctionSubstitution(f"mmcv.ops.{name}", name)
     for name in ("furthest_point_sample", "furthest_point_sample_with_dist", "ball_query", "knn", "three_nn",
-                 "three_interpolate", "gather_points", "grouping_operation")]
+                 "three_interpolate", "gather_points", "grouping_operation")] + [
+    # mmdet3d's own binding of mmcv's CUDA-only scatter kernel, called by the data preprocessor of voxel
+    # segmentors (Cylinder3D, MinkUNet) for each point's voxel (point2voxel_map): host-side, before the graph.
+    OpFunctionSubstitution("mmdet3d.models.data_preprocessors.voxelize.dynamic_scatter_3d", "dynamic_scatter_3d",
+                           library_module="scatter",
+                           reason="mmdet3d's dynamic_scatter_3d binds mmcv's CUDA-only dynamic_point_to_voxel kernel; "
+                                  "autoexport.ops.scatter has it in PyTorch (point2voxel_map included)")]
 
 
 def _resolve(path: str) -> Any:
@@ -520,9 +528,7 @@ def _resolve(path: str) -> Any:
 
 
 def _recording(sub: OpFunctionSubstitution, used: dict[str, OpFunctionSubstitution]) -> Callable[..., Any]:
-    from .ops import point_sample
-
-    implementation = getattr(point_sample, sub.library_function)
+    implementation = getattr(importlib.import_module(f"autoexport.ops.{sub.library_module}"), sub.library_function)
 
     def substitute(*args: Any, **kwargs: Any) -> Any:
         used[sub.mmcv_function] = sub
@@ -569,9 +575,9 @@ def substituted_op_functions(device: str | None = None,
         where.setdefault(originals[id(value)][0].mmcv_function, []).append(module_name)
 
     def applied(subs: Iterable[OpFunctionSubstitution]) -> list[AppliedPatch]:
-        return [AppliedPatch(f"autoexport.ops.point_sample.{sub.library_function}", "",
-                             _POINT_OP_REASON.format(name=sub.mmcv_function), tuple(where[sub.mmcv_function]),
-                             sub.mmcv_function) for sub in subs]
+        return [AppliedPatch(f"autoexport.ops.{sub.library_module}.{sub.library_function}", "",
+                             sub.reason or _POINT_OP_REASON.format(name=sub.mmcv_function),
+                             tuple(where[sub.mmcv_function]), sub.mmcv_function) for sub in subs]
 
     result = applied(sub for sub, _ in originals.values() if sub.mmcv_function in where) if report == "bound" else []
     try:

@@ -107,3 +107,14 @@ def test_eager_failure_of_the_model_itself_is_not_called_an_export_problem(tmp_p
     assert "the model's own forward failed in eager PyTorch" in caplog.text
     assert "parta2_rpn_head.py" in caplog.text and "could not trace" not in caplog.text
     _no_output(out)
+
+
+def test_data_preprocessor_failure_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """MinkUNet's preprocessor (minkunet voxelization) calls .cuda() itself: on a CPU machine that was a crash with
+    a traceback. Now exit 3 naming the preprocessor, the mmdet3d line and what to do."""
+    out = tmp_path / "out"
+    assert export_to("minkunet34_w32_spconv_8xb2-laser-polar-mix-3x_semantickitti", out) == 3
+    assert "the data preprocessor (Det3DDataPreprocessor) failed on sample sample_0 (synthesized) on cpu" in caplog.text
+    assert "data_preprocessor.py:" in caplog.text and ".cuda()" in caplog.text
+    assert "run on a CUDA machine (--device cuda)" in caplog.text and "Traceback" not in caplog.text
+    _no_output(out)

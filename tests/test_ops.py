@@ -580,6 +580,15 @@ def test_dynamic_scatter_matches_reference(reduce: str) -> None:
     module_feats, _ = sc.DynamicScatter([0.8, 0.8, 1.0], KITTI_RANGE, reduce == "mean")(points, batched)
     if reduce != "sum":
         torch.testing.assert_close(module_feats, feats)
+    # mmdet3d's dynamic_scatter_3d (the voxel segmentors' preprocessor) also maps each point to its voxel row,
+    # -1 for points dropped for a negative coordinate.
+    feats_3d, coors_3d, point2voxel_map = sc.dynamic_scatter_3d(points, batched, reduce, True)
+    torch.testing.assert_close(feats_3d, feats)
+    torch.testing.assert_close(coors_3d, voxel_coors)
+    dropped = (batched < 0).any(dim=1)
+    assert dropped.any() and (point2voxel_map[dropped] == -1).all()
+    torch.testing.assert_close(coors_3d[point2voxel_map[~dropped]], batched[~dropped])
+    assert len(sc.dynamic_scatter_3d(points, batched, reduce)) == 2
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])

@@ -16,13 +16,27 @@ from torch import Tensor, nn
 
 from .unique import sorted_unique
 
-__all__ = ["dynamic_scatter", "DynamicScatter", "MAX_VOXELS"]
+__all__ = ["dynamic_scatter", "dynamic_scatter_3d", "DynamicScatter", "MAX_VOXELS"]
 
 MAX_VOXELS = 2**31 - 1
 
 
 def dynamic_scatter(feats: Tensor, coors: Tensor, reduce_type: str = "max") -> tuple[Tensor, Tensor]:
     """Reduce point features per voxel: (voxel_feats (M, C), voxel_coors (M, D)) in lexicographic voxel order."""
+    voxel_feats, voxel_coors, _ = _scatter_with_map(feats, coors, reduce_type)
+    return voxel_feats, voxel_coors
+
+
+def dynamic_scatter_3d(feats: Tensor, coors: Tensor, reduce_type: str = "max",
+                       return_map: bool = False) -> tuple[Tensor, ...]:
+    """mmdet3d's own ``dynamic_scatter_3d`` (models/data_preprocessors/voxelize.py, the same CUDA-only kernel):
+    also returns point2voxel_map, each point's voxel row, -1 for points dropped for a negative coordinate (the
+    kernel's unique-with-inverse, shifted past the dropped row)."""
+    voxel_feats, voxel_coors, point2voxel_map = _scatter_with_map(feats, coors, reduce_type)
+    return (voxel_feats, voxel_coors, point2voxel_map) if return_map else (voxel_feats, voxel_coors)
+
+
+def _scatter_with_map(feats: Tensor, coors: Tensor, reduce_type: str) -> tuple[Tensor, Tensor, Tensor]:
     if reduce_type not in ("max", "mean", "sum"):
         raise ValueError(f"reduce_type must be 'max', 'mean' or 'sum', not {reduce_type!r}")
     kept = torch.nonzero((coors >= 0).all(dim=1)).squeeze(1)
@@ -37,6 +51,9 @@ def dynamic_scatter(feats: Tensor, coors: Tensor, reduce_type: str = "max") -> t
     # maximum, a sparse conv after it multiplies that by its kernel volume, and torch.onnx cannot write the
     # overflowing bound into its runtime assertion.
     torch._check(num_voxels <= MAX_VOXELS)
+    # And at least one: layers after it (BatchNorm1d in Cylinder3D's sparse blocks) guard on an empty input, which
+    # torch.export cannot decide for an unbacked count. A cloud with no point in range has nothing to export.
+    torch._check(num_voxels >= 1)
 
     columns = []
     remainder = unique_linear
@@ -58,7 +75,9 @@ def dynamic_scatter(feats: Tensor, coors: Tensor, reduce_type: str = "max") -> t
             counts = torch.zeros(num_voxels, dtype=feats.dtype, device=feats.device)
             counts = counts.index_add(0, voxel_of_point, torch.ones_like(voxel_of_point, dtype=feats.dtype))
             voxel_feats = voxel_feats / counts[:, None]
-    return voxel_feats, voxel_coors
+    point2voxel_map = torch.full((coors.shape[0],), -1, dtype=torch.int64, device=coors.device)
+    point2voxel_map = point2voxel_map.index_put((kept,), voxel_of_point.long())
+    return voxel_feats, voxel_coors, point2voxel_map
 
 
 class DynamicScatter(nn.Module):

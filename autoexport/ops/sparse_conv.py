@@ -185,6 +185,9 @@ def conv_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int]
     # The grid bounds the site count. Without it torch.export bounds it by the candidate count (27x the input's
     # int64 bound), and torch.onnx fails to write that overflowing bound into its runtime assertion.
     torch._check(num_out <= num_cells)
+    # And at least one site (the SparseSequential patch asserts the same): BatchNorm1d after a conv guards on an
+    # empty input, which torch.export cannot decide for an unbacked count (Cylinder3D's blocks).
+    torch._check(num_out >= 1)
     neighbors = torch.full((num_out * kernel_volume,), indices.shape[0], dtype=torch.int64, device=indices.device)
     neighbors = neighbors.index_put((out_row * kernel_volume + offset,), in_row).reshape(num_out, kernel_volume)
     out_indices = _delinearize(unique_linear, out_shape).to(indices.dtype)
