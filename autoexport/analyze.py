@@ -145,6 +145,9 @@ def build_model(cfg: Any, device: str, seed: int, for_training: bool = False) ->
     except KeyError as err:
         raise UserInputError(f"the config's model could not be built: {err}. If it is defined outside mmdet3d, "
                              "add its package to the config's custom_imports") from None
+    except ImportError as err:  # mmdet3d imports optional libraries (MinkowskiEngine) inside __init__
+        raise UserInputError(f"the config's model needs a library that is not installed here: {err}. What to do: "
+                             "install it; autoexport's op library has no substitute for it") from None
     except (AssertionError, TypeError, ValueError) as err:  # the classes validate their arguments this way
         frame = traceback.extract_tb(err.__traceback__)[-1]
         if "install" in str(err).lower():  # mmdet3d asserts optional libraries (torchsparse, MinkowskiEngine) this way

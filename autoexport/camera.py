@@ -148,7 +148,12 @@ def dataset_for_parsing(cfg: Any, folder: Path) -> Any:
 
 def parse_info(dataset: Any, raw: dict) -> list[dict]:
     """What the dataset would hand its pipeline for this record: one dict, or one per camera."""
-    parsed = dataset.parse_data_info(copy.deepcopy(raw))
+    try:
+        parsed = dataset.parse_data_info(copy.deepcopy(raw))
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserInputError(f"{type(dataset).__name__}.parse_data_info failed on a synthesized camera sample "
+                             f"({type(err).__name__}: {err}); its info format needs a field the camera rig does not "
+                             "write (autoexport/camera.py)") from None
     records = parsed if isinstance(parsed, list) else [parsed]
     for record in records:
         record["box_type_3d"], record["box_mode_3d"] = dataset.box_type_3d, dataset.box_mode_3d

@@ -296,10 +296,13 @@ def _camera_info(cameras: CameraSampling, rng: np.random.Generator, cloud: np.nd
     raw: dict[str, Any] = dict(sample_idx=index, token=f"synthetic_{index}", timestamp=1.0, ego2global=np.eye(4).tolist(),
                                images=images, instances=[], cam_instances={cam: [] for cam in images})
     files = [Path(i["img_path"]) for i in images.values()]
-    if cameras.use_lidar:
+    # The dataset's own modality can ask for the cloud even where the pipeline loads images only (ImVoteNet's
+    # image-only stage on SUN RGB-D): its parser reads lidar_points then.
+    if cameras.use_lidar or (getattr(cameras.dataset, "modality", None) or {}).get("use_lidar"):
         raw["lidar_points"] = dict(lidar_path=str(main), num_pts_feats=fmt.load_dim, lidar2ego=np.eye(4).tolist())
-        files.append(main)
-        if fmt.sweeps_num:
+        if cameras.use_lidar:
+            files.append(main)
+        if cameras.use_lidar and fmt.sweeps_num:
             raw["lidar_sweeps"] = _sweeps(rng, cloud, fmt, folder, name)
             files += [Path(s["lidar_points"]["lidar_path"]) for s in raw["lidar_sweeps"]]
     records = camera.parse_info(cameras.dataset, raw)

@@ -237,3 +237,14 @@ def test_detector_whose_train_returns_none_is_built_and_initialised(tmp_path: Pa
     assert export_to(IMVOTENET, out, "--format", "pt2") == 3
     assert "the eager PyTorch run on cpu failed in module `<model>` (ImVoteNet)" in caplog.text
     assert "Traceback" not in caplog.text and not out.exists()
+
+
+def test_image_only_pipeline_on_a_lidar_dataset_gets_the_cloud_its_parser_reads(tmp_path: Path) -> None:
+    """ImVoteNet's image-only stage loads images only, but SUN RGB-D's modality uses lidar, so its parser reads
+    lidar_points (was a KeyError crash)."""
+    spec = _sample_spec(load_config(resolve_config("imvotenet_faster-rcnn-r50_fpn_4xb2_sunrgbd-3d")), tmp_path)
+    assert spec.cameras is not None and not spec.cameras.use_lidar
+    sources = spec.synthesize(tmp_path, seed=0)
+    info = sources[0].info
+    assert Path(info["lidar_points"]["lidar_path"]).is_file() and Path(info["img_path"]).is_file()
+    assert [f.suffix for f in sources[0].files] == [".jpg"] and sources[0].num_points == 0

@@ -118,3 +118,16 @@ def test_data_preprocessor_failure_is_a_clear_error(tmp_path: Path, caplog: pyte
     assert "data_preprocessor.py:" in caplog.text and ".cuda()" in caplog.text
     assert "run on a CUDA machine (--device cuda)" in caplog.text and "Traceback" not in caplog.text
     _no_output(out)
+
+
+def test_model_needing_an_uninstalled_library_exits_2(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    """FCAF3D imports MinkowskiEngine inside its backbone's __init__ (ImportError, was a crash); MinkUNet asserts
+    torchsparse. Both say which library is missing."""
+    for config, library in (("fcaf3d_2xb8_s3dis-3d-5class", "MinkowskiEngine"),
+                            ("minkunet18_w16_torchsparse_8xb2-amp-15e_semantickitti", "Torchsparse")):
+        caplog.clear()
+        out = tmp_path / config
+        assert export_to(config, out) == 2
+        assert "needs a library that is not installed here" in caplog.text and library in caplog.text
+        assert "check the arguments" not in caplog.text
+        _no_output(out)
