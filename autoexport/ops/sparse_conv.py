@@ -231,14 +231,14 @@ def sparse_conv_forward(module: nn.Module, input: Any, site_index: SiteIndex = "
     ndim = module.ndim
     kernel_size = _as_list(module.kernel_size, ndim)
     # Python ints: Cylinder3D passes a numpy grid shape, and torch._check refuses the numpy bools it then gives.
-    input.spatial_shape = [int(size) for size in input.spatial_shape]
+    spatial_shape = [int(size) for size in input.spatial_shape]
     in_channels, out_channels = module.weight.shape[-2:]
     weight = module.weight.reshape(-1, in_channels, out_channels)
 
     if math.prod(kernel_size) == 1:
         # mmcv's 1x1 shortcut: a dense matmul on the same sites, whatever the stride.
         features = input.features @ weight[0]
-        out_indices, out_shape = input.indices, input.spatial_shape
+        out_indices, out_shape = input.indices, spatial_shape
     else:
         rulebook = input.find_indice_pair(module.indice_key)
         if module.inverse:
@@ -250,10 +250,10 @@ def sparse_conv_forward(module: nn.Module, input: Any, site_index: SiteIndex = "
         else:
             if rulebook is None:
                 if module.subm:
-                    rulebook = subm_rulebook(input.indices, input.batch_size, input.spatial_shape, kernel_size,
+                    rulebook = subm_rulebook(input.indices, input.batch_size, spatial_shape, kernel_size,
                                              _as_list(module.dilation, ndim), site_index)
                 else:
-                    rulebook = conv_rulebook(input.indices, input.batch_size, input.spatial_shape, kernel_size,
+                    rulebook = conv_rulebook(input.indices, input.batch_size, spatial_shape, kernel_size,
                                              _as_list(module.stride, ndim), _as_list(module.padding, ndim),
                                              _as_list(module.dilation, ndim), site_index)
                 input.indice_dict[module.indice_key] = rulebook
