@@ -22,6 +22,7 @@ from . import camera
 from . import samples as sample_data
 from .boundaries import TensorBoundary, boundary_for, heads_of, host_inputs_for, output_namer_for
 from .errors import ExportFailedError, UserInputError
+from .export import innermost_model_frame
 from .manifest import (METAINFO_TENSOR_KEYS, DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
                        get_by_path, iter_tensors, metainfo_path, parse_metainfo_path, path_to_identifier,
                        path_to_str)
@@ -146,14 +147,11 @@ def build_model(cfg: Any, device: str, seed: int, for_training: bool = False) ->
         raise UserInputError(f"the config's model could not be built: {err}. If it is defined outside mmdet3d, "
                              "add its package to the config's custom_imports") from None
     except ImportError as err:  # mmdet3d imports optional libraries (MinkowskiEngine) inside __init__
-        raise UserInputError(f"the config's model needs a library that is not installed here: {err}. What to do: "
-                             "install it; autoexport's op library has no substitute for it") from None
+        raise _missing_library(err, "") from None
     except (AssertionError, TypeError, ValueError) as err:  # the classes validate their arguments this way
         frame = traceback.extract_tb(err.__traceback__)[-1]
         if "install" in str(err).lower():  # mmdet3d asserts optional libraries (torchsparse, MinkowskiEngine) this way
-            raise UserInputError(f"the config's model needs a library that is not installed here: {err} (asserted at "
-                                 f"{Path(frame.filename).name}:{frame.lineno}). What to do: install it; autoexport's "
-                                 "op library has no substitute for it") from None
+            raise _missing_library(err, f" (asserted at {Path(frame.filename).name}:{frame.lineno})") from None
         raise UserInputError(f"the config's model could not be built: {type(err).__name__}: {err or '(assertion)'} "
                              f"at {Path(frame.filename).name}:{frame.lineno} ({frame.line}); check the arguments "
                              "of that module in the config") from None
@@ -165,6 +163,11 @@ def build_model(cfg: Any, device: str, seed: int, for_training: bool = False) ->
     model.to(device)
     model.eval()
     return model
+
+
+def _missing_library(err: Exception, where: str) -> UserInputError:
+    return UserInputError(f"the config's model needs a library that is not installed here: {err}{where}. What to "
+                          "do: install it; autoexport's op library has no substitute for it")
 
 
 def init_random_weights(model: torch.nn.Module) -> None:
@@ -309,10 +312,8 @@ def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
             with torch.no_grad():
                 batch = model.data_preprocessor(pseudo_collate([packed]), False)
         except Exception as err:  # the preprocessor is mmdet3d's code: say where it failed, not a traceback
-            frames = traceback.extract_tb(err.__traceback__)
-            # The innermost frame outside torch: the model code's line, not torch's own raise.
-            frame = next((f for f in reversed(frames) if "/torch/" not in f.filename), frames[-1])
-            where = f"{Path(frame.filename).name}:{frame.lineno} ({(frame.line or '').strip()})"
+            # The model code's line (mmdet3d/mmcv/...), not torch's own raise.
+            where = innermost_model_frame(err) or "a line outside mmdet3d/mmcv"
             device = next(model.parameters()).device
             hint = (" It moves tensors to CUDA itself: run on a CUDA machine (--device cuda)."
                     if "CUDA" in str(err) and device.type == "cpu" else "")

@@ -70,7 +70,7 @@ class ModuleTracker:
 _SOURCE_MARKERS = ("/mmdet3d/", "/mmcv/", "/mmdet/", "/mmengine/", "wrapper.py", "/autoexport/patches.py")
 
 
-def _innermost_model_frame(err: BaseException) -> str | None:
+def innermost_model_frame(err: BaseException) -> str | None:
     frames = [f for f in traceback.extract_tb(err.__traceback__) if any(m in f.filename for m in _SOURCE_MARKERS)]
     if not frames:
         return None
@@ -109,7 +109,7 @@ def describe_export_failure(stage: str, err: BaseException, module_stack: list[t
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
     where = f" in module `{module_stack[-1][0]}` ({module_stack[-1][1]})" if module_stack else ""
     lines = [f"{stage} failed{where}: {what}.", f"  error: {type(err).__name__}: {first_line[:400]}"]
-    frame = _innermost_model_frame(err)
+    frame = innermost_model_frame(err)
     if frame:
         lines.append(f"  at {frame}")
     lines.append(f"  what to do: {todo}.")
