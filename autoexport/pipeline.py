@@ -21,7 +21,7 @@ from . import __version__
 from .analyze import Analysis, PreparedSample, analyze, prepare_more_samples
 from .split import SplitResult, export_split, split_plan_for
 from .configs import resolve_config
-from .errors import ParityFailedError, UserInputError
+from .errors import ExportFailedError, ParityFailedError, UserInputError
 from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
 from .fidelity import DetectionDecoder, FidelityReport, compare_outputs, detection_agreement
 from .patches import eager_substitutions
@@ -35,7 +35,7 @@ from .quantize import QuantRecipe, QuantizationResult, freeze_for_export, frozen
 from .half import HalfResult, to_fp16
 from .samples import point_files_in
 from .boundaries import heads_of
-from .verify import DEFAULT_TOLERANCES, Comparator, ParityReport, Tolerance, measure_against_float64
+from .verify import DEFAULT_TOLERANCES, Comparator, ParityReport, SkippedRunner, Tolerance, measure_against_float64
 from .wrap import build_wrapper, generate_wrapper_source, write_wrapper
 
 log = logging.getLogger("autoexport")
@@ -144,7 +144,7 @@ def _metadata(options: ExportOptions, config_path: Path, analysis: Analysis, par
         "export_variants": variants,
         "parity": {"passed": parity.passed, "tolerance": parity.tolerance.to_json(),
                    "tolerances": {p: t.to_json() for p, t in parity.used_tolerances().items()},
-                   **{k: v for k, v in parity.to_json().items() if k in ("summary", "skipped")}},
+                   **{k: v for k, v in parity.to_json().items() if k in ("summary", "skipped", "not_built")}},
         "timings_s": timings,
         "versions": library_versions(),
         "manifest": analysis.manifest.to_json(),
@@ -373,6 +373,7 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
     reduced: QuantizationResult | HalfResult | None = None
     fidelity: FidelityReport | None = None
     artifacts: list[LoweredArtifact] = []
+    not_built: list[SkippedRunner] = []  # backends whose lowering failed; the others are still verified
     variants: dict[str, dict] = {}
     try:
         with stages.stage("analyze", f"build {config_path.stem}, run its test pipeline and data preprocessor"):
@@ -445,7 +446,13 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
                                                      staging, variants, options.verbose),
                     verbose=options.verbose)
                 for spec in specs:
-                    artifact = BACKENDS[spec.kind].lower(spec, source)
+                    try:
+                        artifact = BACKENDS[spec.kind].lower(spec, source)
+                    except ExportFailedError as err:
+                        # One backend's compiler failing says nothing about the others: record it, check the rest.
+                        log.info("  %s: lowering failed: %s", spec.name, str(err).splitlines()[0] if str(err) else "")
+                        not_built.append(SkippedRunner(spec.name, str(err)))
+                        continue
                     artifacts.append(artifact)
                     stages.timings[f"lower_{spec.name}_s"] = artifact.compile_s
                 for variant in variants.values():
@@ -461,7 +468,8 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
                               else "eager PyTorch of the INT8 model (its frozen quantize/dequantize ops, wrapper.py)")
             comparator = Comparator(options.tolerances)
             parity = comparator.compare(
-                runners, feeds, expected, ParityReport(reference_name, options.tolerances, skipped=skipped))
+                runners, feeds, expected, ParityReport(reference_name, options.tolerances, skipped=skipped,
+                                                       not_built=not_built))
             if not quantized_reference and any(c.precision == "fp32" for c in parity.failures()):
                 _diagnose_with_float64(parity, comparator, analysis.model, wrapper_path, manifest, feeds, expected,
                                        options.device)
@@ -522,6 +530,13 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
         if failed_dir.exists():
             shutil.rmtree(failed_dir)
         staging.rename(failed_dir)
+        if not_built:
+            checked = list(dict.fromkeys(c.runtime for c in parity.checks))
+            verdicts = ", ".join(f"{rt} {'passed' if all(c.passed for c in parity.checks if c.runtime == rt) else 'FAILED'}"
+                                 for rt in checked)
+            raise ExportFailedError("lowering failed: " + "; ".join(f"{b.runtime}: {b.reason}" for b in not_built)
+                                    + f"\nthe other artifacts were checked ({verdicts or 'none'}); they and the "
+                                    f"parity reports were kept in {failed_dir}, not in {output_dir}")
         worst = sorted(parity.failures(), key=lambda c: -c.mismatched)[:5]
         lines = [f"  {c.runtime} {c.output} on {c.sample}: {c.mismatched}/{c.total} elements outside "
                  f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}" for c in worst]

@@ -83,10 +83,13 @@ class ParityReport:
     tolerances: dict[str, Tolerance]
     checks: list[OutputCheck] = field(default_factory=list)
     skipped: list[SkippedRunner] = field(default_factory=list)
+    # Backends whose lowering failed (an iree-compile crash): a failure of that backend, while the others are
+    # still checked.
+    not_built: list[SkippedRunner] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
+        return bool(self.checks) and all(c.passed for c in self.checks) and not self.not_built
 
     @property
     def tolerance(self) -> Tolerance:
@@ -113,6 +116,7 @@ class ParityReport:
                              "checks": sum(1 for c in self.checks if c.runtime == rt)}
                         for rt in runtimes},
             "skipped": [asdict(s) for s in self.skipped],
+            "not_built": [asdict(s) for s in self.not_built],
             "checks": [asdict(c) for c in self.checks],
         }
 
@@ -131,6 +135,7 @@ class ParityReport:
                          f"{max(c.max_rel for c in checks):.3g}", f"{min(c.cosine for c in checks):.7f}",
                          "pass" if all(c.passed for c in checks) else "FAIL"))
         rows += [(s.runtime, "-", "-", "-", "-", f"skipped: {s.reason}") for s in self.skipped]
+        rows += [(s.runtime, "-", "-", "-", "-", f"FAIL: not built: {_first_line(s.reason)}") for s in self.not_built]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -154,6 +159,9 @@ class ParityReport:
                          f"{'pass' if ok else f'**FAIL** ({bad} elements)'} |")
         if self.skipped:
             lines += ["", "Not run here:", ""] + [f"- {s.runtime}: {s.reason}" for s in self.skipped]
+        if self.not_built:
+            lines += ["", "**Could not be built** (a failure):", ""]
+            lines += [f"- {s.runtime}: {_first_line(s.reason)}" for s in self.not_built]
         return "\n".join(lines) + "\n"
 
     def to_junit(self, suite: str = "autoexport.parity") -> str:
@@ -163,8 +171,9 @@ class ParityReport:
         cases = self.worst_per_output()
         failures = sum(1 for _, _, checks in cases if not all(c.passed for c in checks))
         root = ET.Element("testsuites")
-        node = ET.SubElement(root, "testsuite", name=suite, tests=str(len(cases) + len(self.skipped)),
-                             failures=str(failures), errors="0", skipped=str(len(self.skipped)))
+        node = ET.SubElement(root, "testsuite", name=suite,
+                             tests=str(len(cases) + len(self.skipped) + len(self.not_built)),
+                             failures=str(failures + len(self.not_built)), errors="0", skipped=str(len(self.skipped)))
         for runtime, output, checks in cases:
             tol = self.tolerances[checks[0].precision]
             case = ET.SubElement(node, "testcase", classname=f"{suite}.{runtime}", name=output, time="0")
@@ -181,8 +190,16 @@ class ParityReport:
         for s in self.skipped:
             case = ET.SubElement(node, "testcase", classname=f"{suite}.{s.runtime}", name="all_outputs", time="0")
             ET.SubElement(case, "skipped", message=s.reason)
+        for s in self.not_built:
+            case = ET.SubElement(node, "testcase", classname=f"{suite}.{s.runtime}", name="build", time="0")
+            ET.SubElement(case, "failure", message=f"{s.runtime} could not be built",
+                          type="LoweringFailure").text = s.reason
         ET.indent(root)
         return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def compare_arrays(expected: np.ndarray, actual: np.ndarray, tol: Tolerance) -> dict:

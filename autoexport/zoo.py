@@ -55,7 +55,7 @@ TIMEOUT, CRASH, NOT_SHIPPED = "timeout", "crash", "config not shipped"
 STEPS = ("before", "pt2", "onnx", "lower", "verify", "after")
 STAGE_STEPS = {"analyze": "before", "wrap": "before", "quantize": "before", "fp16": "before", "export": "pt2",
                "lower": "lower", "verify": "verify", "fidelity": "after", "report": "after"}
-ERROR_STEPS = (("ONNX translation failed", "onnx"), ("torch.export failed", "pt2"))
+ERROR_STEPS = (("ONNX translation failed", "onnx"), ("torch.export failed", "pt2"), ("lowering failed", "lower"))
 
 STAGE_LINE = re.compile(r"^\[(\d+)/(\d+)\] (\S+?)(: | done in )")
 # pipeline/verify.py: "  onnxruntime    vs eager ... on sample_0  max_abs 1.10e-05  min cosine 1.0000000  pass"
@@ -302,6 +302,7 @@ def _parity_from_metadata(metadata: dict) -> dict[str, str]:
     parity = metadata.get("parity") or {}
     found = {rt: PASS if s.get("passed") else FAIL for rt, s in (parity.get("summary") or {}).items()}
     found.update({s["runtime"]: SKIPPED for s in parity.get("skipped") or [] if s.get("runtime") not in found})
+    found.update({s["runtime"]: FAIL for s in parity.get("not_built") or []})
     return found
 
 
@@ -334,12 +335,12 @@ def classify(entry: ZooEntry, exit_code: int | None, log_text: str, metadata: di
     order = STEPS.index(stopped) if stopped else len(STEPS)
 
     def column(step: str, runtime_prefix: str | None) -> str:
+        runtime = next((r for r in parity if runtime_prefix and r.startswith(runtime_prefix)), None)
+        if runtime:  # checked (or skipped), also when a backend's lowering failed and the others were verified
+            return parity[runtime]
         at = STEPS.index(step)
         if at > order:
             return NOT_REACHED
-        runtime = next((r for r in parity if runtime_prefix and r.startswith(runtime_prefix)), None)
-        if runtime:  # checked (or skipped) before it stopped
-            return parity[runtime]
         if at == order:  # the step it stopped in (in verify: this runner, or one before it, raised)
             return FAIL
         return PASS if step != "verify" else NOT_REACHED
@@ -351,7 +352,7 @@ def classify(entry: ZooEntry, exit_code: int | None, log_text: str, metadata: di
         ort_parity=column("verify", "onnxruntime"),
         iree_parity=(FAIL if stopped == "lower" else column("verify", "iree")) if _wants_iree(backends) else NOT_ASKED,
         method=method, exit_code=exit_code, wall_s=round(wall_s, 1), reason=reason if verdict != "pass" else "",
-        stage=facts.stage if verdict != "pass" else None, dataset=entry.dataset, backends=backends, parity=parity,
+        stage=(facts.stage or stopped) if verdict != "pass" else None, dataset=entry.dataset, backends=backends, parity=parity,
         patches=patches, substitutions=substitutions, finished=_now())
 
 
@@ -534,6 +535,16 @@ def environment() -> dict[str, str]:
 COLUMNS = ("pt2", "onnx", "ort_parity", "iree_parity")
 
 
+def meets_fp32_target(row: ZooResult) -> bool:
+    """The issue's target for a config: PT2 and ONNX exported, ONNX Runtime within the fp32 tolerance (whatever
+    another backend such as IREE did)."""
+    return (row.pt2, row.onnx, row.ort_parity) == (PASS, PASS, PASS)
+
+
+def families_meeting_target(rows: Iterable[ZooResult]) -> list[str]:
+    return sorted({r.family for r in rows if meets_fp32_target(r)})
+
+
 def coverage(rows: list[ZooResult], index: ZooIndex, options: ZooOptions) -> dict:
     by_family: dict[str, Counter] = defaultdict(Counter)
     for row in rows:
@@ -550,6 +561,7 @@ def coverage(rows: list[ZooResult], index: ZooIndex, options: ZooOptions) -> dic
             "by_column": {c: dict(Counter(getattr(r, c) for r in rows).most_common()) for c in COLUMNS},
             "by_method": dict(Counter(r.method for r in rows).most_common()),
             "by_family": {f: {"total": sum(c.values()), **dict(c.most_common())} for f, c in sorted(by_family.items())},
+            "families_with_fp32_parity": families_meeting_target(rows),
         },
         "rows": [r.to_json() for r in rows],
     }
@@ -557,7 +569,10 @@ def coverage(rows: list[ZooResult], index: ZooIndex, options: ZooOptions) -> dic
 
 def markdown_table(rows: list[ZooResult], title: str = "Model-zoo coverage") -> str:
     verdicts = ", ".join(f"{n} {v}" for v, n in Counter(r.verdict for r in rows).most_common())
-    lines = [f"# {title}", "", f"{len(rows)} configs: {verdicts or 'none'}.", "",
+    families = families_meeting_target(rows)
+    lines = [f"# {title}", "", f"{len(rows)} configs: {verdicts or 'none'}. "
+             f"{len(families)} of {len({r.family for r in rows})} families have a config exported to PT2 and ONNX "
+             "with ONNX Runtime parity.", "",
              "| config | family | PT2 | ONNX | ORT parity | IREE parity | method | reason |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

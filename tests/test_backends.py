@@ -9,12 +9,14 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from autoexport.backends import LoweredArtifact, parse_backend
+from autoexport.backends import BACKENDS, Backend, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
 from autoexport.backends.iree import IreeRunner
 from autoexport.cli import main
-from autoexport.errors import UserInputError
+from autoexport.errors import ExportFailedError, UserInputError
 from autoexport.padding import PaddingPlan
 from conftest import KITTI_PP
+
+FUSION_SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_configs" / "tiny_fusion_kitti.py")
 
 FP32_LIMIT = 1e-4  # the fp32 rule's atol: every lowered fp32 artifact must stay inside it
 
@@ -146,3 +148,42 @@ def test_backend_names():
     assert parse_backend("aoti").name == "aoti-cpu"
     with pytest.raises(UserInputError):
         parse_backend("aoti:cpu:sm_80")
+
+
+class _CrashingCompiler(Backend):
+    """A backend whose compiler dies on the model, as iree-compile did on ImVoxelNet (exit -11)."""
+
+    kind, targets, default_target = "crashing", ("cpu",), "cpu"
+
+    def lower(self, spec: BackendSpec, source: LoweringSource) -> LoweredArtifact:
+        raise ExportFailedError("crashing-compile failed (exit -11): Stack dump: 0. Program arguments: ...")
+
+    def runner(self, artifact: LoweredArtifact, output_dir: Path, manifest: object) -> None:
+        raise AssertionError("never built, never run")
+
+
+def test_a_backend_that_fails_to_build_does_not_hide_the_others_parity(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(BACKENDS, "crashing", _CrashingCompiler())
+    out = tmp_path / "fusion"
+    assert main(["--config", FUSION_SAMPLE, "--output-dir", str(out), "--format", "both", "--backend", "crashing"]) == 3
+    assert not out.exists(), "a failed lowering must not leave a complete-looking output directory"
+    failed = tmp_path / "fusion.failed"
+    parity = json.loads((failed / "parity.json").read_text())
+    # ONNX Runtime and PT2 were still checked, and pass; the backend that was not built is a failure of the report.
+    assert {rt: s["passed"] for rt, s in parity["summary"].items()} == {"pt2": True, "onnxruntime": True}
+    assert [s["runtime"] for s in parity["not_built"]] == ["crashing-cpu"] and not parity["passed"]
+    assert _meta(failed)["parity"]["not_built"][0]["reason"].startswith("crashing-compile failed (exit -11)")
+    suite = ElementTree.parse(failed / "parity.xml").getroot().find("testsuite")
+    assert suite.get("failures") == "1" and suite.find("testcase[@name='build']/failure") is not None
+    assert "lowering failed: crashing-cpu: crashing-compile failed" in caplog.text
+    assert "pt2 passed, onnxruntime passed" in caplog.text
+
+    # The zoo reads the same run as: ONNX Runtime parity passed, the backend failed.
+    from autoexport import zoo
+
+    entry = zoo.ZooEntry("tiny_fusion_kitti", "fusion", "3D Object Detection", "KITTI", "tiny", "fusion", None)
+    row = zoo.classify(entry, 3, "\n".join(caplog.messages), _meta(failed), ["crashing"], 1.0)
+    assert (row.verdict, row.pt2, row.onnx, row.ort_parity, row.stage) == \
+        ("export failed", "pass", "pass", "pass", "lower")
+    assert zoo.meets_fp32_target(row) and row.reason.startswith("lowering failed: crashing-cpu")
