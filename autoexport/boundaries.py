@@ -89,6 +89,29 @@ def voxel_segmentor_forward(model: Any, inputs: dict, data_samples: list) -> Any
     return logits[inputs["point2voxel_map"].long()]
 
 
+def h3dnet_forward(model: Any, inputs: dict, data_samples: list) -> Any:
+    """H3DNet.predict up to its final NMS. Its proposals are the vote head's boxes decoded without NMS
+    (test_cfg.rpn.use_nms=False), so RPN, primitive heads and refinement are one graph. Outputs: the vote head's
+    predictions and the refinement head's (*_optimized), what H3DBboxHead.predict_by_feat decodes."""
+    if model.test_cfg.rpn.get("use_nms", True):
+        raise ExportFailedError("H3DNet with test_cfg.rpn.use_nms=True has an NMS between its stages; the tensor "
+                                "boundary covers use_nms=False (the shipped configs)")
+    feats = model.extract_feat(inputs)
+    # As H3DNet.predict: the refinement reads the last decoder level of the first backbone.
+    feats["fp_xyz"] = [feats["fp_xyz_net0"][-1]]
+    feats["fp_features"] = [feats["hd_feature"]]
+    feats["fp_indices"] = [feats["fp_indices_net0"][-1]]
+    rpn_preds = model.rpn_head(feats)
+    feats.update(rpn_preds)
+    metas = [sample.metainfo for sample in data_samples]
+    feats["rpn_proposals"] = model.rpn_head.predict_by_feat(inputs["points"], rpn_preds, metas, use_nms=False)
+    roi_head = model.roi_head
+    for primitive in (roi_head.primitive_z, roi_head.primitive_xy, roi_head.primitive_line):
+        feats.update(primitive(feats))
+    refined = roi_head.bbox_head(feats)
+    return {**rpn_preds, **refined}
+
+
 _SLIDE_HOST_SIDE = ("cut each cloud into patches with EncoderDecoder3D._sliding_patch_generation(points, "
                     "test_cfg.num_points, block_size, sample_rate, use_normalized_coord), run the graph on up to "
                     "test_cfg.batch_size patches at a time, and average each point's logits over the patches that "
@@ -99,6 +122,10 @@ BOUNDARIES.register("Base3DDetector", TensorBoundary("tensor_mode_forward", ("bb
 BOUNDARIES.register("MVXTwoStageDetector", TensorBoundary("mvx_two_stage_forward", ("pts_bbox_head", "img_bbox_head")))
 BOUNDARIES.register("EncoderDecoder3D", TensorBoundary("segmentor_patch_forward", ("decode_head",),
                                                        host_inputs="sliding_patches", host_side=_SLIDE_HOST_SIDE))
+BOUNDARIES.register("H3DNet", TensorBoundary(
+    "h3dnet_forward", ("rpn_head",),
+    host_side="H3DBboxHead.predict_by_feat: decode the *_optimized boxes with the vote head's size/dir classes, "
+              "then its multiclass NMS"))
 BOUNDARIES.register("Cylinder3D", TensorBoundary(
     "voxel_segmentor_forward", ("decode_head",), host_inputs="point_to_voxel_map",
     host_side="the data preprocessor's cylindrical voxelization gives voxels, coors and point2voxel_map; argmax of "

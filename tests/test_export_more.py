@@ -133,3 +133,44 @@ def test_one_view_test_time_augmentation_is_unwrapped(tmp_path: Path) -> None:
     voxels = prepared.inputs["voxels"]
     assert voxels["voxels"].shape[1:] == (20, 5) and voxels["voxels"].shape[0] > 1000  # Waymo: 5 features, 20 points
     assert len(prepared.data_samples) == 1 and type(prepared.data_samples[0]).__name__ == "Det3DDataSample"
+
+
+def test_h3dnet_boundary_outputs_are_what_predict_decodes(monkeypatch: pytest.MonkeyPatch):
+    """H3DNet is two-stage, but its proposals are decoded without NMS (test_cfg.rpn.use_nms=False), so the
+    tensor boundary runs RPN, primitive heads and refinement as one graph. Its outputs must be exactly the tensors
+    mmdet3d's own predict hands to H3DBboxHead.predict_by_feat, the host-side decode + NMS metadata.json names."""
+    import copy
+    import tempfile
+
+    from mmdet3d.models.roi_heads.bbox_heads.h3d_bbox_head import H3DBboxHead
+    from mmengine.structures import InstanceData
+
+    from autoexport.analyze import build_model, init_random_weights, load_config, prepare_samples
+    from autoexport.boundaries import boundary_for
+    from autoexport.configs import resolve_config
+    from autoexport.patches import eager_substitutions
+
+    decoded: list[dict] = []
+
+    def record_decode_input(self, points, feats_dict, batch_input_metas, suffix="_optimized", **kwargs):
+        decoded.append({k: v.clone() for k, v in feats_dict.items() if isinstance(v, torch.Tensor)})
+        return [InstanceData() for _ in batch_input_metas]
+
+    monkeypatch.setattr(H3DBboxHead, "predict_by_feat", record_decode_input)
+    cfg = load_config(resolve_config("h3dnet_8xb3_scannet-seg"))
+    model = build_model(cfg, "cpu", seed=0)
+    init_random_weights(model)
+    boundary, forward = boundary_for(model)
+    assert boundary.forward_name == "h3dnet_forward"
+    with tempfile.TemporaryDirectory() as workdir:
+        sample = prepare_samples(model, cfg, [], Path(workdir), seed=0)[0][0]  # 14000 synthesized points
+    # mmcv's point ops are CUDA-only here: the eager runs use autoexport.ops' CPU kernels, as the pipeline's does.
+    with eager_substitutions("cpu"), torch.no_grad():
+        outputs = forward(model, copy.deepcopy(sample.inputs), sample.data_samples)
+        model.predict(copy.deepcopy(sample.inputs), copy.deepcopy(sample.data_samples))
+    read_by_decode = {"obj_scores_optimized", "sem_scores", "center_optimized", "dir_class", "dir_res_optimized",
+                      "size_class", "size_res_optimized"}
+    assert read_by_decode <= set(outputs) and all(isinstance(v, torch.Tensor) for v in outputs.values())
+    for key in sorted(set(outputs)):
+        torch.testing.assert_close(outputs[key], decoded[0][key], rtol=0, atol=0, msg=key)
+    assert outputs["center_optimized"].std() > 0.01  # refined centres vary: not constant head biases
