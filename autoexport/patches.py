@@ -133,9 +133,11 @@ def export_patches(model: torch.nn.Module, context: PatchContext) -> Iterator[li
 
 
 @contextmanager
-def eager_substitutions(device: str) -> Iterator[list[AppliedPatch]]:
+def eager_substitutions(device: str, calls: dict[str, OpFunctionSubstitution] | None = None
+                        ) -> Iterator[list[AppliedPatch]]:
     """Op substitutions the eager reference needs on `device` (mmcv has no kernel there): class methods by import
-    path and op functions wherever imported, for the duration of the block, then restored. Yields those applied."""
+    path and op functions wherever imported, for the duration of the block, then restored. Yields those applied;
+    `calls` is filled with the op functions called, host-side ones (a data preprocessor's) included."""
     used: list[AppliedPatch] = []
     with swapped_methods() as swaps:
         for _, patches in EXPORT_PATCHES.items():
@@ -148,7 +150,7 @@ def eager_substitutions(device: str) -> Iterator[list[AppliedPatch]]:
                     continue  # the library that defines it is not installed: nothing to substitute
                 swaps.swap(klass, patch.method, patch.make(PatchContext(batch_size=1)))
                 used.append(AppliedPatch(patch.target, patch.method, patch.reason, (), patch.substitutes))
-        with substituted_op_functions(device, report="bound") as functions:
+        with substituted_op_functions(device, report="bound", calls=calls) as functions:
             yield [*used, *functions]
 
 
@@ -551,11 +553,11 @@ def _rebind_globals(modules: Iterable[tuple[str, Any]], swap: dict[int, tuple[An
 
 
 @contextmanager
-def substituted_op_functions(device: str | None = None,
-                             report: Literal["bound", "called"] = "called") -> Iterator[list[AppliedPatch]]:
+def substituted_op_functions(device: str | None = None, report: Literal["bound", "called"] = "called",
+                             calls: dict[str, OpFunctionSubstitution] | None = None) -> Iterator[list[AppliedPatch]]:
     """OP_FUNCTION_SUBSTITUTIONS bound in every loaded module for the block (device None: all of them, as the
     export needs; otherwise those mmcv has no kernel for on that device). Yields the ones bound, or (filled on
-    exit) the ones the block called."""
+    exit) the ones the block called. `calls`, when given, is filled as they are called (by import path)."""
     wanted = [sub for sub in OP_FUNCTION_SUBSTITUTIONS
               if device is None or device.split(":")[0] in sub.eager_devices]
     originals: dict[int, tuple[OpFunctionSubstitution, Any]] = {}
@@ -565,7 +567,7 @@ def substituted_op_functions(device: str | None = None,
         except (ImportError, AttributeError):
             continue  # mmcv without this op: nothing can call it
         originals[id(original)] = (sub, original)
-    used: dict[str, OpFunctionSubstitution] = {}
+    used: dict[str, OpFunctionSubstitution] = calls if calls is not None else {}
     to_library = {key: (original, _recording(sub, used)) for key, (sub, original) in originals.items()}
     loaded_before = set(sys.modules)
     rebound = _rebind_globals(((name, module) for name, module in list(sys.modules.items())

@@ -24,7 +24,7 @@ from .configs import resolve_config
 from .errors import ExportFailedError, ParityFailedError, UserInputError
 from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
 from .fidelity import DetectionDecoder, FidelityReport, compare_outputs, detection_agreement
-from .patches import eager_substitutions
+from .patches import OpFunctionSubstitution, eager_substitutions
 from .export import export_onnx, export_program, quiet_export_logs, save_pt2
 from .manifest import Manifest
 from .padding import PaddedInputs, PaddingPlan, plan_padding
@@ -342,7 +342,8 @@ def _diagnose_with_float64(parity: ParityReport, comparator: Comparator, model: 
 def run_export(options: ExportOptions) -> ExportResult:
     # Where mmcv has no kernel for an op on this device (sparse convolution on CPU), the eager reference runs the
     # op library's substitute, which tests/test_ops.py checks against mmcv or a dense reference.
-    with eager_substitutions(options.device) as substituted:
+    host_calls: dict[str, OpFunctionSubstitution] = {}
+    with eager_substitutions(options.device, calls=host_calls) as substituted:
         for patch in substituted:
             if patch.method:
                 log.info("  %s has no %s kernel in mmcv here: the eager reference uses autoexport.ops' substitute",
@@ -351,10 +352,11 @@ def run_export(options: ExportOptions) -> ExportResult:
         if functions:  # bound for every model, called by few: the export log names those it called
             log.debug("  mmcv has no %s kernel for %s here: the eager reference calls autoexport.ops' versions",
                      options.device, ", ".join(functions))
-        return _run_export(options, substituted)
+        return _run_export(options, substituted, host_calls)
 
 
-def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult:
+def _run_export(options: ExportOptions, eager_substituted: list,
+                host_calls: dict[str, OpFunctionSubstitution]) -> ExportResult:
     formats = tuple(f for f in FORMATS if f in options.formats)
     if not formats:
         raise UserInputError(f"--format must name at least one of {FORMATS}")
@@ -512,6 +514,13 @@ def _run_export(options: ExportOptions, eager_substituted: list) -> ExportResult
                  "module_paths": list(p.module_paths),
                  "in_eager_reference": any(e.target == p.target and e.method == p.method for e in eager_substituted)}
                 for p in exported.patches if p.substitutes]
+            # Substituted op functions that only host-side code called (Cylinder3D's data preprocessor maps points
+            # to voxels with mmdet3d's binding of a CUDA-only kernel): not in the graph, but in what was run.
+            in_graph = {p.substitutes for p in exported.patches}
+            metadata["substitutions"] += [
+                {"op": path, "by": f"autoexport.ops.{sub.library_module}.{sub.library_function} (autoexport.ops)",
+                 "module_paths": [], "in_eager_reference": True, "host_side": True, "reason": sub.reason}
+                for path, sub in sorted(host_calls.items()) if path not in in_graph]
             if reduced is not None:
                 metadata["reduced_precision"] = reduced.to_json()
                 metadata["fidelity"] = {"report": "quant_report.json", "passed": fidelity.passed,

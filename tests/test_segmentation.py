@@ -64,6 +64,10 @@ def test_cylinder3d_voxel_segmentor_exports_per_point_logits_with_parity(tmp_pat
     assert details["voxels_voxels"]["shape"][1] == 6 and "one row per point" in details["voxels_voxels"]["description"]
     assert {s["op"].split(" ")[0] for s in meta["substitutions"]} >= {"mmcv.ops.SparseConvolution",
                                                                         "mmcv.ops.DynamicScatter"}
+    # The preprocessor's point-to-voxel map ran mmdet3d's binding of a CUDA-only kernel, substituted host-side.
+    host = [s for s in meta["substitutions"] if s.get("host_side")]
+    assert [(s["op"], s["by"].split(" ")[0]) for s in host] == [
+        ("mmdet3d.models.data_preprocessors.voxelize.dynamic_scatter_3d", "autoexport.ops.scatter.dynamic_scatter_3d")]
     assert [o["name"] for o in meta["outputs"]] == ["seg_logits"]
     parity = json.loads((out / "parity.json").read_text())
     assert parity["passed"] and {c["runtime"] for c in parity["checks"]} == {"pt2", "onnxruntime"}
