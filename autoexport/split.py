@@ -27,7 +27,18 @@ from .verify import Comparator, ParityReport, Tolerance, compare_arrays
 log = logging.getLogger("autoexport")
 
 Tensors = dict[str, torch.Tensor]
-StageForward = Callable[[Any, Tensors, int], Tensors]  # (model, named inputs, batch size) -> named outputs
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may read besides tensors: the batch size and the samples' constant metainfo (image shapes,
+    scale factors; camera matrices that are model inputs come in as tensors)."""
+
+    batch_size: int
+    metas: tuple[dict, ...] = ()
+
+
+StageForward = Callable[[Any, Tensors, StageContext], Tensors]  # (model, named inputs, context) -> named outputs
 
 
 @dataclass(frozen=True)
@@ -54,24 +65,26 @@ class StageDef:
 @dataclass(frozen=True)
 class SplitPlan:
     stages: tuple[StageDef, ...]
+    covers_camera: bool = False  # False: a lidar-path plan, refused for a detector with an image branch
 
 
 # ---- stage forwards per family -------------------------------------------------------------------
 
 def _lidar_encoder(prefix: str, extra_args: bool) -> StageForward:
-    def forward(model: Any, t: Tensors, batch_size: int) -> Tensors:
+    def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
         encoder = getattr(model, f"{prefix}voxel_encoder")
         args = (t["voxels_voxels"], t["voxels_num_points"], t["voxels_coors"])
         features = encoder(*args, None, None) if extra_args else encoder(*args)
-        canvas = getattr(model, f"{prefix}middle_encoder")(features, t["voxels_coors"], batch_size)
+        canvas = getattr(model, f"{prefix}middle_encoder")(features, t["voxels_coors"], context.batch_size)
         return {"bev_canvas": canvas}
 
     return forward
 
 
-def _bev_backbone(prefix: str) -> StageForward:
-    def forward(model: Any, t: Tensors, batch_size: int) -> Tensors:
-        features = getattr(model, f"{prefix}backbone")(t["bev_canvas"])
+def _bev_backbone(prefix: str, fuse_camera: bool = False) -> StageForward:
+    def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
+        canvas = torch.cat([t["bev_canvas"], t["camera_bev"]], dim=1) if fuse_camera else t["bev_canvas"]
+        features = getattr(model, f"{prefix}backbone")(canvas)
         neck = getattr(model, f"{prefix}neck", None)  # absent when the detector has none
         if neck is not None:
             features = neck(features)
@@ -81,7 +94,7 @@ def _bev_backbone(prefix: str) -> StageForward:
 
 
 def _dense_head(head_attr: str) -> StageForward:
-    def forward(model: Any, t: Tensors, batch_size: int) -> Tensors:
+    def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
         features = list(t.values())  # bev_features_0, _1, ... in the order StageDef.input_names gives
         return {"head_outputs": getattr(model, head_attr)(features)}  # flattened to the model's output names later
 
@@ -101,6 +114,40 @@ def _voxel_bev_plan(prefix: str, head_attr: str, extra_args: bool) -> SplitPlan:
     ))
 
 
+def _camera_backbone(backbone_attr: str, neck_attr: str) -> StageForward:
+    def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
+        features = getattr(model, backbone_attr)(t["imgs"])
+        neck = getattr(model, neck_attr, None)
+        if neck is not None:
+            features = neck(features)
+        return {f"img_features_{i}": f for i, f in enumerate(features)}
+
+    return forward
+
+
+def camera_lidar_fusion_plan(vtransform: StageForward, vtransform_modules: tuple[str, ...], prefix: str = "pts_",
+                             head_attr: str = "bbox_head", img_prefix: str = "img_") -> SplitPlan:
+    """The stages CUDA-BEVFusion deploys: camera.backbone, camera.vtransform (image features to a BEV map,
+    `vtransform` returns {"camera_bev": (B, C, ny, nx)}), lidar.encoder, fuser.backbone (concatenation of both BEV
+    maps, then the BEV backbone and neck) and head. For detectors defined outside mmdet3d, registered by their
+    project (see sample_configs/custom_modules/tiny_fusion.py)."""
+    return SplitPlan((
+        StageDef("camera.backbone", _camera_backbone(f"{img_prefix}backbone", f"{img_prefix}neck"),
+                 "image backbone (and neck): multi-level image features",
+                 (f"{img_prefix}backbone", f"{img_prefix}neck"), ("imgs",)),
+        StageDef("camera.vtransform", vtransform, "image features to a BEV map through the camera matrices",
+                 vtransform_modules, ("img_features_*", "lidar2img")),
+        StageDef("lidar.encoder", _lidar_encoder(prefix, False), "voxel/pillar encoder and BEV scatter",
+                 (f"{prefix}voxel_encoder", f"{prefix}middle_encoder"),
+                 ("voxels_voxels", "voxels_num_points", "voxels_coors")),
+        StageDef("fuser.backbone", _bev_backbone(prefix, fuse_camera=True),
+                 "lidar and camera BEV maps concatenated, then the 2D backbone and neck",
+                 (f"{prefix}backbone", f"{prefix}neck"), ("bev_canvas", "camera_bev")),
+        StageDef("head", _dense_head(head_attr), "dense head: raw outputs, decoded on the host", (head_attr,),
+                 ("bev_features_*",)),
+    ), covers_camera=True)
+
+
 SPLITS: ClassRegistry[SplitPlan | None] = ClassRegistry("split plan")
 SPLITS.register("VoxelNet", _voxel_bev_plan("", "bbox_head", extra_args=False))
 SPLITS.register("MVXTwoStageDetector", _voxel_bev_plan("pts_", "pts_bbox_head", extra_args=True))
@@ -113,8 +160,10 @@ def split_plan_for(model: Any) -> SplitPlan:
     if found is None or found[1] is None:
         known = ", ".join(name for name, plan in SPLITS.items() if plan is not None)
         raise UserInputError(f"--split: no split plan is registered for {type(model).__name__} (plans exist for "
-                             f"{known}); register its stages in autoexport/split.py's SPLITS")
-    if getattr(model, "with_img_bbox", False) or getattr(model, "img_backbone", None) is not None:
+                             f"{known}); register its stages in autoexport/split.py's SPLITS, or from the model's own project as "
+                             "sample_configs/custom_modules/tiny_fusion.py does")
+    if not found[1].covers_camera and (getattr(model, "with_img_bbox", False)
+                                       or getattr(model, "img_backbone", None) is not None):
         raise UserInputError(f"--split: {type(model).__name__} has an image branch; its split plan covers the lidar "
                              "path only")
     return found[1]
@@ -126,7 +175,7 @@ class StageModule(torch.nn.Module):
     """One stage with a flat tensor signature (what torch.export and ONNX need)."""
 
     def __init__(self, model: torch.nn.Module, stage: StageDef, input_names: list[str], output_names: list[str],
-                 output_paths: dict[str, list] | None, batch_size: int) -> None:
+                 output_paths: dict[str, list] | None, context: StageContext) -> None:
         super().__init__()
         # Only the stage's own submodules, so its graph carries only their weights.
         self.parts = torch.nn.Module()
@@ -138,18 +187,18 @@ class StageModule(torch.nn.Module):
         self.input_names = input_names
         self.output_names = output_names
         self.output_paths = output_paths  # head: model output name -> index path into the head's nested outputs
-        self.batch_size = batch_size
+        self.context = context
 
     def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = run_stage(self.stage, self.parts, dict(zip(self.input_names, tensors)), self.batch_size,
+        outputs = run_stage(self.stage, self.parts, dict(zip(self.input_names, tensors)), self.context,
                             self.output_paths)
         return tuple(outputs[name] for name in self.output_names)
 
 
-def run_stage(stage: StageDef, model: Any, tensors: Tensors, batch_size: int,
+def run_stage(stage: StageDef, model: Any, tensors: Tensors, context: StageContext,
               output_paths: dict[str, list] | None) -> Tensors:
     """A stage's named outputs; the head's nested outputs under the one-graph export's output names."""
-    outputs = stage.forward(model, tensors, batch_size)
+    outputs = stage.forward(model, tensors, context)
     if output_paths is not None:
         return {name: get_by_path(outputs["head_outputs"], path) for name, path in output_paths.items()}
     return outputs
@@ -207,9 +256,11 @@ def _stage_manifest(name: str, captured: list[Tensors], input_names: list[str], 
 
 def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, dict[str, np.ndarray]],
                  export_sample_names: list[str], expected: dict[str, dict[str, np.ndarray]], output_dir: Path,
-                 tolerance: Tolerance, device: str, verbose: bool = False) -> SplitResult:
+                 tolerance: Tolerance, device: str, verbose: bool = False,
+                 metainfo: list[dict] | None = None) -> SplitResult:
     plan = split_plan_for(model)
     batch_size = manifest.batch_size
+    context = StageContext(batch_size, tuple(metainfo or ()))
     output_paths = {o.name: o.index_path for o in manifest.outputs}
     # Run the eager stages on every sample, keeping every tensor that crosses a boundary.
     available = {name: {n: torch.from_numpy(a.copy()).to(device) for n, a in feed.items()} for name, feed in feeds.items()}
@@ -226,14 +277,14 @@ def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, di
         with torch.no_grad():
             for sample, tensors in available.items():
                 per_sample_outputs[sample] = run_stage(stage, model, {n: tensors[n].clone() for n in input_names},
-                                                       batch_size, output_paths if is_head else None)
+                                                       context, output_paths if is_head else None)
         output_names = list(per_sample_outputs[export_sample_names[0]])
         stage_manifest = _stage_manifest(stage.name, [available[s] for s in export_sample_names], input_names,
                                          output_names, [per_sample_outputs[s] for s in export_sample_names], known_dims,
                                          batch_size)
         folder = output_dir / "stages" / stage.name
         folder.mkdir(parents=True, exist_ok=True)
-        module = StageModule(model, stage, input_names, output_names, output_paths if is_head else None, batch_size).eval()
+        module = StageModule(model, stage, input_names, output_names, output_paths if is_head else None, context).eval()
         example = tuple(available[export_sample_names[0]][n] for n in input_names)
         log.info("  stage %s: %s -> %s", stage.name, ", ".join(input_names), ", ".join(output_names))
         exported = export_program(module, model, stage_manifest, example, verbose, star_args=True)
@@ -287,4 +338,5 @@ def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dic
             "max_abs": worst, "passed": passed, "tolerance": tolerance.describe()}
 
 
-__all__ = ["SPLITS", "SplitPlan", "StageDef", "export_split", "split_plan_for", "SplitResult"]
+__all__ = ["SPLITS", "SplitPlan", "StageContext", "StageDef", "camera_lidar_fusion_plan", "export_split",
+           "split_plan_for", "SplitResult"]

@@ -12,6 +12,7 @@ import torch
 from conftest import KITTI_PP, export_to
 
 FUSION_SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_configs" / "tiny_fusion_kitti.py")
+SEGMENTOR = "pointnet2_ssg_2xb16-cosine-200e_scannet-seg"
 
 
 def test_pointpillars_split_into_three_stages_that_chain_to_the_model_outputs(tmp_path: Path) -> None:
@@ -52,7 +53,37 @@ def test_pointpillars_split_into_three_stages_that_chain_to_the_model_outputs(tm
 def test_split_without_a_plan_or_with_int8_exits_2(tmp_path: Path, caplog) -> None:  # noqa: ANN001
     assert export_to(KITTI_PP, tmp_path / "a", "--split", "--precision", "int8") == 2
     assert export_to(KITTI_PP, tmp_path / "b", "--split", "--format", "pt2") == 2
-    assert export_to(FUSION_SAMPLE, tmp_path / "c", "--split") == 2
-    assert "no split plan is registered for TinyFusionDetector" in caplog.text
+    assert export_to(SEGMENTOR, tmp_path / "c", "--split", "--format", "onnx") == 2
+    assert "no split plan is registered for EncoderDecoder3D" in caplog.text
     assert not any((tmp_path / n).exists() for n in "abc")
     assert list(tmp_path.iterdir()) == []  # no hidden staging directory left behind either
+
+
+def test_camera_lidar_fusion_splits_as_cuda_bevfusion_deploys(tmp_path: Path) -> None:
+    """The custom_imports fusion sample registers its split plan from its own project module: camera.backbone,
+    camera.vtransform (reads lidar2img, a model input), lidar.encoder, fuser.backbone and head, each checked alone
+    and chained in ONNX Runtime to the model's outputs."""
+    out = tmp_path / "fusion_split"
+    assert export_to(FUSION_SAMPLE, out, "--format", "onnx", "--split") == 0
+    manifest = json.loads((out / "stages.json").read_text())
+    stages = {s["name"]: s for s in manifest["stages"]}
+    assert list(stages) == ["camera.backbone", "camera.vtransform", "lidar.encoder", "fuser.backbone", "head"]
+    sources = {name: [(i["name"], i["source"]) for i in s["inputs"]] for name, s in stages.items()}
+    assert sources["camera.backbone"] == [("imgs", "model input")]
+    assert sources["camera.vtransform"] == [("img_features_0", "camera.backbone.img_features_0"),
+                                            ("lidar2img", "model input")]
+    assert sources["fuser.backbone"] == [("bev_canvas", "lidar.encoder.bev_canvas"),
+                                         ("camera_bev", "camera.vtransform.camera_bev")]
+    assert all(s["parity_passed"] and s["worst_max_abs"] <= 1e-4 for s in stages.values())
+    assert manifest["chained"]["passed"] and manifest["chained"]["max_abs"] <= 1e-4
+    # Only the camera stages' weights in their graphs; the lift's graph takes the camera matrix as an input.
+    vtransform = torch.export.load(str(out / "stages" / "camera.vtransform" / "model.pt2"))
+    assert vtransform.state_dict and all(k.startswith("parts.camera_lift.") for k in vtransform.state_dict)
+    session = ort.InferenceSession(str(out / "stages" / "camera.vtransform" / "model.onnx"))
+    feed = dict(np.load(out / "inputs" / "sample_0.npz"))
+    features = ort.InferenceSession(str(out / "stages" / "camera.backbone" / "model.onnx")).run(
+        None, {"imgs": feed["imgs"]})[0]
+    base = session.run(None, {"img_features_0": features, "lidar2img": feed["lidar2img"]})[0]
+    moved = feed["lidar2img"].copy()
+    moved[0] += 40.0 * moved[2]  # another calibration moves the image features on the BEV grid
+    assert np.abs(session.run(None, {"img_features_0": features, "lidar2img": moved})[0] - base).max() > 1e-2

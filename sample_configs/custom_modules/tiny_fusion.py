@@ -103,3 +103,19 @@ class TinyFusionDetector(Base3DDetector):
     def loss(self, batch_inputs_dict: dict, batch_data_samples: list, **kwargs: Any) -> dict:
         metas = [sample.metainfo for sample in batch_data_samples]
         return self.bbox_head.loss(self.extract_feat(batch_inputs_dict, metas), batch_data_samples)
+
+
+def _camera_to_bev(model: Any, tensors: dict[str, Tensor], context: Any) -> dict[str, Tensor]:
+    """autoexport's camera.vtransform stage: the last image feature level lifted onto the BEV grid."""
+    levels = sorted((n for n in tensors if n.startswith("img_features_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+    metas = [dict(meta) for meta in context.metas]
+    metas[0]["lidar2img"] = tensors["lidar2img"]  # one sample per batch: the export's lidar2img input
+    return {"camera_bev": model.camera_lift(tensors[levels[-1]], metas)}
+
+
+try:  # This project's deployment split for `autoexport --split`, registered by the project as BEVFusion's would be.
+    from autoexport.split import SPLITS, camera_lidar_fusion_plan
+except ImportError:  # autoexport is not installed: training and testing with mmdet3d do not need it
+    pass
+else:
+    SPLITS.register("TinyFusionDetector", camera_lidar_fusion_plan(_camera_to_bev, ("camera_lift",)))
