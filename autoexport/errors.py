@@ -9,6 +9,11 @@ EXIT_BAD_INPUT = 2
 EXIT_EXPORT_FAILED = 3
 
 
+def first_line(text: str) -> str:
+    """The first line of a (possibly multi-line) message, surrounding blanks stripped: for one-line logs."""
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
 class AutoExportError(Exception):
     """Base class: `str(err)` is written for the user, `exit_code` is what the CLI returns."""
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import ExportFailedError
+from .errors import ExportFailedError, first_line
 from .manifest import Manifest
 from .onnx_translations import translation_table
 from .padding import PaddingPlan
@@ -106,9 +106,9 @@ def _classify(err: BaseException, stage: str = "torch.export") -> tuple[str, str
 
 def describe_export_failure(stage: str, err: BaseException, module_stack: list[tuple[str, str]], verbose: bool) -> str:
     what, todo = _classify(err, stage)
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    message = first_line(str(err))
     where = f" in module `{module_stack[-1][0]}` ({module_stack[-1][1]})" if module_stack else ""
-    lines = [f"{stage} failed{where}: {what}.", f"  error: {type(err).__name__}: {first_line[:400]}"]
+    lines = [f"{stage} failed{where}: {what}.", f"  error: {type(err).__name__}: {message[:400]}"]
     frame = innermost_model_frame(err)
     if frame:
         lines.append(f"  at {frame}")

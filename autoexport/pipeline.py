@@ -21,7 +21,7 @@ from . import __version__
 from .analyze import Analysis, PreparedSample, analyze, prepare_more_samples
 from .split import SplitResult, export_split, split_plan_for
 from .configs import resolve_config
-from .errors import ExportFailedError, ParityFailedError, UserInputError
+from .errors import ExportFailedError, ParityFailedError, UserInputError, first_line
 from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
 from .fidelity import DetectionDecoder, FidelityReport, compare_outputs, detection_agreement
 from .patches import OpFunctionSubstitution, eager_substitutions
@@ -452,7 +452,7 @@ def _run_export(options: ExportOptions, eager_substituted: list,
                         artifact = BACKENDS[spec.kind].lower(spec, source)
                     except ExportFailedError as err:
                         # One backend's compiler failing says nothing about the others: record it, check the rest.
-                        log.info("  %s: lowering failed: %s", spec.name, str(err).splitlines()[0] if str(err) else "")
+                        log.info("  %s: lowering failed: %s", spec.name, first_line(str(err)))
                         not_built.append(SkippedRunner(spec.name, str(err)))
                         continue
                     artifacts.append(artifact)
@@ -541,9 +541,7 @@ def _run_export(options: ExportOptions, eager_substituted: list,
             shutil.rmtree(failed_dir)
         staging.rename(failed_dir)
         if not_built:
-            checked = list(dict.fromkeys(c.runtime for c in parity.checks))
-            verdicts = ", ".join(f"{rt} {'passed' if all(c.passed for c in parity.checks if c.runtime == rt) else 'FAILED'}"
-                                 for rt in checked)
+            verdicts = ", ".join(f"{rt} {'passed' if ok else 'FAILED'}" for rt, ok in parity.runtime_verdicts().items())
             raise ExportFailedError("lowering failed: " + "; ".join(f"{b.runtime}: {b.reason}" for b in not_built)
                                     + f"\nthe other artifacts were checked ({verdicts or 'none'}); they and the "
                                     f"parity reports were kept in {failed_dir}, not in {output_dir}")

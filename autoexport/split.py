@@ -81,14 +81,19 @@ def _lidar_encoder(prefix: str, extra_args: bool) -> StageForward:
     return forward
 
 
+def _backbone_and_neck(model: Any, backbone_attr: str, neck_attr: str, x: torch.Tensor, out_prefix: str) -> Tensors:
+    """A backbone and its optional neck: their feature levels as out_prefix_0, _1, ..."""
+    features = getattr(model, backbone_attr)(x)
+    neck = getattr(model, neck_attr, None)  # absent when the detector has none
+    if neck is not None:
+        features = neck(features)
+    return {f"{out_prefix}_{i}": f for i, f in enumerate(features)}
+
+
 def _bev_backbone(prefix: str, fuse_camera: bool = False) -> StageForward:
     def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
         canvas = torch.cat([t["bev_canvas"], t["camera_bev"]], dim=1) if fuse_camera else t["bev_canvas"]
-        features = getattr(model, f"{prefix}backbone")(canvas)
-        neck = getattr(model, f"{prefix}neck", None)  # absent when the detector has none
-        if neck is not None:
-            features = neck(features)
-        return {f"bev_features_{i}": f for i, f in enumerate(features)}
+        return _backbone_and_neck(model, f"{prefix}backbone", f"{prefix}neck", canvas, "bev_features")
 
     return forward
 
@@ -116,11 +121,7 @@ def _voxel_bev_plan(prefix: str, head_attr: str, extra_args: bool) -> SplitPlan:
 
 def _camera_backbone(backbone_attr: str, neck_attr: str) -> StageForward:
     def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
-        features = getattr(model, backbone_attr)(t["imgs"])
-        neck = getattr(model, neck_attr, None)
-        if neck is not None:
-            features = neck(features)
-        return {f"img_features_{i}": f for i, f in enumerate(features)}
+        return _backbone_and_neck(model, backbone_attr, neck_attr, t["imgs"], "img_features")
 
     return forward
 

@@ -9,6 +9,7 @@ from typing import Iterable
 
 import numpy as np
 
+from .errors import first_line
 from .runners import Feed, Runner
 
 log = logging.getLogger("autoexport")
@@ -98,23 +99,30 @@ class ParityReport:
     def failures(self) -> list[OutputCheck]:
         return [c for c in self.checks if not c.passed]
 
+    def runtime_verdicts(self) -> dict[str, bool]:
+        """Whether every check of each runtime passed, runtimes in report order."""
+        verdicts: dict[str, bool] = {}
+        for c in self.checks:
+            verdicts[c.runtime] = verdicts.get(c.runtime, True) and c.passed
+        return verdicts
+
     def used_tolerances(self) -> dict[str, Tolerance]:
         used = {c.precision for c in self.checks} | {"fp32"}
         return {p: t for p, t in self.tolerances.items() if p in used}
 
     def to_json(self) -> dict:
-        runtimes = list(dict.fromkeys(c.runtime for c in self.checks))
+        verdicts = self.runtime_verdicts()
         return {
             "passed": self.passed,
             "reference": self.reference,
             "tolerance": self.tolerance.to_json(),
             "tolerances": {p: t.to_json() for p, t in self.used_tolerances().items()},
-            "summary": {rt: {"passed": all(c.passed for c in self.checks if c.runtime == rt),
+            "summary": {rt: {"passed": passed,
                              "precision": next(c.precision for c in self.checks if c.runtime == rt),
                              "worst_max_abs": max(c.max_abs for c in self.checks if c.runtime == rt),
                              "worst_cosine": min(c.cosine for c in self.checks if c.runtime == rt),
                              "checks": sum(1 for c in self.checks if c.runtime == rt)}
-                        for rt in runtimes},
+                        for rt, passed in verdicts.items()},
             "skipped": [asdict(s) for s in self.skipped],
             "not_built": [asdict(s) for s in self.not_built],
             "checks": [asdict(c) for c in self.checks],
@@ -135,7 +143,7 @@ class ParityReport:
                          f"{max(c.max_rel for c in checks):.3g}", f"{min(c.cosine for c in checks):.7f}",
                          "pass" if all(c.passed for c in checks) else "FAIL"))
         rows += [(s.runtime, "-", "-", "-", "-", f"skipped: {s.reason}") for s in self.skipped]
-        rows += [(s.runtime, "-", "-", "-", "-", f"FAIL: not built: {_first_line(s.reason)}") for s in self.not_built]
+        rows += [(s.runtime, "-", "-", "-", "-", f"FAIL: not built: {first_line(s.reason)}") for s in self.not_built]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -161,7 +169,7 @@ class ParityReport:
             lines += ["", "Not run here:", ""] + [f"- {s.runtime}: {s.reason}" for s in self.skipped]
         if self.not_built:
             lines += ["", "**Could not be built** (a failure):", ""]
-            lines += [f"- {s.runtime}: {_first_line(s.reason)}" for s in self.not_built]
+            lines += [f"- {s.runtime}: {first_line(s.reason)}" for s in self.not_built]
         return "\n".join(lines) + "\n"
 
     def to_junit(self, suite: str = "autoexport.parity") -> str:
@@ -196,10 +204,6 @@ class ParityReport:
                           type="LoweringFailure").text = s.reason
         ET.indent(root)
         return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def compare_arrays(expected: np.ndarray, actual: np.ndarray, tol: Tolerance) -> dict:

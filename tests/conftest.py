@@ -14,6 +14,8 @@ warnings.filterwarnings("ignore")
 KITTI_PP = "pointpillars_hv_secfpn_8xb6-160e_kitti-3d-3class"
 NUS_PP = "pointpillars_hv_secfpn_sbn-all_8xb4-2x_nus-3d"
 CENTERPOINT_PILLAR = "centerpoint_pillar02_second_secfpn_8xb4-cyclic-20e_nus-3d"
+# The custom_imports camera + lidar fusion sample (a model defined outside mmdet3d).
+FUSION_SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_configs" / "tiny_fusion_kitti.py")
 
 
 def export_to(config: str, output_dir: Path, *extra: str) -> int:

@@ -14,9 +14,8 @@ from autoexport.backends.iree import IreeRunner
 from autoexport.cli import main
 from autoexport.errors import ExportFailedError, UserInputError
 from autoexport.padding import PaddingPlan
-from conftest import KITTI_PP
+from conftest import FUSION_SAMPLE, KITTI_PP
 
-FUSION_SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_configs" / "tiny_fusion_kitti.py")
 
 FP32_LIMIT = 1e-4  # the fp32 rule's atol: every lowered fp32 artifact must stay inside it
 

@@ -15,7 +15,7 @@ from autoexport.analyze import _sample_spec, load_config
 from autoexport.configs import resolve_config
 from autoexport.onnx_translations import translation_table
 from autoexport.patches import substituted_functions
-from conftest import export_to
+from conftest import FUSION_SAMPLE, export_to
 
 SMOKE = "smoke_dla34_dlaneck_gn-all_4xb8-6x_kitti-mono3d"
 FCOS3D = "fcos3d_r101-caffe-dcn_fpn_head-gn_8xb2-1x_nus-mono3d"
@@ -157,9 +157,6 @@ def test_imvoxelnet_onnx_follows_a_new_camera_calibration(imvoxelnet_export: tup
         expected = wrapper(torch.from_numpy(feed["imgs"]), torch.from_numpy(shifted))
     for got, want in zip(moved, expected):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
-
-
-FUSION_SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_configs" / "tiny_fusion_kitti.py")
 
 
 def test_custom_imports_fusion_sample_exports_with_camera_matrix_input(tmp_path: Path) -> None:

@@ -9,9 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from conftest import KITTI_PP, export_to
+from conftest import FUSION_SAMPLE, KITTI_PP, export_to
 
-FUSION_SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_configs" / "tiny_fusion_kitti.py")
 SEGMENTOR = "pointnet2_ssg_2xb16-cosine-200e_scannet-seg"
 
 

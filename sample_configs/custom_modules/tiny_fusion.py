@@ -107,10 +107,11 @@ class TinyFusionDetector(Base3DDetector):
 
 def _camera_to_bev(model: Any, tensors: dict[str, Tensor], context: Any) -> dict[str, Tensor]:
     """autoexport's camera.vtransform stage: the last image feature level lifted onto the BEV grid."""
-    levels = sorted((n for n in tensors if n.startswith("img_features_")), key=lambda n: int(n.rsplit("_", 1)[1]))
+    # img_features_0, _1, ... arrive in level order (StageDef.input_names orders them).
+    last_level = [t for n, t in tensors.items() if n.startswith("img_features_")][-1]
     metas = [dict(meta) for meta in context.metas]
     metas[0]["lidar2img"] = tensors["lidar2img"]  # one sample per batch: the export's lidar2img input
-    return {"camera_bev": model.camera_lift(tensors[levels[-1]], metas)}
+    return {"camera_bev": model.camera_lift(last_level, metas)}
 
 
 try:  # This project's deployment split for `autoexport --split`, registered by the project as BEVFusion's would be.
