@@ -14,7 +14,9 @@ medians of ``--repeat`` synchronised runs; in ``--reference cpu`` mode the refer
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -276,6 +278,10 @@ def _cpu_inputs(inputs: tuple) -> tuple:
     return tuple(value.cpu() if torch.is_tensor(value) else value for value in inputs)
 
 
+def _finite_or_none(value: float) -> float | None:
+    return value if value == value else None  # NaN (the op raised) is not valid JSON
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -283,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="mmcv's CUDA ops, or the library on CPU (auto: mmcv when importable)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only", nargs="*", help="check names to run (default: all)")
+    parser.add_argument("--json", help="also write the table as JSON to this path")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     failures = 0
+    rows = []
     for check in build_checks(device, mmcv_ops):
         if args.only and check.name not in args.only:
             continue
@@ -318,6 +326,14 @@ def main(argv: list[str] | None = None) -> int:
             comparison, ok = f"{type(error).__name__}: {str(error).splitlines()[0][:90]}", False
         failures += not ok
         print(f"{check.name:34} {ours_ms:9.2f} {reference_ms:9.2f}  {'ok' if ok else 'FAIL':6} {comparison}")
+        rows.append({"op": check.name, "ours_ms": _finite_or_none(ours_ms),
+                     "reference_ms": _finite_or_none(reference_ms), "ok": bool(ok),
+                     "comparison": comparison})
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": device_name, "torch": torch.__version__, "reference": reference,
+                       "mmcv": getattr(sys.modules.get("mmcv"), "__version__", None), "repeat": args.repeat,
+                       "failures": failures, "rows": rows}, handle, indent=1)
     return 1 if failures else 0
 
 
