@@ -798,3 +798,33 @@ def test_onnx_keeps_small_epsilons(tmp_path) -> None:
     distance = np.array([[0.0, 1e-3, 2.0], [4.0, 0.0, 1e-7]], dtype=np.float32)
     np.testing.assert_allclose(session.run(None, {"distance": distance})[0], 1.0 / (distance + np.float32(1e-8)),
                                rtol=1e-6)
+
+
+def test_gpu_check_compares_with_mmcv_kernels(tmp_path) -> None:
+    """The harness that compared the library with mmcv's CUDA kernels on an H200 (scripts/gpu_mmcv_reference.sh),
+    run here on the ops where mmcv has CPU kernels: same code path, same comparisons, mmcv's CPU kernels."""
+    import json
+
+    from autoexport.ops import gpu_check
+
+    report = tmp_path / "gpu_check.json"
+    names = ["Voxelization (hard)", "DeformConv2d", "ModulatedDeformConv2d"]
+    code = gpu_check.main(["--device", "cpu", "--reference", "mmcv", "--repeat", "1", "--only", *names,
+                           "--json", str(report)])
+    result = json.loads(report.read_text())
+    assert result["reference"] == "mmcv CPU" and result["mmcv"] == "2.1.0"
+    assert [row["op"] for row in result["rows"]] == names
+    assert code == 0 and result["failures"] == 0, result["rows"]
+    # bit-identical to mmcv's CPU kernels: voxel indices and floats alike
+    assert all("max abs 0.0e+00" in row["comparison"] for row in result["rows"]), result["rows"]
+
+
+def test_gpu_check_accepts_an_fps_mismatch_only_at_a_distance_tie() -> None:
+    from autoexport.ops import gpu_check
+
+    # From point 0, points 1 and 2 are equally far (1.0): either may come second; point 3 is nearer (0.5).
+    points = torch.tensor([[[0.0, 0, 0], [1, 0, 0], [-1, 0, 0], [0, 0.5, 0]]])
+    first = torch.tensor([[0, 1, 2]])
+    assert gpu_check.fps_compare(torch.tensor([[0, 2, 1]]), first, (points, 3))[1]
+    assert not gpu_check.fps_compare(torch.tensor([[0, 3, 1]]), first, (points, 3))[1]
+    assert gpu_check.fps_compare(first.clone(), first, (points, 3)) == ("0/3 idx differ", True)

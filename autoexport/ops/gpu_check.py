@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             if args.reference == "mmcv":
                 raise
-    reference = "mmcv CUDA" if mmcv_ops is not None else "autoexport on CPU"
+    reference = f"mmcv {device.type.upper()}" if mmcv_ops is not None else "autoexport on CPU"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     print(f"device {device_name}, torch {torch.__version__}, reference: {reference}\n")
     header = f"{'op':34} {'ours ms':>9} {'ref ms':>9}  {'result':6} comparison"
