@@ -12,7 +12,7 @@ have() { "$PY" - "$1" "$2" <<'PYEOF'
 import sys
 from importlib.metadata import version, PackageNotFoundError
 try:
-    sys.exit(0 if version(sys.argv[1]) == sys.argv[2] else 1)
+    sys.exit(0 if version(sys.argv[1]).split("+")[0] == sys.argv[2] else 1)  # 2.13.0+cpu is 2.13.0
 except PackageNotFoundError:
     sys.exit(1)
 PYEOF
