@@ -1,5 +1,6 @@
 """Export patches must compute exactly what the mmdet3d code they replace computes, and be undone after."""
 
+import pytest
 import torch
 
 from autoexport.patches import PatchContext, export_patches
@@ -175,3 +176,27 @@ def test_point_op_functions_are_restored_in_modules_imported_inside_the_block(tm
     assert bound_inside is not mmcv.ops.gather_points  # the substitute was bound inside the block
     assert imported_inside_block.gather_points is mmcv.ops.gather_points
     assert imported_inside_block.ball_query is mmcv.ops.ball_query
+
+
+def test_roiaware_pool3d_is_substituted_where_mmcv_has_no_kernel():
+    from mmcv.ops import RoIAwarePool3d
+
+    from autoexport.ops.points_in_boxes import roiaware_pool3d
+    from autoexport.patches import eager_substitutions
+
+    g = torch.Generator().manual_seed(0)
+    rois = torch.cat([torch.rand(6, 3, generator=g) * 10, torch.rand(6, 3, generator=g) * 3 + 1,
+                      torch.rand(6, 1, generator=g) * 3], dim=1)
+    pts = torch.rand(3000, 3, generator=g) * 12 - 1
+    feats = torch.randn(3000, 5, generator=g)
+    for mode in ("max", "avg"):
+        pool = RoIAwarePool3d(out_size=4, max_pts_per_voxel=16, mode=mode)
+        with pytest.raises(RuntimeError, match="implementation for device cpu not found"):
+            pool(rois, pts, feats)  # why the eager reference needs the substitute on CPU
+        with eager_substitutions("cpu") as applied:
+            got = pool(rois, pts, feats)
+        assert any(p.target == "RoIAwarePool3d" for p in applied)
+        expected = roiaware_pool3d(rois, pts, feats, 4, 16, mode)  # checked against mmcv's kernels in test_ops
+        assert got.shape == (6, 4, 4, 4, 5) and bool(got.abs().sum() > 0)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert RoIAwarePool3d.forward.__module__ == "mmcv.ops.roiaware_pool3d"  # restored
