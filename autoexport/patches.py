@@ -613,19 +613,6 @@ register_patch(ExportPatch(
 
 # ---- RoI-aware pooling (mmcv.ops, CUDA-only), substituted by autoexport.ops -----------------------
 
-_ROIAWARE_MODES = {0: "max", 1: "avg"}  # mmcv's class stores its mode as an integer
-
-
-def _make_roiaware_pool3d_forward(context: PatchContext) -> Callable[..., torch.Tensor]:
-    from .ops.points_in_boxes import roiaware_pool3d
-
-    def forward(self: Any, rois: torch.Tensor, pts: torch.Tensor, pts_feature: torch.Tensor) -> torch.Tensor:
-        return roiaware_pool3d(rois, pts, pts_feature, self.out_size, self.max_pts_per_voxel,
-                               _ROIAWARE_MODES[self.mode])
-
-    return forward
-
-
 register_patch(ExportPatch(
     target="RoIAwarePool3d",
     method="forward",
@@ -633,7 +620,7 @@ register_patch(ExportPatch(
             "segmentation features with it); replaced by autoexport.ops' point-in-RoI voxel max/avg pooling in plain "
             "PyTorch (checked against a port of mmcv's CUDA kernels in tests/test_ops.py and against mmcv's CUDA "
             "kernel on an H200, scripts/gpu_mmcv_reference.sh)"),
-    make=_make_roiaware_pool3d_forward,
+    make=_library_forward("points_in_boxes", "RoIAwarePool3d"),
     substitutes="mmcv.ops.RoIAwarePool3d (roiaware_pool3d)",
     eager_devices=("cpu",),
     module="mmcv.ops.roiaware_pool3d",

@@ -53,13 +53,18 @@ def points_in_boxes_part(points: Tensor, boxes: Tensor) -> Tensor:
     return torch.where(inside.any(dim=2), first, torch.full_like(first, -1)).to(torch.int32)
 
 
+_POOL_MODES = {0: "max", 1: "avg"}  # mmcv's RoIAwarePool3d stores its mode as these integers
+
+
 def roiaware_pool3d(rois: Tensor, pts: Tensor, pts_feature: Tensor, out_size: int | tuple[int, int, int],
-                    max_pts_per_voxel: int = 128, mode: str = "max") -> Tensor:
+                    max_pts_per_voxel: int = 128, mode: str | int = "max") -> Tensor:
     """mmcv's RoIAwarePool3d forward: (R, out_x, out_y, out_z, C) max or mean of point features per RoI voxel.
 
     As in mmcv's kernel, each RoI voxel keeps its first ``max_pts_per_voxel - 1`` points in point order, voxel
-    indices truncate toward zero and are clamped to the grid, and empty voxels are 0.
+    indices truncate toward zero and are clamped to the grid, and empty voxels are 0. ``mode`` is "max"/"avg" or
+    mmcv's 0/1, so the drop-in's forward also runs on mmcv's module.
     """
+    mode = _POOL_MODES.get(mode, mode)
     out_x, out_y, out_z = (out_size,) * 3 if isinstance(out_size, int) else tuple(out_size)
     num_rois = rois.shape[0]
     num_cells = out_x * out_y * out_z
@@ -106,7 +111,8 @@ def roiaware_pool3d(rois: Tensor, pts: Tensor, pts_feature: Tensor, out_size: in
 
 
 class RoIAwarePool3d(nn.Module):
-    """Drop-in for mmcv.ops.RoIAwarePool3d (forward only; CUDA-only in mmcv)."""
+    """Drop-in for mmcv.ops.RoIAwarePool3d (forward only; CUDA-only in mmcv). Its forward reads the attributes mmcv's
+    module has (out_size, max_pts_per_voxel, mode), so the export substitutes it on mmcv's modules."""
 
     def __init__(self, out_size: int | tuple[int, int, int], max_pts_per_voxel: int = 128, mode: str = "max") -> None:
         super().__init__()
