@@ -28,7 +28,11 @@ def test_pointpillars_split_into_three_stages_that_chain_to_the_model_outputs(tm
     assert [(i["name"], i["source"]) for i in stages[2]["inputs"]] == [("bev_features_0", "bev.backbone.bev_features_0")]
     metadata = json.loads((out / "metadata.json").read_text())
     assert [o["name"] for o in stages[2]["outputs"]] == [o["name"] for o in metadata["manifest"]["outputs"]]
-    assert all(s["parity_passed"] and s["worst_max_abs"] <= 1e-4 for s in stages)
+    # Each stage within the fp32 tolerance (1e-4 + 1e-4|b|). No absolute 1e-4 on top: on an AVX2 CPU without
+    # AVX-512, PyTorch's own fp32 convs put bev.backbone 1.13e-4 from a float64 run (ONNX Runtime 4.6e-5), so the
+    # stage differs from eager by 1.19e-4 at |b| = 3.2; it was 8.5e-5 on an AVX-512 CPU.
+    assert all(s["parity_passed"] for s in stages), [(s["name"], s["worst_max_abs"]) for s in stages]
+    assert stages[0]["worst_max_abs"] <= 1e-4 and stages[2]["worst_max_abs"] <= 1e-4
     assert manifest["chained"]["passed"] and manifest["chained"]["max_abs"] <= 1e-4
     assert metadata["split"] == {"manifest": "stages.json", "passed": True,
                                  "stages": ["lidar.encoder", "bev.backbone", "head"]}
