@@ -521,7 +521,12 @@ OP_FUNCTION_SUBSTITUTIONS: list[OpFunctionSubstitution] = [
     OpFunctionSubstitution("mmdet3d.models.data_preprocessors.voxelize.dynamic_scatter_3d", "dynamic_scatter_3d",
                            library_module="scatter",
                            reason="mmdet3d's dynamic_scatter_3d binds mmcv's CUDA-only dynamic_point_to_voxel kernel; "
-                                  "autoexport.ops.scatter has it in PyTorch (point2voxel_map included)")]
+                                  "autoexport.ops.scatter has it in PyTorch (point2voxel_map included)")] + [
+    # Host-side in two-stage heads (PointRPNHead's NMS drops boxes holding no point) and box structures.
+    OpFunctionSubstitution(f"mmcv.ops.{name}", name, library_module="points_in_boxes",
+                           reason=f"mmcv's {name} has a CUDA kernel only; autoexport.ops.points_in_boxes has it in "
+                                  "PyTorch, checked against mmcv's CUDA kernel on an H200")
+    for name in ("points_in_boxes_part", "points_in_boxes_all")]
 
 
 def _resolve(path: str) -> Any:
@@ -624,4 +629,19 @@ register_patch(ExportPatch(
     substitutes="mmcv.ops.RoIAwarePool3d (roiaware_pool3d)",
     eager_devices=("cpu",),
     module="mmcv.ops.roiaware_pool3d",
+))
+
+
+# ---- RoI point pooling (mmcv.ops, CUDA-only), substituted by autoexport.ops -----------------------
+
+register_patch(ExportPatch(
+    target="RoIPointPool3d",
+    method="forward",
+    reason=("mmcv's roipoint_pool3d is a CUDA-only C++ op torch.export cannot trace (PointRCNN's RoI head samples "
+            "each proposal's points with it); replaced by autoexport.ops' in-box test + rank scatter in plain "
+            "PyTorch (checked against a port of mmcv's CUDA kernel in tests/test_ops.py)"),
+    make=_library_forward("points_in_boxes", "RoIPointPool3d"),
+    substitutes="mmcv.ops.RoIPointPool3d (roipoint_pool3d)",
+    eager_devices=("cpu",),
+    module="mmcv.ops.roipoint_pool3d",
 ))

@@ -457,6 +457,36 @@ def np_roiaware_pool3d(rois: np.ndarray, pts: np.ndarray, feats: np.ndarray, out
     return pooled
 
 
+def np_roipoint_pool3d(points: np.ndarray, feats: np.ndarray, boxes: np.ndarray, sampled: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Literal port of assign_pts_to_box3d, get_pooled_idx and roipoint_pool3d_forward (mmcv's CUDA kernels)."""
+    f32 = np.float32
+    batch, num_boxes = boxes.shape[:2]
+    pooled = np.zeros((batch, num_boxes, sampled, 3 + feats.shape[2]), dtype=np.float32)
+    empty = np.zeros((batch, num_boxes), dtype=np.int32)
+    for b in range(batch):
+        for m, (cx, cy, cz, dx, dy, dz, rz) in enumerate(boxes[b].astype(np.float32)):
+            cos_a, sin_a = f32(np.cos(-np.float64(rz))), f32(np.sin(-np.float64(rz)))
+            chosen: list[int] = []
+            for k, (x, y, z) in enumerate(points[b]):
+                if abs(f32(z - f32(cz + dz / f32(2)))) > dz / f32(2):
+                    continue
+                shift_x, shift_y = f32(x - cx), f32(y - cy)
+                local_x = f32(shift_x * cos_a) + f32(shift_y * -sin_a)
+                local_y = f32(shift_x * sin_a) + f32(shift_y * cos_a)
+                if -dx / 2 < local_x < dx / 2 and -dy / 2 < local_y < dy / 2:
+                    chosen.append(k)
+                    if len(chosen) == sampled:
+                        break
+            if not chosen:
+                empty[b, m] = 1
+                continue
+            for slot in range(sampled):
+                k = chosen[slot % len(chosen)]
+                pooled[b, m, slot] = np.concatenate([points[b, k], feats[b, k]])
+    return pooled, empty
+
+
 def point_cloud_batch(batch: int, count: int, seed: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(batch, count, 3, generator=generator) * 4
@@ -602,6 +632,21 @@ def test_roiaware_pool3d_matches_reference(mode: str) -> None:
     np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_roipoint_pool3d_matches_reference() -> None:
+    boxes = random_boxes(2, 7, seed=40)
+    points = points_near_boxes(boxes, 30, seed=41)
+    boxes[1, 6, :2] = 500.0  # far from every point: an empty box
+    points[0, :5] = points[0, 5:10]  # duplicates of an inside point
+    feats = torch.randn(*points.shape[:2], 4, generator=torch.Generator().manual_seed(42))
+    expected, expected_empty = np_roipoint_pool3d(points.numpy(), feats.numpy(), boxes.numpy(), 16)
+    pooled, empty = pib.RoIPointPool3d(16)(points, feats, boxes)
+    counts = pib.points_in_boxes_all(points, boxes).sum(dim=1)
+    # Boxes with fewer points than slots (cyclic fill), with more (truncation) and one empty.
+    assert (counts > 16).any() and ((counts > 0) & (counts < 16)).any() and expected_empty.sum() == 1
+    np.testing.assert_array_equal(empty.numpy(), expected_empty)
+    np.testing.assert_array_equal(pooled.numpy(), expected)
+
+
 # --- export: torch.export with dynamic sizes, then ONNX Runtime, both compared with eager ------------------------
 
 @dataclass
@@ -659,7 +704,8 @@ class BoxOps(nn.Module):
     def forward(self, points: Tensor, boxes: Tensor, feats: Tensor):
         return (pib.points_in_boxes_part(points, boxes), pib.points_in_boxes_all(points, boxes),
                 pib.RoIAwarePool3d(3, 5, "max")(boxes[0], points[0], feats),
-                pib.RoIAwarePool3d(3, 5, "avg")(boxes[0], points[0], feats))
+                pib.RoIAwarePool3d(3, 5, "avg")(boxes[0], points[0], feats),
+                *pib.RoIPointPool3d(8)(points, feats[None], boxes))
 
 
 class PointNetOps(nn.Module):

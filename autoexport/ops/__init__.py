@@ -18,7 +18,8 @@ from .deform_conv import (DeformConv2d, DeformConv2dPack, ModulatedDeformConv2d,
 from .point_sample import (ball_query, furthest_point_sample, furthest_point_sample_onnx,
                            furthest_point_sample_with_dist, furthest_point_sample_with_dist_onnx, gather_points,
                            grouping_operation, knn, three_interpolate, three_nn)
-from .points_in_boxes import RoIAwarePool3d, points_in_boxes_all, points_in_boxes_cpu, points_in_boxes_part
+from .points_in_boxes import (RoIAwarePool3d, RoIPointPool3d, points_in_boxes_all, points_in_boxes_cpu,
+                              points_in_boxes_part)
 from .scatter import DynamicScatter, dynamic_scatter
 from .sparse_conv import (SparseConv3d, SparseConvTensor, SparseInverseConv3d, SubMConv3d, sparse_conv_forward)
 from .voxelize import Voxelization, hard_voxelize_onnx, voxelization
@@ -95,6 +96,8 @@ OP_LIBRARY: dict[str, OpEntry] = {entry.mmcv_name: entry for entry in [
            "one lexicographic sort over (batch, z, y, x) instead of mmcv's per-sample loop"),
     _entry("RoIAwarePool3d", "module", RoIAwarePool3d, "pure-pytorch", False,
            "(R, P) in-box test, first max_pts_per_voxel-1 points per RoI voxel, scatter max/mean"),
+    _entry("RoIPointPool3d", "module", RoIPointPool3d, "pure-pytorch", False,
+           "(B, M, N) in-box test, cumsum ranks, scatter of the first S points per box, cyclic fill by remainder"),
 ]}
 
 

@@ -220,6 +220,13 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
             lambda rois, pts, feats, mode=mode: pib.RoIAwarePool3d(7, 128, mode)(rois, pts, feats),
             mmcv_ops and (lambda rois, pts, feats, mode=mode: mmcv_ops.RoIAwarePool3d(7, 128, mode)(rois, pts, feats)),
             exact))
+    # PointRCNN's RoI pooling: 100 proposals, 16384 points, 512 samples per box (its test config).
+    checks.append(Check(
+        "RoIPointPool3d",
+        lambda d: (torch.cat([_points_in(_boxes(100, 27, d), 100, 28), _cloud(1, 6384, 29, d, 60.0)], 1),
+                   torch.randn(1, 16384, 16, generator=_generator(30)).to(d), _boxes(100, 27, d)),
+        lambda pts, feats, boxes: pib.RoIPointPool3d(512)(pts, feats, boxes),
+        mmcv_ops and (lambda pts, feats, boxes: mmcv_ops.RoIPointPool3d(512)(pts, feats, boxes)), exact))
     checks.append(Check(
         "Voxelization (hard)", lambda d: (_lidar(120000, 26, d),),
         lambda points: vx.Voxelization([0.16, 0.16, 4], KITTI_RANGE, 32, 16000)(points),

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["points_in_boxes_part", "points_in_boxes_all", "points_in_boxes_cpu", "RoIAwarePool3d", "roiaware_pool3d"]
+__all__ = ["points_in_boxes_part", "points_in_boxes_all", "points_in_boxes_cpu", "RoIAwarePool3d", "roiaware_pool3d",
+           "RoIPointPool3d", "roipoint_pool3d"]
 
 
 def _local_coords(points: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -46,11 +47,23 @@ def points_in_boxes_cpu(points: Tensor, boxes: Tensor) -> Tensor:
 def points_in_boxes_part(points: Tensor, boxes: Tensor) -> Tensor:
     """(B, M) int32: index of the first box containing each point, -1 for none (mmcv's CUDA kernel breaks at the
     first hit, so the lowest box index wins)."""
-    inside, _, _ = _local_coords(points, boxes)
     if boxes.shape[1] == 0:
-        return torch.full(inside.shape[:2], -1, dtype=torch.int32, device=points.device)
+        return torch.full(points.shape[:2], -1, dtype=torch.int32, device=points.device)
+    if not torch.compiler.is_compiling() and points.shape[1] * boxes.shape[1] > _EAGER_PAIRS_PER_CHUNK:
+        # Host-side calls test every point against every box (PointRPNHead's NMS: 16384 x 16384 pairs, 1 GB per
+        # float intermediate); in eager the boxes go in chunks, earlier chunks' hits kept (lowest index wins).
+        found = torch.full(points.shape[:2], -1, dtype=torch.int32, device=points.device)
+        step = max(1, _EAGER_PAIRS_PER_CHUNK // points.shape[1])
+        for start in range(0, boxes.shape[1], step):
+            hit = points_in_boxes_part(points, boxes[:, start:start + step])
+            found = torch.where((found < 0) & (hit >= 0), hit + start, found)
+        return found
+    inside, _, _ = _local_coords(points, boxes)
     first = torch.argmax(inside.to(torch.int32), dim=2)  # argmax returns the first maximum
     return torch.where(inside.any(dim=2), first, torch.full_like(first, -1)).to(torch.int32)
+
+
+_EAGER_PAIRS_PER_CHUNK = 1 << 24
 
 
 _POOL_MODES = {0: "max", 1: "avg"}  # mmcv's RoIAwarePool3d stores its mode as these integers
@@ -124,3 +137,43 @@ class RoIAwarePool3d(nn.Module):
 
     def forward(self, rois: Tensor, pts: Tensor, pts_feature: Tensor) -> Tensor:
         return roiaware_pool3d(rois, pts, pts_feature, self.out_size, self.max_pts_per_voxel, self.mode)
+
+
+def roipoint_pool3d(points: Tensor, point_features: Tensor, boxes3d: Tensor,
+                    num_sampled_points: int = 512) -> tuple[Tensor, Tensor]:
+    """mmcv's RoIPointPool3d forward: for each box the first ``num_sampled_points`` points inside it (in point order),
+    repeated cyclically when fewer are inside, as (xyz, features) rows; and a flag per box with no point inside.
+
+    points (B, N, 3), point_features (B, N, C), boxes3d (B, M, 7) -> (B, M, S, 3 + C) and (B, M) int32. Rows of an
+    empty box are 0, as mmcv leaves them. Fixed shapes throughout (no nonzero), so the box count can be dynamic.
+    """
+    num_points = points.shape[1]
+    inside = _local_coords(points, boxes3d)[0].transpose(1, 2)  # (B, M, N), mmcv walks points per box
+    rank = torch.cumsum(inside.to(torch.int64), dim=2) - 1  # each inside point's rank among its box's points
+    count = inside.sum(dim=2).clamp(max=num_sampled_points)  # (B, M)
+    # Slot r of a box receives the point of rank r; points past the last slot and outside points go to a spare slot.
+    slot = torch.where(inside & (rank < num_sampled_points), rank, torch.full_like(rank, num_sampled_points))
+    point_index = torch.arange(num_points, device=points.device).expand_as(slot)
+    first_points = torch.zeros((*slot.shape[:2], num_sampled_points + 1), dtype=torch.int64, device=points.device)
+    first_points = first_points.scatter(2, slot, point_index)[..., :num_sampled_points]
+    # Fewer inside than slots: slot k repeats the point of rank k mod count, as the kernel duplicates them.
+    wanted = torch.arange(num_sampled_points, device=points.device).expand_as(first_points)
+    wanted = torch.remainder(wanted, count.clamp(min=1)[..., None])
+    source = torch.gather(first_points, 2, wanted)  # (B, M, S) point indices
+    rows = torch.cat([points, point_features], dim=2)  # (B, N, 3 + C)
+    flat = source.reshape(source.shape[0], -1, 1).expand(-1, -1, rows.shape[2])
+    pooled = torch.gather(rows, 1, flat).reshape(*source.shape, rows.shape[2])
+    empty = count == 0
+    pooled = torch.where(empty[..., None, None], torch.zeros_like(pooled), pooled)
+    return pooled, empty.to(torch.int32)
+
+
+class RoIPointPool3d(nn.Module):
+    """Drop-in for mmcv.ops.RoIPointPool3d (forward only; CUDA-only in mmcv); reads mmcv's num_sampled_points."""
+
+    def __init__(self, num_sampled_points: int = 512) -> None:
+        super().__init__()
+        self.num_sampled_points = num_sampled_points
+
+    def forward(self, points: Tensor, point_features: Tensor, boxes3d: Tensor) -> tuple[Tensor, Tensor]:
+        return roipoint_pool3d(points, point_features, boxes3d, self.num_sampled_points)
