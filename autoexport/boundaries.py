@@ -26,6 +26,9 @@ class TensorBoundary:
     # inference starts with host-side work the graph should not hold: (model, inputs, data_samples, ordinal) -> inputs.
     host_inputs: str = ""
     host_side: str = ""  # what the host does around the graph, for metadata.json
+    # Non-empty for detectors whose one graph is only their first stage (a host-side NMS feeds the second): why;
+    # the pipeline then always runs the split export (split.py's SPLITS entry), which carries the whole model.
+    split_required: str = ""
 
 
 def tensor_mode_forward(model: Any, inputs: dict, data_samples: list) -> Any:
@@ -112,6 +115,19 @@ def h3dnet_forward(model: Any, inputs: dict, data_samples: list) -> Any:
     return {**rpn_preds, **refined}
 
 
+def point_rcnn_rpn_forward(model: Any, inputs: dict, data_samples: list) -> Any:
+    """PointRCNN's first stage, as TwoStage3DDetector.predict runs it up to the proposals: the PointNet++ backbone
+    and FP neck, then PointRPNHead's per-point box and class predictions. mmdet3d's own tensor mode cannot run it
+    (`_forward` reads a 'neck_feats' key extract_feat never returns)."""
+    # PointRCNN.extract_feat's steps on the detector's parts, so the split's stage module (parts only) runs it too.
+    features = model.backbone(torch.stack(inputs["points"]))
+    if getattr(model, "neck", None) is not None:
+        features = model.neck(features)
+    feats = {"fp_features": features["fp_features"], "fp_points": features["fp_xyz"]}
+    bbox_preds, cls_preds = model.rpn_head(feats)
+    return {**feats, "bbox_preds": bbox_preds, "cls_preds": cls_preds}
+
+
 _SLIDE_HOST_SIDE = ("cut each cloud into patches with EncoderDecoder3D._sliding_patch_generation(points, "
                     "test_cfg.num_points, block_size, sample_rate, use_normalized_coord), run the graph on up to "
                     "test_cfg.batch_size patches at a time, and average each point's logits over the patches that "
@@ -130,6 +146,14 @@ BOUNDARIES.register("Cylinder3D", TensorBoundary(
     "voxel_segmentor_forward", ("decode_head",), host_inputs="point_to_voxel_map",
     host_side="the data preprocessor's cylindrical voxelization gives voxels, coors and point2voxel_map; argmax of "
               "seg_logits over classes is each point's label"))
+
+BOUNDARIES.register("PointRCNN", TensorBoundary(
+    "point_rcnn_rpn_forward", ("rpn_head",),
+    host_side="PointRPNHead.predict_by_feat decodes each point's box and runs class-agnostic NMS (test_cfg.nms_cfg): "
+              "the proposals (stages.json: proposals) that the RoI head graph (stages.json: roi) refines; "
+              "PointRCNNBboxHead.get_results decodes and NMSes its outputs",
+    split_required="PointRCNN's RoI head runs on proposals chosen by an NMS on the host, so the model is two graphs "
+                   "with host steps between them"))
 
 
 def boundary_for(model: Any) -> tuple[TensorBoundary, TensorForward]:
@@ -171,6 +195,10 @@ OUTPUT_NAMERS.register("Anchor3DHead", _level_suffixed(("cls_score", "bbox_pred"
 OUTPUT_NAMERS.register("FreeAnchor3DHead", _level_suffixed(("cls_score", "bbox_pred", "dir_cls_pred")))
 OUTPUT_NAMERS.register("ShapeAwareHead", _level_suffixed(("cls_score", "bbox_pred", "dir_cls_pred")))
 
+
+# Heads whose forward returns a dict of named tensors (autoexport's own two-stage boundaries): the keys.
+OUTPUT_NAMERS.register("PointRPNHead", lambda path: path[0] if len(path) == 1 and isinstance(path[0], str)
+                       else default_output_name(path))
 
 # Segmentation decode heads (PointNet2Head, DGCNNHead, PAConvHead): one (B, num_classes, N) tensor.
 OUTPUT_NAMERS.register("Base3DDecodeHead", lambda path: "seg_logits" if not path else default_output_name(path))

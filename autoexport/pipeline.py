@@ -382,7 +382,16 @@ def _run_export(options: ExportOptions, eager_substituted: list,
             analysis = analyze(config_path, options.checkpoint, options.device, options.samples, options.seed,
                                options.verbose)
             manifest = analysis.manifest
-            if options.split:
+            split = options.split or bool(analysis.boundary.split_required)
+            if split and not options.split:
+                # The one graph is only the first stage; the split export carries the rest of the model.
+                log.info("  %s: one graph covers its first stage only (%s); the split export runs as with --split",
+                         analysis.model_type, analysis.boundary.split_required)
+                if reduced_precision or "onnx" not in formats:
+                    raise UserInputError(f"{analysis.model_type} is exported as stages (its one graph is only the "
+                                         f"first): use --format onnx or both, at fp32")
+                stages.total += 1
+            if split:
                 split_plan_for(analysis.model)  # a clear error before any export work when no plan is registered
             for spec in manifest.inputs:
                 dyn = {i: n for i, n in spec.dynamic_dims.items()}
@@ -475,7 +484,7 @@ def _run_export(options: ExportOptions, eager_substituted: list,
             if not quantized_reference and any(c.precision == "fp32" for c in parity.failures()):
                 _diagnose_with_float64(parity, comparator, analysis.model, wrapper_path, manifest, feeds, expected,
                                        options.device)
-        if options.split:
+        if split:
             with stages.stage("split", "export named stages, check each alone and chained"), \
                     quiet_export_logs(options.verbose):
                 split_result = export_split(analysis.model, manifest, feeds,
@@ -551,6 +560,7 @@ def _run_export(options: ExportOptions, eager_substituted: list,
         if parity.passed and split_result is not None and not split_result.passed:
             bad = [f"  stage {st.name}: max abs {st.worst_max_abs:.3g}" for st in split_result.stages if not st.parity_passed]
             bad += [f"  chained stages: max abs {split_result.chained.get('max_abs', float('nan')):.3g}"]
+            bad += [f"  {note}" for note in split_result.chained.get("failures", [])[:4]]
             raise ParityFailedError("split export parity failed:\n" + "\n".join(bad) + f"\nstages.json and the stage "
                                     f"graphs were kept in {failed_dir}, not in {output_dir}")
         if parity.passed:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .boundaries import point_rcnn_rpn_forward
 from .errors import UserInputError
 from .export import export_onnx, export_program, save_pt2
 from .manifest import DynamicDim, Manifest, OutputSpec, TensorSpec, dtype_name, get_by_path
@@ -48,6 +49,11 @@ class StageDef:
     what: str  # one line for stages.json and logs
     modules: tuple[str, ...]  # detector attributes the stage runs; only their weights go into its graph
     reads: tuple[str, ...]  # tensor names it takes (model inputs or earlier stages' outputs); 'x_*' takes x_0, x_1, ...
+    # A host step (NMS, decoding): plain PyTorch run on the host between graphs, not exported; the chained check
+    # runs it on the graphs' outputs as a deployment would.
+    host: bool = False
+    # Dynamic dims the export samples may not show (a proposal count can hit its cap in both): (input, axis, name).
+    dims: tuple[tuple[str, int, str], ...] = ()
 
     def input_names(self, available: list[str]) -> list[str]:
         names = []
@@ -66,6 +72,12 @@ class StageDef:
 class SplitPlan:
     stages: tuple[StageDef, ...]
     covers_camera: bool = False  # False: a lidar-path plan, refused for a detector with an image branch
+    # The stage whose outputs are the one-graph export's (named as there): the last one unless a host step follows
+    # the first graph (two-stage detectors, whose one graph is their first stage).
+    model_outputs_stage: str = ""
+
+    def gives_model_outputs(self, stage: StageDef) -> bool:
+        return stage.name == self.model_outputs_stage if self.model_outputs_stage else stage is self.stages[-1]
 
 
 # ---- stage forwards per family -------------------------------------------------------------------
@@ -149,11 +161,67 @@ def camera_lidar_fusion_plan(vtransform: StageForward, vtransform_modules: tuple
     ), covers_camera=True)
 
 
+def _boundary_stage(tensor_forward: Callable[[Any, dict, list], Any], inputs_key: str) -> StageForward:
+    """A one-graph tensor path of boundaries.py as a stage; its model inputs are `inputs_key`_0, _1, ..."""
+    def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
+        return {"head_outputs": tensor_forward(model, {inputs_key: list(t.values())}, [])}
+
+    return forward
+
+
+def _point_rcnn_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """PointRPNHead.predict_by_feat (box decoding, class-agnostic NMS) on the raw points, as in its predict."""
+    from mmdet3d.structures import bbox3d2roi
+
+    points = torch.stack([t[n] for n in sorted((n for n in t if n.startswith("points_")),
+                                               key=lambda n: int(n.rsplit("_", 1)[1]))])
+    results = model.rpn_head.predict_by_feat(points, t["bbox_preds"], t["cls_preds"], list(context.metas),
+                                             cfg=model.rpn_head.test_cfg)
+    return {"rois": bbox3d2roi([r.bboxes_3d.tensor for r in results]),
+            "roi_labels": torch.cat([r.labels_3d for r in results])}
+
+
+def _point_rcnn_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """PointRCNNRoIHead.predict up to its bbox head: point scores and depths joined to the features, RoI point
+    pooling, the bbox head's raw class score and box residuals per RoI."""
+    roi_head = model.roi_head
+    point_scores = t["cls_preds"].sigmoid().max(-1)[0]
+    depths = t["fp_points"].norm(dim=2) / roi_head.depth_normalizer - 0.5
+    features = torch.cat([point_scores.unsqueeze(2), depths.unsqueeze(2), t["fp_features"].transpose(1, 2)], dim=2)
+    outputs = roi_head._bbox_forward(features, t["fp_points"], context.batch_size, t["rois"])
+    return {"cls_score": outputs["cls_score"], "bbox_pred": outputs["bbox_pred"]}
+
+
+def _point_rcnn_detections(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """PointRCNNBboxHead.get_results: residuals decoded on the proposals, per-class NMS, as predict returns them."""
+    roi_head = model.roi_head
+    labels = list(torch.split(t["roi_labels"], torch.bincount(t["rois"][:, 0].long(),
+                                                              minlength=context.batch_size).tolist()))
+    results = roi_head.bbox_head.get_results(t["rois"], t["cls_score"].sigmoid(), t["bbox_pred"], labels,
+                                             list(context.metas), cfg=roi_head.test_cfg)
+    return {"bboxes_3d": torch.cat([r.bboxes_3d.tensor for r in results]),
+            "scores_3d": torch.cat([r.scores_3d for r in results]),
+            "labels_3d": torch.cat([r.labels_3d for r in results])}
+
+
+POINT_RCNN_PLAN = SplitPlan((
+    StageDef("rpn", _boundary_stage(point_rcnn_rpn_forward, "points"), "PointNet++ backbone, FP neck and point RPN head (the one-graph export)",
+             ("backbone", "neck", "rpn_head"), ("points_*",)),
+    StageDef("proposals", _point_rcnn_proposals, "host: decode each point's box, class-agnostic NMS -> RoIs",
+             (), ("points_*", "bbox_preds", "cls_preds"), host=True),
+    StageDef("roi", _point_rcnn_roi, "RoI point pooling and the PointNet++ bbox head on each RoI", ("roi_head",),
+             ("fp_features", "fp_points", "cls_preds", "rois"), dims=(("rois", 0, "num_rois"),)),
+    StageDef("detections", _point_rcnn_detections, "host: decode the refined boxes, per-class NMS -> detections",
+             (), ("rois", "roi_labels", "cls_score", "bbox_pred"), host=True),
+), model_outputs_stage="rpn")
+
+
 SPLITS: ClassRegistry[SplitPlan | None] = ClassRegistry("split plan")
 SPLITS.register("VoxelNet", _voxel_bev_plan("", "bbox_head", extra_args=False))
 SPLITS.register("MVXTwoStageDetector", _voxel_bev_plan("pts_", "pts_bbox_head", extra_args=True))
 # Registered as unsupported so the MVX entry (hard voxels, no image branch) is not used for them by inheritance.
 SPLITS.register("DynamicMVXFasterRCNN", None)
+SPLITS.register("PointRCNN", POINT_RCNN_PLAN)
 
 
 def split_plan_for(model: Any) -> SplitPlan:
@@ -212,8 +280,10 @@ class StageRecord:
     inputs: list[dict]  # name, shape, dtype, dynamic_dims, source ("model input" or "<stage>.<output>")
     outputs: list[dict]
     files: list[str]
-    parity_passed: bool = False
+    parity_passed: bool = False  # host steps: True (nothing exported; the chained check covers them)
     worst_max_abs: float = 0.0
+    runs_on: str = "graph"  # "graph" (model.pt2 / model.onnx) or "host" (plain PyTorch between graphs)
+    host_function: str = ""  # a host step's function in autoexport, for deployments to port
 
 
 @dataclass
@@ -231,7 +301,7 @@ class SplitResult:
 
 def _stage_manifest(name: str, captured: list[Tensors], input_names: list[str], output_names: list[str],
                     outputs_by_sample: list[Tensors], known_dims: dict[tuple[int, ...], str],
-                    batch_size: int) -> Manifest:
+                    batch_size: int, declared: tuple[tuple[str, int, str], ...] = ()) -> Manifest:
     """Inputs/outputs of one stage with dynamic dims found across the export samples; a dim whose values match a
     dim already named (e.g. num_voxels) keeps that name."""
     dims: dict[str, DynamicDim] = {}
@@ -246,8 +316,16 @@ def _stage_manifest(name: str, captured: list[Tensors], input_names: list[str], 
                 found[axis] = dim_name
         return found
 
+    def with_declared(tensor_name: str, found: dict[int, str]) -> dict[int, str]:
+        for declared_tensor, axis, dim_name in declared:
+            if declared_tensor == tensor_name and axis not in found:
+                values = [int(c[tensor_name].shape[axis]) for c in captured]
+                dims[dim_name] = DynamicDim(dim_name, values)
+                found[axis] = dim_name
+        return found
+
     specs = [TensorSpec(n, f"{name}.{n}", list(captured[0][n].shape), dtype_name(captured[0][n].dtype),
-                        dynamic([c[n] for c in captured], n)) for n in input_names]
+                        with_declared(n, dynamic([c[n] for c in captured], n))) for n in input_names]
     outs = [OutputSpec(n, [n], list(outputs_by_sample[0][n].shape), dtype_name(outputs_by_sample[0][n].dtype),
                        dynamic([o[n] for o in outputs_by_sample], n)) for n in output_names]
     used = {d for s in specs for d in s.dynamic_dims.values()}
@@ -270,7 +348,7 @@ def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, di
     result = SplitResult()
     stage_io: list[tuple[StageDef, list[str], list[str]]] = []
     for stage in plan.stages:
-        is_head = stage is plan.stages[-1]
+        is_head = plan.gives_model_outputs(stage)
         input_names = stage.input_names(list(available[export_sample_names[0]]))
         # The eager stage (mmdet3d's own code, unpatched) on every sample. It gets copies: some modules write into
         # their inputs (PillarFeatureNet's legacy mode).
@@ -280,12 +358,17 @@ def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, di
                 per_sample_outputs[sample] = run_stage(stage, model, {n: tensors[n].clone() for n in input_names},
                                                        context, output_paths if is_head else None)
         output_names = list(per_sample_outputs[export_sample_names[0]])
+        if stage.host:
+            record_host_step(result, stage, input_names, output_names, per_sample_outputs, available, sources)
+            stage_io.append((stage, input_names, output_names))
+            continue
         stage_manifest = _stage_manifest(stage.name, [available[s] for s in export_sample_names], input_names,
                                          output_names, [per_sample_outputs[s] for s in export_sample_names], known_dims,
-                                         batch_size)
+                                         batch_size, declared=stage.dims)
         folder = output_dir / "stages" / stage.name
         folder.mkdir(parents=True, exist_ok=True)
-        module = StageModule(model, stage, input_names, output_names, output_paths if is_head else None, context).eval()
+        module = StageModule(model, stage, input_names, output_names, output_paths if is_head else None,
+                             context).eval()
         example = tuple(available[export_sample_names[0]][n] for n in input_names)
         log.info("  stage %s: %s -> %s", stage.name, ", ".join(input_names), ", ".join(output_names))
         exported = export_program(module, model, stage_manifest, example, verbose, star_args=True)
@@ -311,8 +394,33 @@ def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, di
         for n in output_names:
             sources[n] = f"{stage.name}.{n}"
         stage_io.append((stage, input_names, output_names))
-    result.chained = _chained_parity(output_dir, stage_io, feeds, expected, tolerance)
+    chain_reference = {sample: {n: t.detach().cpu().numpy() for n, t in tensors.items() if sources.get(n) != "model input"}
+                       for sample, tensors in available.items()}
+    result.chained = _chained_parity(output_dir, stage_io, feeds, expected, chain_reference, tolerance, model,
+                                     context)
     return result
+
+
+def record_host_step(result: SplitResult, stage: StageDef, input_names: list[str], output_names: list[str],
+                     per_sample_outputs: dict[str, Tensors], available: dict[str, Tensors], sources: dict[str, str]
+                     ) -> None:
+    """A host step in stages.json (what it runs, what it reads and gives) and its eager outputs as later inputs."""
+    first = next(iter(per_sample_outputs))
+
+    def describe(name: str, tensor: torch.Tensor) -> dict:
+        return {"name": name, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "dynamic_dims": {}}
+
+    result.stages.append(StageRecord(
+        stage.name, stage.what,
+        inputs=[{**describe(n, available[first][n]), "source": sources[n]} for n in input_names],
+        outputs=[describe(n, per_sample_outputs[first][n]) for n in output_names],
+        files=[], parity_passed=True, runs_on="host",
+        host_function=f"{stage.forward.__module__}.{stage.forward.__qualname__}"))
+    log.info("  host step %s: %s -> %s", stage.name, ", ".join(input_names), ", ".join(output_names))
+    for sample in available:
+        available[sample].update(per_sample_outputs[sample])
+    for n in output_names:
+        sources[n] = f"{stage.name}.{n}"
 
 
 def _spec_json(spec: TensorSpec | OutputSpec) -> dict:
@@ -320,23 +428,66 @@ def _spec_json(spec: TensorSpec | OutputSpec) -> dict:
             "dynamic_dims": {str(k): v for k, v in spec.dynamic_dims.items()}}
 
 
-def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dict, tolerance: Tolerance) -> dict:
-    """ONNX Runtime stages one after the other, from the model inputs to its outputs, against the eager model."""
-    sessions = [(OnnxRuntimeRunner(output_dir / "stages" / stage.name / "model.onnx", inputs, outputs), inputs)
-                for stage, inputs, outputs in stage_io]
+def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dict, chain_reference: dict,
+                    tolerance: Tolerance, model: Any, context: StageContext) -> dict:
+    """ONNX Runtime stages one after the other, host steps in PyTorch between them, from the model inputs to the
+    end, as a deployment runs them. The one-graph outputs are compared with the eager model (wrapper.py), every
+    other tensor a host step or the last graph gives with the eager stages' own (mmdet3d's code end to end)."""
+    steps = []
+    for stage, inputs, outputs in stage_io:
+        runner = None if stage.host else OnnxRuntimeRunner(output_dir / "stages" / stage.name / "model.onnx", inputs,
+                                                           outputs)
+        steps.append((stage, runner, inputs, outputs))
+    compared = [n for stage, _, _, outputs in steps for n in outputs
+                if stage.host or stage is steps[-1][0] or n in next(iter(expected.values()))]
     worst = 0.0
     passed = True
+    notes: list[str] = []
+    diverged: list[dict] = []  # host steps that chose differently from the eager chain
     for sample, feed in feeds.items():
         tensors = dict(feed)
-        for runner, inputs in sessions:
-            tensors.update(runner.infer({n: tensors[n] for n in inputs}))
-        for name, reference in expected[sample].items():
+        checked: set[str] = set()
+        for stage, runner, inputs, outputs in steps:
+            if runner is not None:
+                tensors.update(runner.infer({n: tensors[n] for n in inputs}))
+                continue
+            with torch.no_grad():
+                given = stage.forward(model, {n: torch.from_numpy(np.ascontiguousarray(tensors[n])) for n in inputs},
+                                      context)
+            tensors.update({n: t.detach().cpu().numpy() for n, t in given.items()})
+            differs = [n for n in outputs if not compare_arrays(chain_reference[sample][n], tensors[n], tolerance)["passed"]]
+            if differs:
+                # A selection step (NMS, top-k) fed inputs within tolerance may still choose differently where
+                # candidates' scores are closer than those differences. Record it with its inputs' largest
+                # difference, fail the chain, and carry on from the eager step's outputs so the later graphs are
+                # still checked on chained inputs.
+                input_diff = max((compare_arrays(chain_reference[sample][n], tensors[n], tolerance)["max_abs"]
+                                  for n in inputs if n in chain_reference[sample]), default=0.0)
+                diverged.append({"sample": sample, "step": stage.name, "outputs": differs,
+                                 "inputs_max_abs": input_diff})
+                notes.append(f"{sample}: host step {stage.name} chose differently ({', '.join(differs)}) on inputs "
+                             f"within {input_diff:.3g} of the eager chain's; continuing from the eager step's outputs")
+                for n in outputs:
+                    tensors[n] = chain_reference[sample][n]
+                checked.update(outputs)
+                passed = False
+        for name in compared:
+            if name in checked:
+                continue
+            reference = expected[sample][name] if name in expected[sample] else chain_reference[sample][name]
             metrics = compare_arrays(reference, tensors[name], tolerance)
             worst = max(worst, metrics["max_abs"])
             passed = passed and metrics["passed"]
+            if not metrics["passed"]:
+                detail = metrics.get("note") or "max abs %.3g" % metrics["max_abs"]
+                notes.append(f"{sample} {name}: {detail}")
     log.info("  chained onnxruntime stages vs eager model: max_abs %.2e  %s", worst, "pass" if passed else "FAIL")
-    return {"runtime": "onnxruntime", "reference": "eager model (wrapper.py)", "samples": list(feeds),
-            "max_abs": worst, "passed": passed, "tolerance": tolerance.describe()}
+    for note in notes[:6]:
+        log.info("    %s", note)
+    return {"runtime": "onnxruntime" + (" + host steps in PyTorch" if any(s.host for s, *_ in steps) else ""),
+            "reference": "eager model (wrapper.py) for its outputs, eager stages for the rest",
+            "samples": list(feeds), "compared": compared, "max_abs": worst, "passed": passed,
+            "host_steps_diverged": diverged, "failures": notes, "tolerance": tolerance.describe()}
 
 
 __all__ = ["SPLITS", "SplitPlan", "StageContext", "StageDef", "camera_lidar_fusion_plan", "export_split",

@@ -286,6 +286,8 @@ def export_method(metadata: dict) -> tuple[str, list[str], list[str]]:
     patches = [f"{p.get('target')}.{p.get('method')}" for p in metadata.get("export_patches") or []]
     kinds = ["patched"] if [p for p in patches if p not in by] else []
     kinds += [s.get("kind", "substituted op") if isinstance(s, dict) else "substituted op" for s in substitutions]
+    if metadata.get("split"):  # stage graphs (with host steps between them for two-stage detectors)
+        kinds.append("split")
     return " + ".join(dict.fromkeys(kinds)) or "native", patches, described
 
 

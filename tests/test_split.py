@@ -90,3 +90,103 @@ def test_camera_lidar_fusion_splits_as_cuda_bevfusion_deploys(tmp_path: Path) ->
     moved = feed["lidar2img"].copy()
     moved[0] += 40.0 * moved[2]  # another calibration moves the image features on the BEV grid
     assert np.abs(session.run(None, {"img_features_0": features, "lidar2img": moved})[0] - base).max() > 1e-2
+
+
+# ---- host steps between graphs (two-stage detectors), on a small two-stage network ------------------------------
+
+class TinyTwoStage(torch.nn.Module):
+    """A proposal stage scoring points, a host top-k over the scores, a refinement stage on the chosen points."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.rpn = torch.nn.Linear(4, 9)
+        self.refine = torch.nn.Linear(8, 2)
+
+
+def _tiny_rpn(model, t, context):  # noqa: ANN001, ANN202
+    out = model.rpn(t["points_0"])
+    return {"head_outputs": {"scores": out[:, 0], "features": out[:, 1:]}}
+
+
+_host_calls: list[int] = []
+
+
+def _tiny_select(model, t, context):  # noqa: ANN001, ANN202
+    _host_calls.append(1)
+    order = torch.argsort(t["scores"], descending=True)
+    # The chained run's calls (after the eager ones) may be told to choose differently, as an NMS can.
+    if _host_calls and _host_calls[0] == 0 and len(_host_calls) > 4:
+        order = order.flip(0)
+    return {"chosen": order[: 3 + t["scores"].shape[0] // 100]}
+
+
+def _tiny_refine(model, t, context):  # noqa: ANN001, ANN202
+    return {"refined": model.refine(t["features"][t["chosen"]])}
+
+
+def _tiny_plan():  # noqa: ANN202
+    from autoexport.split import SplitPlan, StageDef
+
+    return SplitPlan((
+        StageDef("rpn", _tiny_rpn, "scores and features per point", ("rpn",), ("points_*",)),
+        StageDef("select", _tiny_select, "host: top-k", (), ("scores",), host=True),
+        StageDef("refine", _tiny_refine, "refine the chosen points", ("refine",), ("features", "chosen"),
+                 dims=(("chosen", 0, "num_chosen"),)),
+    ), model_outputs_stage="rpn")
+
+
+def _tiny_split(out: Path, diverge: bool):  # noqa: ANN202
+    from autoexport.manifest import DynamicDim, Manifest, OutputSpec, TensorSpec
+    from autoexport.split import SPLITS, export_split
+    from autoexport.verify import Tolerance
+
+    model = TinyTwoStage().eval()
+    clouds = {name: np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+              for name, seed, n in (("sample_0", 1, 60), ("sample_1", 2, 80), ("heldout_0", 3, 100))}
+    feeds = {name: {"points_0": cloud} for name, cloud in clouds.items()}
+    with torch.no_grad():
+        expected = {name: {k: v.numpy() for k, v in _tiny_rpn(model, {"points_0": torch.from_numpy(c)}, None)
+                           ["head_outputs"].items()} for name, c in clouds.items()}
+    manifest = Manifest(
+        inputs=[TensorSpec("points_0", "inputs.points.0", [60, 4], "float32", {0: "num_points"})],
+        outputs=[OutputSpec("scores", ["scores"], [60], "float32", {0: "num_points"}),
+                 OutputSpec("features", ["features"], [60, 8], "float32", {0: "num_points"})],
+        dims={"num_points": DynamicDim("num_points", [60, 80])}, structure={})
+    _host_calls[:] = [1 if not diverge else 0]
+    SPLITS.register("TinyTwoStage", _tiny_plan())
+    try:
+        return export_split(model, manifest, feeds, ["sample_0", "sample_1"], expected, out,
+                            Tolerance(1e-4, 1e-4, "fp32"), "cpu")
+    finally:
+        SPLITS._entries.pop("TinyTwoStage")
+
+
+def test_split_runs_host_steps_between_graphs_and_chains_them(tmp_path: Path) -> None:
+    result = _tiny_split(tmp_path, diverge=False)
+    record = result.to_json()
+    stages = {s["name"]: s for s in record["stages"]}
+    assert list(stages) == ["rpn", "select", "refine"]
+    assert stages["select"]["runs_on"] == "host" and stages["select"]["files"] == []
+    assert stages["select"]["host_function"].endswith("_tiny_select")
+    assert [(i["name"], i["source"]) for i in stages["refine"]["inputs"]] == [("features", "rpn.features"),
+                                                                              ("chosen", "select.chosen")]
+    # 3 chosen in both export samples, 4 held out: the plan declares the count dynamic, so the graph takes any.
+    assert stages["refine"]["inputs"][1]["dynamic_dims"] == {"0": "num_chosen"}
+    assert all(s["parity_passed"] for s in stages.values())
+    chained = record["chained"]
+    assert chained["passed"] and chained["host_steps_diverged"] == [] and chained["max_abs"] <= 1e-5
+    assert set(chained["compared"]) == {"scores", "features", "chosen", "refined"}
+    refine = ort.InferenceSession(str(tmp_path / "stages" / "refine" / "model.onnx"))
+    assert [i.name for i in refine.get_inputs()] == ["features", "chosen"]
+
+
+def test_a_host_step_choosing_differently_in_the_chain_fails_it_and_is_named(tmp_path: Path) -> None:
+    result = _tiny_split(tmp_path, diverge=True)
+    chained = result.to_json()["chained"]
+    assert not chained["passed"] and not result.passed
+    assert {d["step"] for d in chained["host_steps_diverged"]} == {"select"}
+    assert chained["host_steps_diverged"][0]["inputs_max_abs"] <= 1e-5  # the graphs were not the cause
+    assert any("host step select chose differently" in note for note in chained["failures"])
+    # The refine graph was still checked in the chain, on the eager step's choice: no failure of its own.
+    assert not any("refined" in note for note in chained["failures"])
