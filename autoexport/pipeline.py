@@ -559,8 +559,8 @@ def _run_export(options: ExportOptions, eager_substituted: list,
                  f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}" for c in worst]
         if parity.passed and split_result is not None and not split_result.passed:
             bad = [f"  stage {st.name}: max abs {st.worst_max_abs:.3g}" for st in split_result.stages if not st.parity_passed]
+            bad += [f"  chained: {note}" for note in split_result.chained.get("failures", [])[:4]]
             bad += [f"  chained stages: max abs {split_result.chained.get('max_abs', float('nan')):.3g}"]
-            bad += [f"  {note}" for note in split_result.chained.get("failures", [])[:4]]
             raise ParityFailedError("split export parity failed:\n" + "\n".join(bad) + f"\nstages.json and the stage "
                                     f"graphs were kept in {failed_dir}, not in {output_dir}")
         if parity.passed:

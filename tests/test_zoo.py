@@ -101,6 +101,22 @@ def test_parity_failure_reads_metadata_and_method():
                               "substitutions": [{"op": "o", "by": "S.f (autoexport.ops)"}]})[0] == "substituted op"
 
 
+
+def test_a_failed_split_chain_fails_onnxruntime_parity():
+    """A two-stage detector's one graph is its RPN; the split's chained ONNX Runtime check covers the model."""
+    text = HEAD + "  chained onnxruntime stages vs eager model: max_abs 9.30e-05  FAIL\n" \
+                  "autoexport: error: split export parity failed:\n  chained: sample_1: host step proposals " \
+                  "chose differently (rois)\n  chained stages: max abs 9.3e-05\n"
+    assert zoo.read_log(text).parity == {"onnxruntime": "fail"}
+    metadata = {"parity": {"summary": {"pt2": {"passed": True}, "onnxruntime": {"passed": True}}},
+                "split": {"manifest": "stages.json", "passed": False, "stages": ["rpn", "proposals", "roi"]}}
+    row = zoo.classify(ENTRY, 1, text, metadata, [], 3.0)
+    assert (row.verdict, row.pt2, row.onnx, row.ort_parity) == ("parity failed", "pass", "pass", "fail")
+    assert row.method == "split"
+    assert row.reason.startswith("split export parity failed: chained: sample_1: host step proposals")
+    assert not zoo.meets_fp32_target(row)
+
+
 # ---- a real sweep ---------------------------------------------------------------------------------------------------
 
 def _rows(path: Path) -> list[dict]:
