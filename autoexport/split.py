@@ -173,8 +173,7 @@ def _point_rcnn_proposals(model: Any, t: Tensors, context: StageContext) -> Tens
     """PointRPNHead.predict_by_feat (box decoding, class-agnostic NMS) on the raw points, as in its predict."""
     from mmdet3d.structures import bbox3d2roi
 
-    points = torch.stack([t[n] for n in sorted((n for n in t if n.startswith("points_")),
-                                               key=lambda n: int(n.rsplit("_", 1)[1]))])
+    points = torch.stack([t[n] for n in t if n.startswith("points_")])  # in order: StageDef.input_names sorts them
     results = model.rpn_head.predict_by_feat(points, t["bbox_preds"], t["cls_preds"], list(context.metas),
                                              cfg=model.rpn_head.test_cfg)
     return {"rois": bbox3d2roi([r.bboxes_3d.tensor for r in results]),
@@ -359,36 +358,36 @@ def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, di
                                                        context, output_paths if is_head else None)
         output_names = list(per_sample_outputs[export_sample_names[0]])
         if stage.host:
-            record_host_step(result, stage, input_names, output_names, per_sample_outputs, available, sources)
-            stage_io.append((stage, input_names, output_names))
-            continue
-        stage_manifest = _stage_manifest(stage.name, [available[s] for s in export_sample_names], input_names,
-                                         output_names, [per_sample_outputs[s] for s in export_sample_names], known_dims,
-                                         batch_size, declared=stage.dims)
-        folder = output_dir / "stages" / stage.name
-        folder.mkdir(parents=True, exist_ok=True)
-        module = StageModule(model, stage, input_names, output_names, output_paths if is_head else None,
-                             context).eval()
-        example = tuple(available[export_sample_names[0]][n] for n in input_names)
-        log.info("  stage %s: %s -> %s", stage.name, ", ".join(input_names), ", ".join(output_names))
-        exported = export_program(module, model, stage_manifest, example, verbose, star_args=True)
-        # model.pt2 would otherwise carry the example inputs too: a BEV canvas is tens of MB.
-        exported.program.example_inputs = None
-        save_pt2(exported.program, folder / "model.pt2")
-        export_onnx(exported.program, input_names, output_names, folder / "model.onnx", verbose)
-        # Per-stage parity on the tensors the eager model passed across this boundary.
-        stage_feeds = {s: {n: available[s][n].detach().cpu().numpy() for n in input_names} for s in available}
-        stage_expected = {s: {n: t.detach().cpu().numpy() for n, t in per_sample_outputs[s].items()} for s in available}
-        runners = [PT2Runner.from_file(folder / "model.pt2", input_names, output_names, device),
-                   OnnxRuntimeRunner(folder / "model.onnx", input_names, output_names)]
-        report = Comparator(tolerance, reference=f"eager {stage.name}").compare(
-            runners, stage_feeds, stage_expected, ParityReport(f"eager {stage.name}", {tolerance.precision: tolerance}))
-        result.stages.append(StageRecord(
-            stage.name, stage.what,
-            inputs=[{**_spec_json(t), "source": sources[t.name]} for t in stage_manifest.inputs],
-            outputs=[_spec_json(o) for o in stage_manifest.outputs],
-            files=[f"stages/{stage.name}/model.pt2", f"stages/{stage.name}/model.onnx"],
-            parity_passed=report.passed, worst_max_abs=max(c.max_abs for c in report.checks)))
+            record = host_step_record(stage, input_names, output_names, per_sample_outputs, available, sources)
+        else:
+            stage_manifest = _stage_manifest(stage.name, [available[s] for s in export_sample_names], input_names,
+                                             output_names, [per_sample_outputs[s] for s in export_sample_names], known_dims,
+                                             batch_size, declared=stage.dims)
+            folder = output_dir / "stages" / stage.name
+            folder.mkdir(parents=True, exist_ok=True)
+            module = StageModule(model, stage, input_names, output_names, output_paths if is_head else None,
+                                 context).eval()
+            example = tuple(available[export_sample_names[0]][n] for n in input_names)
+            log.info("  stage %s: %s -> %s", stage.name, ", ".join(input_names), ", ".join(output_names))
+            exported = export_program(module, model, stage_manifest, example, verbose, star_args=True)
+            # model.pt2 would otherwise carry the example inputs too: a BEV canvas is tens of MB.
+            exported.program.example_inputs = None
+            save_pt2(exported.program, folder / "model.pt2")
+            export_onnx(exported.program, input_names, output_names, folder / "model.onnx", verbose)
+            # Per-stage parity on the tensors the eager model passed across this boundary.
+            stage_feeds = {s: {n: available[s][n].detach().cpu().numpy() for n in input_names} for s in available}
+            stage_expected = {s: {n: t.detach().cpu().numpy() for n, t in per_sample_outputs[s].items()} for s in available}
+            runners = [PT2Runner.from_file(folder / "model.pt2", input_names, output_names, device),
+                       OnnxRuntimeRunner(folder / "model.onnx", input_names, output_names)]
+            report = Comparator(tolerance, reference=f"eager {stage.name}").compare(
+                runners, stage_feeds, stage_expected, ParityReport(f"eager {stage.name}", {tolerance.precision: tolerance}))
+            record = StageRecord(
+                stage.name, stage.what,
+                inputs=[{**_spec_json(t), "source": sources[t.name]} for t in stage_manifest.inputs],
+                outputs=[_spec_json(o) for o in stage_manifest.outputs],
+                files=[f"stages/{stage.name}/model.pt2", f"stages/{stage.name}/model.onnx"],
+                parity_passed=report.passed, worst_max_abs=max(c.max_abs for c in report.checks))
+        result.stages.append(record)
         for sample in available:
             available[sample].update(per_sample_outputs[sample])
         for n in output_names:
@@ -401,26 +400,22 @@ def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, di
     return result
 
 
-def record_host_step(result: SplitResult, stage: StageDef, input_names: list[str], output_names: list[str],
+def host_step_record(stage: StageDef, input_names: list[str], output_names: list[str],
                      per_sample_outputs: dict[str, Tensors], available: dict[str, Tensors], sources: dict[str, str]
-                     ) -> None:
-    """A host step in stages.json (what it runs, what it reads and gives) and its eager outputs as later inputs."""
+                     ) -> StageRecord:
+    """A host step in stages.json: what it runs, what it reads and what it gives."""
     first = next(iter(per_sample_outputs))
 
     def describe(name: str, tensor: torch.Tensor) -> dict:
         return {"name": name, "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "dynamic_dims": {}}
 
-    result.stages.append(StageRecord(
+    log.info("  host step %s: %s -> %s", stage.name, ", ".join(input_names), ", ".join(output_names))
+    return StageRecord(
         stage.name, stage.what,
         inputs=[{**describe(n, available[first][n]), "source": sources[n]} for n in input_names],
         outputs=[describe(n, per_sample_outputs[first][n]) for n in output_names],
         files=[], parity_passed=True, runs_on="host",
-        host_function=f"{stage.forward.__module__}.{stage.forward.__qualname__}"))
-    log.info("  host step %s: %s -> %s", stage.name, ", ".join(input_names), ", ".join(output_names))
-    for sample in available:
-        available[sample].update(per_sample_outputs[sample])
-    for n in output_names:
-        sources[n] = f"{stage.name}.{n}"
+        host_function=f"{stage.forward.__module__}.{stage.forward.__qualname__}")
 
 
 def _spec_json(spec: TensorSpec | OutputSpec) -> dict:

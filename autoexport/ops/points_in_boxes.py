@@ -44,6 +44,9 @@ def points_in_boxes_cpu(points: Tensor, boxes: Tensor) -> Tensor:
     return points_in_boxes_all(points, boxes)
 
 
+_EAGER_PAIRS_PER_CHUNK = 1 << 24  # (point, box) pairs per eager chunk: 64 MB per float intermediate
+
+
 def points_in_boxes_part(points: Tensor, boxes: Tensor) -> Tensor:
     """(B, M) int32: index of the first box containing each point, -1 for none (mmcv's CUDA kernel breaks at the
     first hit, so the lowest box index wins)."""
@@ -61,9 +64,6 @@ def points_in_boxes_part(points: Tensor, boxes: Tensor) -> Tensor:
     inside, _, _ = _local_coords(points, boxes)
     first = torch.argmax(inside.to(torch.int32), dim=2)  # argmax returns the first maximum
     return torch.where(inside.any(dim=2), first, torch.full_like(first, -1)).to(torch.int32)
-
-
-_EAGER_PAIRS_PER_CHUNK = 1 << 24
 
 
 _POOL_MODES = {0: "max", 1: "avg"}  # mmcv's RoIAwarePool3d stores its mode as these integers
