@@ -339,6 +339,14 @@ def _diagnose_with_float64(parity: ParityReport, comparator: Comparator, model: 
             log.info("  %s %s on %s, %s", check.runtime, check.output, check.sample, check.note)
 
 
+def _check_split_options(precision: str, formats: tuple[str, ...], who: str) -> None:
+    """A split export is FP32 stages checked chained in ONNX Runtime; `who` asked for it (--split or the model)."""
+    if precision != "fp32":
+        raise UserInputError(f"{who} exports FP32 stages; it cannot be combined with --precision {precision} yet")
+    if "onnx" not in formats:
+        raise UserInputError(f"{who} checks the stages chained in ONNX Runtime: use --format onnx or both")
+
+
 def run_export(options: ExportOptions) -> ExportResult:
     # Where mmcv has no kernel for an op on this device (sparse convolution on CPU), the eager reference runs the
     # op library's substitute, which tests/test_ops.py checks against mmcv or a dense reference.
@@ -363,10 +371,8 @@ def _run_export(options: ExportOptions, eager_substituted: list,
     specs = _check_backends(options, formats)
     calib_files = _check_precision(options)
     reduced_precision = options.precision != "fp32"
-    if options.split and reduced_precision:
-        raise UserInputError("--split exports FP32 stages; it cannot be combined with --precision int8/fp16 yet")
-    if options.split and "onnx" not in formats:
-        raise UserInputError("--split checks the stages chained in ONNX Runtime: use --format onnx or both")
+    if options.split:
+        _check_split_options(options.precision, formats, "--split")
     config_path = resolve_config(options.config)
     output_dir = options.output_dir.resolve()
     staging = _prepare_output_dir(output_dir, options.overwrite)
@@ -387,9 +393,8 @@ def _run_export(options: ExportOptions, eager_substituted: list,
                 # The one graph is only the first stage; the split export carries the rest of the model.
                 log.info("  %s: one graph covers its first stage only (%s); the split export runs as with --split",
                          analysis.model_type, analysis.boundary.split_required)
-                if reduced_precision or "onnx" not in formats:
-                    raise UserInputError(f"{analysis.model_type} is exported as stages (its one graph is only the "
-                                         f"first): use --format onnx or both, at fp32")
+                _check_split_options(options.precision, formats, f"{analysis.model_type}'s split export (its one "
+                                     "graph is only its first stage)")
                 stages.total += 1
             if split:
                 split_plan_for(analysis.model)  # a clear error before any export work when no plan is registered

@@ -23,7 +23,7 @@ from .export import export_onnx, export_program, save_pt2
 from .manifest import DynamicDim, Manifest, OutputSpec, TensorSpec, dtype_name, get_by_path
 from .registry import ClassRegistry
 from .runners import OnnxRuntimeRunner, PT2Runner
-from .verify import Comparator, ParityReport, Tolerance, compare_arrays
+from .verify import Comparator, ParityReport, Tolerance, compare_arrays, compare_row_set
 
 log = logging.getLogger("autoexport")
 
@@ -54,6 +54,10 @@ class StageDef:
     host: bool = False
     # Dynamic dims the export samples may not show (a proposal count can hit its cap in both): (input, axis, name).
     dims: tuple[tuple[str, int, str], ...] = ()
+    # Outputs whose rows are one unordered set (an NMS's kept boxes with their labels, a per-RoI graph's rows on
+    # them): the order is the selection's, which near-tied scores may swap. The chained check matches their rows
+    # with the eager chain's (verify.compare_row_set) instead of comparing row by row; values keep the tolerance.
+    row_sets: tuple[tuple[str, ...], ...] = ()
 
     def input_names(self, available: list[str]) -> list[str]:
         names = []
@@ -207,11 +211,13 @@ POINT_RCNN_PLAN = SplitPlan((
     StageDef("rpn", _boundary_stage(point_rcnn_rpn_forward, "points"), "PointNet++ backbone, FP neck and point RPN head (the one-graph export)",
              ("backbone", "neck", "rpn_head"), ("points_*",)),
     StageDef("proposals", _point_rcnn_proposals, "host: decode each point's box, class-agnostic NMS -> RoIs",
-             (), ("points_*", "bbox_preds", "cls_preds"), host=True),
+             (), ("points_*", "bbox_preds", "cls_preds"), host=True, row_sets=(("rois", "roi_labels"),)),
     StageDef("roi", _point_rcnn_roi, "RoI point pooling and the PointNet++ bbox head on each RoI", ("roi_head",),
-             ("fp_features", "fp_points", "cls_preds", "rois"), dims=(("rois", 0, "num_rois"),)),
+             ("fp_features", "fp_points", "cls_preds", "rois"), dims=(("rois", 0, "num_rois"),),
+             row_sets=(("cls_score", "bbox_pred"),)),
     StageDef("detections", _point_rcnn_detections, "host: decode the refined boxes, per-class NMS -> detections",
-             (), ("rois", "roi_labels", "cls_score", "bbox_pred"), host=True),
+             (), ("rois", "roi_labels", "cls_score", "bbox_pred"), host=True,
+             row_sets=(("bboxes_3d", "scores_3d", "labels_3d"),)),
 ), model_outputs_stage="rpn")
 
 
@@ -423,6 +429,20 @@ def _spec_json(spec: TensorSpec | OutputSpec) -> dict:
             "dynamic_dims": {str(k): v for k, v in spec.dynamic_dims.items()}}
 
 
+def _compare_stage_outputs(stage: StageDef, reference: dict[str, np.ndarray], actual: dict[str, np.ndarray],
+                           tolerance: Tolerance) -> dict[str, dict]:
+    """compare_arrays per output, except a stage's declared row sets, which are matched as sets of rows."""
+    results: dict[str, dict] = {}
+    for group in stage.row_sets:
+        names = [n for n in group if n in reference]
+        if names:
+            results.update(compare_row_set({n: reference[n] for n in names}, {n: actual[n] for n in names}, tolerance))
+    for name in reference:
+        if name not in results:
+            results[name] = compare_arrays(reference[name], actual[name], tolerance)
+    return results
+
+
 def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dict, chain_reference: dict,
                     tolerance: Tolerance, model: Any, context: StageContext) -> dict:
     """ONNX Runtime stages one after the other, host steps in PyTorch between them, from the model inputs to the
@@ -438,52 +458,61 @@ def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dic
     worst = 0.0
     passed = True
     notes: list[str] = []
-    diverged: list[dict] = []  # host steps that chose differently from the eager chain
+    diverged: list[dict] = []  # host steps whose outputs differ from the eager chain's
+    reordered: list[dict] = []  # row sets that matched the eager chain's in another order
     for sample, feed in feeds.items():
         tensors = dict(feed)
-        checked: set[str] = set()
         for stage, runner, inputs, outputs in steps:
             if runner is not None:
                 tensors.update(runner.infer({n: tensors[n] for n in inputs}))
-                continue
-            with torch.no_grad():
-                given = stage.forward(model, {n: torch.from_numpy(np.ascontiguousarray(tensors[n])) for n in inputs},
-                                      context)
-            tensors.update({n: t.detach().cpu().numpy() for n, t in given.items()})
-            differs = [n for n in outputs if not compare_arrays(chain_reference[sample][n], tensors[n], tolerance)["passed"]]
-            if differs:
+            else:
+                with torch.no_grad():
+                    given = stage.forward(model, {n: torch.from_numpy(np.ascontiguousarray(tensors[n]))
+                                                  for n in inputs}, context)
+                tensors.update({n: t.detach().cpu().numpy() for n, t in given.items()})
+            names = [n for n in outputs if n in compared]
+            reference = {n: expected[sample][n] if n in expected[sample] else chain_reference[sample][n] for n in names}
+            results = _compare_stage_outputs(stage, reference, {n: tensors[n] for n in names}, tolerance)
+            moved = {n: m["rows_moved"] for n, m in results.items() if m.get("rows_moved") and m["passed"]}
+            if moved:
+                reordered.append({"sample": sample, "step": stage.name, "outputs": sorted(moved),
+                                  "rows_moved": max(moved.values()), "rows": len(tensors[next(iter(moved))])})
+            differs = [n for n, m in results.items() if not m["passed"]]
+            if stage.host and differs:
                 # A selection step (NMS, top-k) fed inputs within tolerance may still choose differently where
-                # candidates' scores are closer than those differences. Record it with its inputs' largest
-                # difference, fail the chain, and carry on from the eager step's outputs so the later graphs are
-                # still checked on chained inputs.
+                # candidates' scores are closer than those differences, and a decoding step may amplify them (a
+                # small coordinate built from large ones). Record it with its inputs' largest difference, fail the
+                # chain, and carry on from the eager step's outputs so the later graphs are still checked on
+                # chained inputs.
                 input_diff = max((compare_arrays(chain_reference[sample][n], tensors[n], tolerance)["max_abs"]
                                   for n in inputs if n in chain_reference[sample]), default=0.0)
                 diverged.append({"sample": sample, "step": stage.name, "outputs": differs,
                                  "inputs_max_abs": input_diff})
-                notes.append(f"{sample}: host step {stage.name} chose differently ({', '.join(differs)}) on inputs "
-                             f"within {input_diff:.3g} of the eager chain's; continuing from the eager step's outputs")
+                why = "; ".join(sorted({results[n]["note"] for n in differs if results[n].get("note")}))
+                notes.append(f"{sample}: host step {stage.name} differs from eager's ({', '.join(differs)}"
+                             f"{': ' + why if why else ''}) on inputs within {input_diff:.3g} of the eager "
+                             "chain's; continuing from the eager step's outputs")
                 for n in outputs:
                     tensors[n] = chain_reference[sample][n]
-                checked.update(outputs)
                 passed = False
-        for name in compared:
-            if name in checked:
                 continue
-            reference = expected[sample][name] if name in expected[sample] else chain_reference[sample][name]
-            metrics = compare_arrays(reference, tensors[name], tolerance)
-            worst = max(worst, metrics["max_abs"])
-            passed = passed and metrics["passed"]
-            if not metrics["passed"]:
-                detail = metrics.get("note") or "max abs %.3g" % metrics["max_abs"]
-                notes.append(f"{sample} {name}: {detail}")
+            for name, metrics in results.items():
+                worst = max(worst, metrics["max_abs"])
+                passed = passed and metrics["passed"]
+                if not metrics["passed"]:
+                    detail = metrics.get("note") or "max abs %.3g" % metrics["max_abs"]
+                    notes.append(f"{sample} {name}: {detail}")
     log.info("  chained onnxruntime stages vs eager model: max_abs %.2e  %s", worst, "pass" if passed else "FAIL")
+    for entry in reordered:
+        log.info("    %s: %s's %s matched the eager chain's as a row set, %d of %d rows in another order",
+                 entry["sample"], entry["step"], ", ".join(entry["outputs"]), entry["rows_moved"], entry["rows"])
     for note in notes[:6]:
         log.info("    %s", note)
     return {"runtime": "onnxruntime" + (" + host steps in PyTorch" if any(s.host for s, *_ in steps) else ""),
             "reference": "eager model (wrapper.py) for its outputs, eager stages for the rest",
             "samples": list(feeds), "compared": compared, "max_abs": worst, "passed": passed,
-            "host_steps_diverged": diverged, "failures": notes, "tolerance": tolerance.describe()}
-
+            "host_steps_diverged": diverged, "rows_reordered": reordered, "failures": notes,
+            "tolerance": tolerance.describe()}
 
 __all__ = ["SPLITS", "SplitPlan", "StageContext", "StageDef", "camera_lidar_fusion_plan", "export_split",
            "split_plan_for", "SplitResult"]

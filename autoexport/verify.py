@@ -230,6 +230,57 @@ def compare_arrays(expected: np.ndarray, actual: np.ndarray, tol: Tolerance) -> 
                 note="" if cosine_ok else f"cosine {cosine:.6f} < {tol.min_cosine:g}")
 
 
+# Rows above this are not matched (the assignment is O(n^3) on an n x n cost matrix); such a set fails, saying so.
+MAX_MATCHED_ROWS = 4096
+
+
+def match_rows(expected: list[np.ndarray], actual: list[np.ndarray], tol: Tolerance) -> tuple[np.ndarray | None, str]:
+    """A permutation p with every tensor's actual[p[i]] within tolerance of expected[i] for every row i, for
+    tensors whose rows form one set (they share axis 0), or None and why there is none. Rows are matched by all
+    their tensors' values together, so a box and its label or score move as one."""
+    def rows(tensors: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([t.reshape(len(t), -1).astype(np.float64) for t in tensors], axis=1)
+
+    if len({len(t) for t in expected + actual}) != 1:
+        return None, f"{len(actual[0])} rows != expected {len(expected[0])}"
+    e, a = rows(expected), rows(actual)
+    if e.shape != a.shape:
+        return None, f"row width {a.shape[1]} != expected {e.shape[1]}"
+    bound = tol.atol + tol.rtol * np.abs(np.nan_to_num(e, posinf=0.0, neginf=0.0))
+    if len(e) == 0 or bool((np.abs(a - e) <= bound).all()):
+        return np.arange(len(e)), ""
+    if len(e) > MAX_MATCHED_ROWS:
+        return None, f"{len(e)} rows differ in order and are too many to match (> {MAX_MATCHED_ROWS})"
+    from scipy.optimize import linear_sum_assignment  # mmdet depends on scipy; only needed here
+
+    # cost[i, j]: expected row i vs actual row j, in units of the tolerance (<= 1: within it). Infeasible pairs get
+    # a cost no feasible assignment can reach, so the assignment is all-feasible whenever one exists.
+    cost = np.empty((len(e), len(a)))
+    for start in range(0, len(e), 256):
+        block = np.abs(a[None, :, :] - e[start:start + 256, None, :]) / bound[start:start + 256, None, :]
+        cost[start:start + 256] = np.nan_to_num(block, nan=np.inf).max(-1)
+    feasible = cost <= 1.0
+    rows_idx, cols = linear_sum_assignment(np.where(feasible, cost, 2.0 * len(e) + 1.0))
+    if not feasible[rows_idx, cols].all():
+        unmatched = int((~feasible[rows_idx, cols]).sum())
+        return None, f"{unmatched} of {len(e)} rows match no row of the reference within tolerance, in any order"
+    return cols, ""
+
+
+def compare_row_set(expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
+                    tol: Tolerance) -> dict[str, dict]:
+    """compare_arrays for tensors whose rows form one unordered set (a selection's kept boxes with their labels and
+    scores, whose order near-tied scores may swap): rows are matched first (match_rows), then every tensor is
+    compared under that permutation at the same tolerance. Each result says how many rows moved."""
+    names = list(expected)
+    order, why = match_rows([expected[n] for n in names], [actual[n] for n in names], tol)
+    if order is None:
+        in_order = {n: compare_arrays(expected[n], actual[n], tol) for n in names}
+        return {n: {**m, "passed": False, "note": f"as a row set: {why}"} for n, m in in_order.items()}
+    moved = int((order != np.arange(len(order))).sum())
+    return {n: {**compare_arrays(expected[n], actual[n][order], tol), "rows_moved": moved} for n in names}
+
+
 class Comparator:
     """Compares runners' outputs with reference outputs on named samples, each runner at the tolerance of
     its precision (Runner.precision)."""

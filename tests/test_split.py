@@ -109,16 +109,20 @@ def _tiny_rpn(model, t, context):  # noqa: ANN001, ANN202
     return {"head_outputs": {"scores": out[:, 0], "features": out[:, 1:]}}
 
 
-_host_calls: list[int] = []
+_host_calls: list[str] = []  # [mode, then one entry per call]
 
 
 def _tiny_select(model, t, context):  # noqa: ANN001, ANN202
-    _host_calls.append(1)
+    _host_calls.append("call")
     order = torch.argsort(t["scores"], descending=True)
-    # The chained run's calls (after the eager ones) may be told to choose differently, as an NMS can.
-    if _host_calls and _host_calls[0] == 0 and len(_host_calls) > 4:
+    count = 3 + t["scores"].shape[0] // 100
+    # The chained run's calls (after the 3 eager ones) may be told to choose differently, as an NMS can, or to
+    # keep the same rows in another order, as an NMS does when kept boxes' scores are near-tied.
+    if len(_host_calls) > 4 and _host_calls[0] == "diverge":
         order = order.flip(0)
-    return {"chosen": order[: 3 + t["scores"].shape[0] // 100]}
+    if len(_host_calls) > 4 and _host_calls[0] == "reorder":
+        order = torch.cat([order[:count].flip(0), order[count:]])
+    return {"chosen": order[:count]}
 
 
 def _tiny_refine(model, t, context):  # noqa: ANN001, ANN202
@@ -130,13 +134,13 @@ def _tiny_plan():  # noqa: ANN202
 
     return SplitPlan((
         StageDef("rpn", _tiny_rpn, "scores and features per point", ("rpn",), ("points_*",)),
-        StageDef("select", _tiny_select, "host: top-k", (), ("scores",), host=True),
+        StageDef("select", _tiny_select, "host: top-k", (), ("scores",), host=True, row_sets=(("chosen",),)),
         StageDef("refine", _tiny_refine, "refine the chosen points", ("refine",), ("features", "chosen"),
-                 dims=(("chosen", 0, "num_chosen"),)),
+                 dims=(("chosen", 0, "num_chosen"),), row_sets=(("refined",),)),
     ), model_outputs_stage="rpn")
 
 
-def _tiny_split(out: Path, diverge: bool):  # noqa: ANN202
+def _tiny_split(out: Path, chain_mode: str = "same"):  # noqa: ANN202
     from autoexport.manifest import DynamicDim, Manifest, OutputSpec, TensorSpec
     from autoexport.split import SPLITS, export_split
     from autoexport.verify import Tolerance
@@ -153,7 +157,7 @@ def _tiny_split(out: Path, diverge: bool):  # noqa: ANN202
         outputs=[OutputSpec("scores", ["scores"], [60], "float32", {0: "num_points"}),
                  OutputSpec("features", ["features"], [60, 8], "float32", {0: "num_points"})],
         dims={"num_points": DynamicDim("num_points", [60, 80])}, structure={})
-    _host_calls[:] = [1 if not diverge else 0]
+    _host_calls[:] = [chain_mode]
     SPLITS.register("TinyTwoStage", _tiny_plan())
     try:
         return export_split(model, manifest, feeds, ["sample_0", "sample_1"], expected, out,
@@ -163,7 +167,7 @@ def _tiny_split(out: Path, diverge: bool):  # noqa: ANN202
 
 
 def test_split_runs_host_steps_between_graphs_and_chains_them(tmp_path: Path) -> None:
-    result = _tiny_split(tmp_path, diverge=False)
+    result = _tiny_split(tmp_path)
     record = result.to_json()
     stages = {s["name"]: s for s in record["stages"]}
     assert list(stages) == ["rpn", "select", "refine"]
@@ -176,17 +180,29 @@ def test_split_runs_host_steps_between_graphs_and_chains_them(tmp_path: Path) ->
     assert all(s["parity_passed"] for s in stages.values())
     chained = record["chained"]
     assert chained["passed"] and chained["host_steps_diverged"] == [] and chained["max_abs"] <= 1e-5
+    assert chained["rows_reordered"] == []
     assert set(chained["compared"]) == {"scores", "features", "chosen", "refined"}
     refine = ort.InferenceSession(str(tmp_path / "stages" / "refine" / "model.onnx"))
     assert [i.name for i in refine.get_inputs()] == ["features", "chosen"]
 
 
 def test_a_host_step_choosing_differently_in_the_chain_fails_it_and_is_named(tmp_path: Path) -> None:
-    result = _tiny_split(tmp_path, diverge=True)
+    result = _tiny_split(tmp_path, "diverge")
     chained = result.to_json()["chained"]
     assert not chained["passed"] and not result.passed
     assert {d["step"] for d in chained["host_steps_diverged"]} == {"select"}
     assert chained["host_steps_diverged"][0]["inputs_max_abs"] <= 1e-5  # the graphs were not the cause
-    assert any("host step select chose differently" in note for note in chained["failures"])
+    assert any("host step select differs from eager's" in note for note in chained["failures"])
     # The refine graph was still checked in the chain, on the eager step's choice: no failure of its own.
     assert not any("refined" in note for note in chained["failures"])
+
+
+def test_a_host_step_keeping_the_same_rows_in_another_order_passes_as_a_row_set(tmp_path: Path) -> None:
+    # select's chosen indices and refine's rows on them are declared row sets: the chained run's reversed choice
+    # matches the eager one row for row after matching, and the refine graph's outputs follow it.
+    chained = _tiny_split(tmp_path, "reorder").to_json()["chained"]
+    assert chained["passed"] and chained["host_steps_diverged"] == [] and chained["max_abs"] <= 1e-5
+    moved = {(r["sample"], r["step"]): (r["rows_moved"], r["rows"]) for r in chained["rows_reordered"]}
+    # 3 rows reversed (the middle one stays) on the 60- and 80-point samples, 4 on the 100-point one.
+    assert moved == {(s, step): (2 if s != "heldout_0" else 4, 3 if s != "heldout_0" else 4)
+                     for s in ("sample_0", "sample_1", "heldout_0") for step in ("select", "refine")}

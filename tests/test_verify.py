@@ -1,7 +1,7 @@
 import numpy as np
 
 from autoexport.runners import Runner
-from autoexport.verify import Comparator, Tolerance, compare_arrays
+from autoexport.verify import Comparator, Tolerance, compare_arrays, compare_row_set
 
 TOL = Tolerance(1e-4, 1e-4)
 
@@ -35,6 +35,42 @@ def test_one_perturbed_element_fails_and_nan_fails():
 def test_shape_mismatch_fails():
     m = compare_arrays(np.zeros((2, 3)), np.zeros((3, 2)), TOL)
     assert not m["passed"] and "shape" in m["note"]
+
+
+
+def _boxes(n: int = 40) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return {"boxes": rng.uniform(-40, 40, size=(n, 7)).astype(np.float32),
+            "labels": rng.integers(0, 3, size=n), "scores": rng.uniform(size=n).astype(np.float32)}
+
+
+def test_a_row_set_in_another_order_matches_and_is_compared_under_the_permutation():
+    expected = _boxes()
+    order = np.random.default_rng(6).permutation(40)
+    actual = {k: v[order] for k, v in expected.items()}
+    actual["boxes"] = actual["boxes"] * np.float32(1 + 5e-5)  # within 1e-4 + 1e-4*|b|, not 0
+    in_order = compare_arrays(expected["boxes"], actual["boxes"], TOL)
+    assert not in_order["passed"]
+    results = compare_row_set(expected, actual, TOL)
+    assert all(m["passed"] for m in results.values())
+    assert results["boxes"]["rows_moved"] == int((order != np.arange(40)).sum()) > 30
+    # Measured on the matched rows (5e-5 * the largest |coordinate|), not on the misordered ones (tens of metres).
+    assert abs(results["boxes"]["max_abs"] - 5e-5 * np.abs(expected["boxes"]).max()) < 1e-4
+
+
+def test_a_row_set_fails_on_one_row_outside_tolerance_a_swapped_label_or_another_count():
+    expected = _boxes()
+    order = np.arange(40)[::-1]
+    moved = {k: v[order].copy() for k, v in expected.items()}
+    moved["boxes"][7, 2] += 0.5  # one box coordinate off: no row of the reference is within tolerance of it
+    results = compare_row_set(expected, moved, TOL)
+    assert not any(m["passed"] for m in results.values())
+    assert "1 of 40 rows match no row" in results["boxes"]["note"]
+    relabeled = {k: v[order].copy() for k, v in expected.items()}
+    relabeled["labels"][3] = (relabeled["labels"][3] + 1) % 3  # boxes and scores equal, the label differs
+    assert not compare_row_set(expected, relabeled, TOL)["labels"]["passed"]
+    fewer = {k: v[:39] for k, v in expected.items()}
+    assert "39 rows != expected 40" in compare_row_set(expected, fewer, TOL)["scores"]["note"]
 
 
 class _Offset(Runner):

@@ -1,0 +1,73 @@
+"""Where PointRCNN's chained check fails: its stages run eager (the rpn and roi stages' PT2 programs, equal to eager
+in stages.json) and chained (their ONNX graphs in ONNX Runtime), with the same host steps (proposals, detections)
+between them, on each zoo sample. Prints how far each stage's chained outputs are from eager's and, for the
+detections, every eager row that no chained row matches within the fp32 tolerance (box, score, label of both).
+
+Usage: python benchmarks/point_rcnn_chain_diffs.py OUTPUT_DIR, the kept output of a PointRCNN export
+(`autoexport zoo --family point_rcnn --keep` leaves OUTPUT_DIR as <config>.failed when the chain fails).
+About 8 minutes on 2 CPU cores (eager PointNet++ and the NMS run twice per sample)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from mmdet3d.structures import LiDARInstance3DBoxes
+
+from autoexport import analyze as A
+from autoexport.configs import resolve_config
+from autoexport.patches import eager_substitutions
+from autoexport.split import POINT_RCNN_PLAN, StageContext
+from autoexport.verify import DEFAULT_TOLERANCES, match_rows
+
+folder = Path(sys.argv[1])
+tol = DEFAULT_TOLERANCES["fp32"]
+with eager_substitutions("cpu"):
+    model = A.build_model(A.load_config(resolve_config("point-rcnn_8xb2_kitti-3d-3class")), "cpu", 0)
+    context = StageContext(1, ({"box_type_3d": LiDARInstance3DBoxes},))
+    _, proposals, _, detections = POINT_RCNN_PLAN.stages
+    programs = {s: torch.export.load(str(folder / f"stages/{s}/model.pt2")).module() for s in ("rpn", "roi")}
+    sessions = {s: ort.InferenceSession(str(folder / f"stages/{s}/model.onnx")) for s in ("rpn", "roi")}
+
+    def run_graph(stage: str, tensors: dict, chained: bool) -> dict:
+        names = [o.name for o in sessions[stage].get_outputs()]
+        inputs = [i.name for i in sessions[stage].get_inputs()]
+        if chained:
+            return dict(zip(names, sessions[stage].run(None, {n: tensors[n] for n in inputs})))
+        with torch.no_grad():
+            return {n: v.numpy() for n, v in zip(names, programs[stage](*[torch.from_numpy(tensors[n]) for n in inputs]))}
+
+    def run_host(step, tensors: dict) -> dict:
+        feed = {n: torch.from_numpy(np.ascontiguousarray(tensors[n])) for n in step.input_names(list(tensors))}
+        with torch.no_grad():
+            return {k: v.numpy() for k, v in step.forward(model, feed, context).items()}
+
+    for sample in ("sample_0", "sample_1", "heldout_0"):
+        chains = {}
+        for chained in (False, True):
+            t = dict(np.load(folder / f"inputs/{sample}.npz"))
+            t.update(run_graph("rpn", t, chained))
+            t.update(run_host(proposals, t))
+            t.update(run_graph("roi", t, chained))
+            t.update(run_host(detections, t))
+            chains[chained] = t
+        e, o = chains[False], chains[True]
+        diffs = ", ".join(f"{n} {np.abs(e[n] - o[n]).max():.2e}" if e[n].shape == o[n].shape else f"{n} shape differs"
+                          for n in ("bbox_preds", "cls_preds", "rois", "cls_score", "bbox_pred"))
+        roi_scores = torch.sigmoid(torch.from_numpy(e["cls_score"]))
+        print(f"{sample}: chained - eager max abs: {diffs}; RoI scores {roi_scores.min():.4f}..{roi_scores.max():.4f}")
+        names = ("bboxes_3d", "scores_3d", "labels_3d")
+        _, why = match_rows([e[n] for n in names], [o[n] for n in names], tol)
+        print(f"  detections: eager {len(e['bboxes_3d'])}, chained {len(o['bboxes_3d'])}; as a row set: {why or 'match'}")
+        eb, ob = e["bboxes_3d"], o["bboxes_3d"]
+        if not len(eb) or not len(ob):
+            continue
+        nearest = np.abs(eb[:, None, :] - ob[None, :, :]).max(-1).argmin(1)
+        for i, j in enumerate(nearest):
+            within = (np.abs(eb[i] - ob[j]) <= tol.atol + tol.rtol * np.abs(eb[i])).all() and \
+                abs(e["scores_3d"][i] - o["scores_3d"][j]) <= tol.atol + tol.rtol * abs(e["scores_3d"][i]) and \
+                e["labels_3d"][i] == o["labels_3d"][j]
+            if not within:
+                print(f"  eager row {i}: box {np.round(eb[i], 4)} score {e['scores_3d'][i]:.6f} label {e['labels_3d'][i]}"
+                      f" | nearest chained row {j}: {np.round(ob[j], 4)} score {o['scores_3d'][j]:.6f} label "
+                      f"{o['labels_3d'][j]} | abs diff {np.round(np.abs(eb[i] - ob[j]), 5)}")
