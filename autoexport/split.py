@@ -462,6 +462,7 @@ def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dic
     reordered: list[dict] = []  # row sets that matched the eager chain's in another order
     for sample, feed in feeds.items():
         tensors = dict(feed)
+        measured: dict[str, dict] = {}  # each stage output's comparison, as it came (row sets matched)
         for stage, runner, inputs, outputs in steps:
             if runner is not None:
                 tensors.update(runner.infer({n: tensors[n] for n in inputs}))
@@ -470,9 +471,11 @@ def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dic
                     given = stage.forward(model, {n: torch.from_numpy(np.ascontiguousarray(tensors[n]))
                                                   for n in inputs}, context)
                 tensors.update({n: t.detach().cpu().numpy() for n, t in given.items()})
-            names = [n for n in outputs if n in compared]
-            reference = {n: expected[sample][n] if n in expected[sample] else chain_reference[sample][n] for n in names}
-            results = _compare_stage_outputs(stage, reference, {n: tensors[n] for n in names}, tolerance)
+            # Every output is measured (a host step's failure names its inputs' differences); the compared ones
+            # decide the verdict.
+            reference = {n: expected[sample][n] if n in expected[sample] else chain_reference[sample][n] for n in outputs}
+            measured.update(_compare_stage_outputs(stage, reference, {n: tensors[n] for n in outputs}, tolerance))
+            results = {n: measured[n] for n in outputs if n in compared}
             moved = {n: m["rows_moved"] for n, m in results.items() if m.get("rows_moved") and m["passed"]}
             if moved:
                 reordered.append({"sample": sample, "step": stage.name, "outputs": sorted(moved),
@@ -484,8 +487,7 @@ def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dic
                 # small coordinate built from large ones). Record it with its inputs' largest difference, fail the
                 # chain, and carry on from the eager step's outputs so the later graphs are still checked on
                 # chained inputs.
-                input_diff = max((compare_arrays(chain_reference[sample][n], tensors[n], tolerance)["max_abs"]
-                                  for n in inputs if n in chain_reference[sample]), default=0.0)
+                input_diff = max((measured[n]["max_abs"] for n in inputs if n in measured), default=0.0)
                 diverged.append({"sample": sample, "step": stage.name, "outputs": differs,
                                  "inputs_max_abs": input_diff})
                 why = "; ".join(sorted({results[n]["note"] for n in differs if results[n].get("note")}))
@@ -513,6 +515,7 @@ def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dic
             "samples": list(feeds), "compared": compared, "max_abs": worst, "passed": passed,
             "host_steps_diverged": diverged, "rows_reordered": reordered, "failures": notes,
             "tolerance": tolerance.describe()}
+
 
 __all__ = ["SPLITS", "SplitPlan", "StageContext", "StageDef", "camera_lidar_fusion_plan", "export_split",
            "split_plan_for", "SplitResult"]
