@@ -246,21 +246,30 @@ def match_rows(expected: list[np.ndarray], actual: list[np.ndarray], tol: Tolera
     e, a = rows(expected), rows(actual)
     if e.shape != a.shape:
         return None, f"row width {a.shape[1]} != expected {e.shape[1]}"
-    bound = tol.atol + tol.rtol * np.abs(np.nan_to_num(e, posinf=0.0, neginf=0.0))
-    if len(e) == 0 or bool((np.abs(a - e) <= bound).all()):
+    bound = tol.atol + tol.rtol * np.abs(np.where(np.isfinite(e), e, 0.0))
+
+    def cost(e_rows: np.ndarray, a_rows: np.ndarray, e_bound: np.ndarray) -> np.ndarray:
+        """Largest difference over the row in units of the tolerance (<= 1: within it); equal non-finite
+        values are no difference, others an infinite one (compare_arrays' rule)."""
+        with np.errstate(invalid="ignore"):
+            diff = np.abs(a_rows - e_rows)
+            same = (a_rows == e_rows) | (np.isnan(a_rows) & np.isnan(e_rows))
+        return np.nan_to_num(np.where(same, 0.0, diff) / e_bound, nan=np.inf).max(-1)
+
+    if len(e) == 0 or bool((cost(e, a, bound) <= 1.0).all()):
         return np.arange(len(e)), ""
     if len(e) > MAX_MATCHED_ROWS:
         return None, f"{len(e)} rows differ in order and are too many to match (> {MAX_MATCHED_ROWS})"
     from scipy.optimize import linear_sum_assignment  # mmdet depends on scipy; only needed here
 
-    # cost[i, j]: expected row i vs actual row j, in units of the tolerance (<= 1: within it). Infeasible pairs get
-    # a cost no feasible assignment can reach, so the assignment is all-feasible whenever one exists.
-    cost = np.empty((len(e), len(a)))
+    # pairs[i, j]: expected row i vs actual row j. Infeasible pairs get a cost no feasible assignment can reach,
+    # so the assignment is all-feasible whenever one exists.
+    pairs = np.empty((len(e), len(a)))
     for start in range(0, len(e), 256):
-        block = np.abs(a[None, :, :] - e[start:start + 256, None, :]) / bound[start:start + 256, None, :]
-        cost[start:start + 256] = np.nan_to_num(block, nan=np.inf).max(-1)
-    feasible = cost <= 1.0
-    rows_idx, cols = linear_sum_assignment(np.where(feasible, cost, 2.0 * len(e) + 1.0))
+        block = slice(start, start + 256)
+        pairs[block] = cost(e[block, None, :], a[None, :, :], bound[block, None, :])
+    feasible = pairs <= 1.0
+    rows_idx, cols = linear_sum_assignment(np.where(feasible, pairs, 2.0 * len(e) + 1.0))
     if not feasible[rows_idx, cols].all():
         unmatched = int((~feasible[rows_idx, cols]).sum())
         return None, f"{unmatched} of {len(e)} rows match no row of the reference within tolerance, in any order"

@@ -122,3 +122,17 @@ def test_failed_fp32_checks_are_measured_against_float64():
     assert abs(check.float64["eager_fp32_max_abs"] - 3e-4) < 1e-6
     assert abs(check.float64["runtime_max_abs"] - 5e-4) < 1e-6
     assert "against eager float64" in check.note and not report.passed
+
+
+def test_a_row_set_treats_equal_nan_as_equal_and_refuses_to_match_too_many_rows(monkeypatch):
+    import autoexport.verify as verify
+
+    expected = _boxes(6)
+    expected["boxes"][2, 4] = np.nan  # a NaN in both, as compare_arrays allows, moves with its row
+    actual = {k: v[::-1].copy() for k, v in expected.items()}
+    assert all(m["passed"] and m["rows_moved"] == 6 for m in compare_row_set(expected, actual, TOL).values())
+    actual["boxes"][3, 4] = 0.0  # the NaN row's value replaced: that row now matches nothing
+    assert "1 of 6 rows match no row" in compare_row_set(expected, actual, TOL)["boxes"]["note"]
+    monkeypatch.setattr(verify, "MAX_MATCHED_ROWS", 4)
+    reversed_rows = {k: v[::-1].copy() for k, v in expected.items()}
+    assert "too many to match (> 4)" in compare_row_set(expected, reversed_rows, TOL)["labels"]["note"]
