@@ -86,6 +86,11 @@ with eager_substitutions("cpu"):
                           for n in ("bbox_preds", "cls_preds", "rois", "cls_score", "bbox_pred"))
         roi_scores = torch.sigmoid(torch.from_numpy(e["cls_score"]))
         print(f"{sample}: chained - eager max abs: {diffs}; RoI scores {roi_scores.min():.4f}..{roi_scores.max():.4f}")
+        # The roi graph's PT2 program (eager) on the chained run's inputs: tells the ONNX graph's own error from
+        # what its inputs' differences do to the RoI pooling.
+        same_inputs = run_graph("roi", o, chained=False)
+        print("  roi graph on the chained inputs, ONNX Runtime - PT2 max abs: " + ", ".join(
+            f"{n} {np.abs(o[n] - same_inputs[n]).max():.2e}" for n in ("cls_score", "bbox_pred")))
         names = ("bboxes_3d", "scores_3d", "labels_3d")
         _, why = match_rows([e[n] for n in names], [o[n] for n in names], tol)
         print(f"  detections: eager {len(e['bboxes_3d'])}, chained {len(o['bboxes_3d'])}; as a row set: {why or 'match'}")
