@@ -434,9 +434,7 @@ def _compare_stage_outputs(stage: StageDef, reference: dict[str, np.ndarray], ac
     """compare_arrays per output, except a stage's declared row sets, which are matched as sets of rows."""
     results: dict[str, dict] = {}
     for group in stage.row_sets:
-        names = [n for n in group if n in reference]
-        if names:
-            results.update(compare_row_set({n: reference[n] for n in names}, {n: actual[n] for n in names}, tolerance))
+        results.update(compare_row_set({n: reference[n] for n in group}, {n: actual[n] for n in group}, tolerance))
     for name in reference:
         if name not in results:
             results[name] = compare_arrays(reference[name], actual[name], tolerance)

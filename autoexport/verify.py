@@ -206,6 +206,21 @@ class ParityReport:
         return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
+def _abs_diff(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """|actual - expected| elementwise; equal non-finite values (NaN with NaN, inf with inf) differ by 0, other
+    non-finite pairs by inf."""
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(actual - expected)
+        same = (actual == expected) | (np.isnan(actual) & np.isnan(expected))
+    nonfinite = ~np.isfinite(actual) | ~np.isfinite(expected)
+    return np.where(nonfinite, np.where(same, 0.0, np.inf), diff)
+
+
+def _allowed(expected: np.ndarray, tol: Tolerance) -> np.ndarray:
+    """The largest |actual - expected| the tolerance accepts per element (Tolerance's rule)."""
+    return tol.atol + tol.rtol * np.abs(np.where(np.isfinite(expected), expected, 0.0))
+
+
 def compare_arrays(expected: np.ndarray, actual: np.ndarray, tol: Tolerance) -> dict:
     if expected.shape != actual.shape:
         return dict(max_abs=float("inf"), max_rel=float("inf"), cosine=0.0, mismatched=int(expected.size),
@@ -215,12 +230,8 @@ def compare_arrays(expected: np.ndarray, actual: np.ndarray, tol: Tolerance) -> 
     a = actual.astype(np.float64).ravel()
     if e.size == 0:
         return dict(max_abs=0.0, max_rel=0.0, cosine=1.0, mismatched=0, total=0, passed=True, note="empty")
-    diff = np.abs(a - e)
-    nonfinite = ~np.isfinite(a) | ~np.isfinite(e)
-    same_nonfinite = nonfinite & ((a == e) | (np.isnan(a) & np.isnan(e)))
-    diff = np.where(same_nonfinite, 0.0, diff)
-    diff = np.where(nonfinite & ~same_nonfinite, np.inf, diff)
-    bad = diff > tol.atol + tol.rtol * np.abs(np.where(np.isfinite(e), e, 0.0))
+    diff = _abs_diff(e, a)
+    bad = diff > _allowed(e, tol)
     rel = diff / np.maximum(np.abs(e), 1e-12)
     norm = np.linalg.norm(a[np.isfinite(a)]) * np.linalg.norm(e[np.isfinite(e)])
     cosine = float(np.dot(np.nan_to_num(a), np.nan_to_num(e)) / norm) if norm > 0 else (1.0 if not diff.any() else 0.0)
@@ -246,15 +257,12 @@ def match_rows(expected: list[np.ndarray], actual: list[np.ndarray], tol: Tolera
     e, a = rows(expected), rows(actual)
     if e.shape != a.shape:
         return None, f"row width {a.shape[1]} != expected {e.shape[1]}"
-    bound = tol.atol + tol.rtol * np.abs(np.where(np.isfinite(e), e, 0.0))
+    bound = _allowed(e, tol)
 
     def cost(e_rows: np.ndarray, a_rows: np.ndarray, e_bound: np.ndarray) -> np.ndarray:
-        """Largest difference over the row in units of the tolerance (<= 1: within it); equal non-finite
-        values are no difference, others an infinite one (compare_arrays' rule)."""
-        with np.errstate(invalid="ignore"):
-            diff = np.abs(a_rows - e_rows)
-            same = (a_rows == e_rows) | (np.isnan(a_rows) & np.isnan(e_rows))
-        return np.nan_to_num(np.where(same, 0.0, diff) / e_bound, nan=np.inf).max(-1)
+        """Largest difference over the row in units of the tolerance (<= 1: within it), by compare_arrays' rule."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.nan_to_num(_abs_diff(e_rows, a_rows) / e_bound, nan=np.inf).max(-1)
 
     if len(e) == 0 or bool((cost(e, a, bound) <= 1.0).all()):
         return np.arange(len(e)), ""

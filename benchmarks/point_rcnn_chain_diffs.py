@@ -23,7 +23,7 @@ from autoexport import analyze as A
 from autoexport.configs import resolve_config
 from autoexport.patches import eager_substitutions
 from autoexport.split import POINT_RCNN_PLAN, StageContext
-from autoexport.verify import DEFAULT_TOLERANCES, match_rows
+from autoexport.verify import DEFAULT_TOLERANCES, compare_arrays, match_rows
 
 
 def _nms_rotated_in_boxes_dtype(boxes, scores, thresh, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -99,9 +99,7 @@ with eager_substitutions("cpu"):
             continue
         nearest = np.abs(eb[:, None, :] - ob[None, :, :]).max(-1).argmin(1)
         for i, j in enumerate(nearest):
-            within = (np.abs(eb[i] - ob[j]) <= tol.atol + tol.rtol * np.abs(eb[i])).all() and \
-                abs(e["scores_3d"][i] - o["scores_3d"][j]) <= tol.atol + tol.rtol * abs(e["scores_3d"][i]) and \
-                e["labels_3d"][i] == o["labels_3d"][j]
+            within = all(compare_arrays(e[n][i], o[n][j], tol)["passed"] for n in names)
             if not within:
                 print(f"  eager row {i}: box {np.round(eb[i], 4)} score {e['scores_3d'][i]:.6f} label {e['labels_3d'][i]}"
                       f" | nearest chained row {j}: {np.round(ob[j], 4)} score {o['scores_3d'][j]:.6f} label "
