@@ -526,7 +526,12 @@ OP_FUNCTION_SUBSTITUTIONS: list[OpFunctionSubstitution] = [
     OpFunctionSubstitution(f"mmcv.ops.{name}", name, library_module="points_in_boxes",
                            reason=f"mmcv's {name} has a CUDA kernel only; autoexport.ops.points_in_boxes has it in "
                                   "PyTorch, checked against mmcv's CUDA kernel on an H200")
-    for name in ("points_in_boxes_part", "points_in_boxes_all")]
+    for name in ("points_in_boxes_part", "points_in_boxes_all")] + [
+    # PAConvCUDA assembles its kernels with it (mmdet3d binds it as assign_score_cuda).
+    OpFunctionSubstitution("mmcv.ops.assign_score_withk", "assign_score_withk", library_module="paconv",
+                           reason="mmcv's assign_score_withk has a CUDA kernel only; autoexport.ops.paconv has it in "
+                                  "PyTorch (a gather and one batched matmul), checked against a port of the CUDA "
+                                  "kernel in tests/test_ops.py and against mmcv's CUDA kernel on an H200")]
 
 
 def _resolve(path: str) -> Any:

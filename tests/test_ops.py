@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from autoexport.ops import OP_LIBRARY, SparseConvTensor, onnx_translation_table, sparse_conv_forward
 from autoexport.ops import deform_conv as dc
+from autoexport.ops import paconv as pc
 from autoexport.ops import point_sample as ps
 from autoexport.ops import points_in_boxes as pib
 from autoexport.ops import scatter as sc
@@ -647,6 +648,43 @@ def test_roipoint_pool3d_matches_reference() -> None:
     np.testing.assert_array_equal(pooled.numpy(), expected)
 
 
+def np_assign_score_withk(scores: np.ndarray, points: np.ndarray, centers: np.ndarray, knn_idx: np.ndarray
+                          ) -> np.ndarray:
+    """mmcv's assign_score_withk_forward_cuda_kernel, one output element at a time in float32: the sum over m of
+    points[kn] * score - centers[cn] * score, where cn is the row's first neighbour; out-of-range kn stays 0."""
+    batch, num_points, num_kernels, out_channels = points.shape
+    _, num_centers, num_neighbours, _ = scores.shape
+    output = np.zeros((batch, out_channels, num_centers, num_neighbours), dtype=np.float32)
+    for b, o, n, k in np.ndindex(batch, out_channels, num_centers, num_neighbours):
+        center, neighbour = knn_idx[b, n, 0], knn_idx[b, n, k]
+        if not 0 <= neighbour < num_points:
+            continue
+        value = np.float32(0)
+        for m in range(num_kernels):
+            score = scores[b, n, k, m]
+            value += points[b, neighbour, m, o] * score - centers[b, center, m, o] * score
+        output[b, o, n, k] = value
+    return output
+
+
+def test_assign_score_withk_matches_reference() -> None:
+    generator = torch.Generator().manual_seed(43)
+    scores = torch.softmax(torch.randn(2, 12, 6, 4, generator=generator), dim=-1)
+    points = torch.randn(2, 50, 4, 5, generator=generator)
+    centers = torch.randn(2, 50, 4, 5, generator=generator)
+    knn_idx = torch.randint(0, 50, (2, 12, 6), generator=generator)
+    knn_idx[1, 3, 2] = 50  # out of range: that output stays 0
+    knn_idx[0, 5, 4] = -1
+    expected = np_assign_score_withk(scores.numpy(), points.numpy(), centers.numpy(), knn_idx.numpy())
+    assembled = pc.assign_score_withk(scores, points, centers, knn_idx)
+    assert assembled.shape == (2, 5, 12, 6)
+    assert not expected[1, :, 3, 2].any() and not expected[0, :, 5, 4].any()
+    # (p - c) * s instead of the kernel's p * s - c * s: float32 rounding apart, nothing more.
+    np.testing.assert_allclose(assembled.numpy(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="aggregate"):
+        pc.assign_score_withk(scores, points, centers, knn_idx, "median")
+
+
 # --- export: torch.export with dynamic sizes, then ONNX Runtime, both compared with eager ------------------------
 
 @dataclass
@@ -708,6 +746,14 @@ class BoxOps(nn.Module):
                 *pib.RoIPointPool3d(8)(points, feats[None], boxes))
 
 
+class PAConvAssembly(nn.Module):
+    """PAConvCUDA's use of the op: neighbours from knn, softmax scores over the weight bank."""
+
+    def forward(self, xyz: Tensor, point_feats: Tensor, center_feats: Tensor, scores: Tensor):
+        neighbours = ps.knn(scores.shape[2], xyz, xyz[:, :10]).transpose(1, 2)  # knn gives (B, K, npoint)
+        return pc.assign_score_withk(scores, point_feats, center_feats, neighbours)
+
+
 class PointNetOps(nn.Module):
     """A PointNet++ set-abstraction and feature-propagation round trip through every point op."""
 
@@ -734,6 +780,13 @@ def _box_inputs(count: int, per_box: int, seed: int) -> tuple[Tensor, Tensor, Te
     return points, boxes, torch.randn(points.shape[1], 3, generator=torch.Generator().manual_seed(seed))
 
 
+def _paconv_inputs(count: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (point_cloud_batch(2, count, seed), torch.randn(2, count, 4, 6, generator=generator),
+            torch.randn(2, count, 4, 6, generator=generator),
+            torch.softmax(torch.randn(2, 10, 8, 4, generator=generator), dim=-1))
+
+
 points_dim, sites_dim, height_dim, width_dim, boxes_dim = (
     _dim("points", 16), _dim("sites"), _dim("height", 4), _dim("width", 4), _dim("boxes"))
 
@@ -751,6 +804,9 @@ EXPORT_CASES = {
     "point_sampling_and_grouping": ExportCase(
         PointNetOps, lambda: (point_cloud_batch(2, 300, seed=32), torch.randn(2, 5, 300)),
         lambda: (point_cloud_batch(2, 410, seed=33), torch.randn(2, 5, 410)), ({1: points_dim}, {2: points_dim})),
+    "paconv_assign_score_withk": ExportCase(
+        PAConvAssembly, lambda: _paconv_inputs(300, seed=34), lambda: _paconv_inputs(410, seed=35),
+        ({1: points_dim}, {1: points_dim}, {1: points_dim}, None)),
 }
 
 
@@ -817,7 +873,7 @@ def test_registry_is_complete() -> None:
                 "ModulatedDeformConv2d", "deform_conv2d", "modulated_deform_conv2d", "points_in_boxes_part",
                 "points_in_boxes_all", "points_in_boxes_cpu", "furthest_point_sample", "ball_query", "gather_points",
                 "grouping_operation", "three_nn", "three_interpolate", "knn", "dynamic_scatter", "DynamicScatter",
-                "RoIAwarePool3d"}
+                "RoIAwarePool3d", "assign_score_withk"}
     assert required <= set(OP_LIBRARY)
     custom_translations = {entry.onnx_translation for entry in OP_LIBRARY.values() if entry.method == "custom-op"}
     assert None not in custom_translations

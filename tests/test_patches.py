@@ -178,6 +178,37 @@ def test_point_op_functions_are_restored_in_modules_imported_inside_the_block(tm
     assert imported_inside_block.ball_query is mmcv.ops.ball_query
 
 
+def test_paconv_cuda_with_the_substituted_assign_score_equals_mmdet3d_pure_pytorch_paconv():
+    """PAConvCUDA calls mmcv's CUDA-only assign_score_withk (bound as `assign_score_cuda`); substituted, it must give
+    what mmdet3d's own non-CUDA PAConv gives with the same weights on the same neighbourhoods."""
+    import pytest
+    from mmdet3d.models.layers.paconv import PAConv, PAConvCUDA, paconv
+
+    from autoexport.patches import eager_substitutions
+
+    torch.manual_seed(8)
+    scorenet_cfg = dict(mlp_channels=[8, 16, 16], score_norm="softmax", temp_factor=1.0, last_bn=False)
+    cuda_layer = PAConvCUDA(6, 16, 8, scorenet_cfg=scorenet_cfg).eval()
+    plain_layer = PAConv(6, 16, 8, kernel_input="w_neighbor", scorenet_cfg=scorenet_cfg).eval()
+    plain_layer.load_state_dict(cuda_layer.state_dict())
+    features = torch.randn(2, 6, 200)
+    knn_idx = torch.randint(0, 200, (2, 40, 12))
+    points_xyz = torch.randn(2, 3, 40, 12)
+    grouped = torch.stack([features[b][:, knn_idx[b]] for b in range(2)])  # (B, C, npoint, K)
+    original = paconv.assign_score_cuda
+    with pytest.raises(Exception):  # mmcv 2.1.0 has no CPU kernel for it
+        cuda_layer((features, points_xyz, knn_idx))
+
+    with eager_substitutions("cpu") as substituted, torch.no_grad():
+        assembled = cuda_layer((features, points_xyz, knn_idx))[0]
+    assert "mmcv.ops.assign_score_withk" in {p.substitutes for p in substituted if not p.method}
+    assert paconv.assign_score_cuda is original  # restored
+    with torch.no_grad():
+        expected = plain_layer((grouped, points_xyz))[0]
+    assert assembled.shape == expected.shape == (2, 16, 40, 12)
+    torch.testing.assert_close(assembled, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_roiaware_pool3d_is_substituted_where_mmcv_has_no_kernel():
     from mmcv.ops import RoIAwarePool3d
 

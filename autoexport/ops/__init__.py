@@ -15,6 +15,7 @@ import torch
 
 from .deform_conv import (DeformConv2d, DeformConv2dPack, ModulatedDeformConv2d, ModulatedDeformConv2dPack,
                           deform_conv2d, modulated_deform_conv2d)
+from .paconv import assign_score_withk
 from .point_sample import (ball_query, furthest_point_sample, furthest_point_sample_onnx,
                            furthest_point_sample_with_dist, furthest_point_sample_with_dist_onnx, gather_points,
                            grouping_operation, knn, three_interpolate, three_nn)
@@ -98,6 +99,8 @@ OP_LIBRARY: dict[str, OpEntry] = {entry.mmcv_name: entry for entry in [
            "(R, P) in-box test, first max_pts_per_voxel-1 points per RoI voxel, scatter max/mean"),
     _entry("RoIPointPool3d", "module", RoIPointPool3d, "pure-pytorch", False,
            "(B, M, N) in-box test, cumsum ranks, scatter of the first S points per box, cyclic fill by remainder"),
+    _entry("assign_score_withk", "function", assign_score_withk, "pure-pytorch", False,
+           "PAConvCUDA's kernel assembly: gather neighbour and centre rows, one batched matmul over the weight bank"),
 ]}
 
 

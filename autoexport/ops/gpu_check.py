@@ -25,6 +25,7 @@ import torch
 
 from autoexport import ops
 from autoexport.ops import deform_conv as dc
+from autoexport.ops import paconv as pc
 from autoexport.ops import point_sample as ps
 from autoexport.ops import points_in_boxes as pib
 from autoexport.ops import scatter as sc
@@ -227,6 +228,11 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
                    torch.randn(1, 16384, 16, generator=_generator(30)).to(d), _boxes(100, 27, d)),
         lambda pts, feats, boxes: pib.RoIPointPool3d(512)(pts, feats, boxes),
         mmcv_ops and (lambda pts, feats, boxes: mmcv_ops.RoIPointPool3d(512)(pts, feats, boxes)), exact))
+    # PAConvCUDA's first S3DIS layer: 1024 centres with 32 neighbours among 4096 points, 8 weight matrices of 32
+    # channels each; a few neighbour slots out of range (the kernel leaves them 0).
+    checks.append(Check(
+        "assign_score_withk", _paconv_inputs, pc.assign_score_withk,
+        mmcv_ops and mmcv_ops.assign_score_withk, exact))
     checks.append(Check(
         "Voxelization (hard)", lambda d: (_lidar(120000, 26, d),),
         lambda points: vx.Voxelization([0.16, 0.16, 4], KITTI_RANGE, 32, 16000)(points),
@@ -255,6 +261,16 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
                                                                  *args)[stage]),
             sorted_sparse))
     return checks
+
+
+def _paconv_inputs(device: torch.device) -> tuple:
+    generator = _generator(32)
+    scores = torch.softmax(torch.randn(2, 1024, 32, 8, generator=generator), dim=-1)
+    points = torch.randn(2, 4096, 8, 32, generator=generator)
+    centers = torch.randn(2, 4096, 8, 32, generator=generator)
+    knn_idx = torch.randint(0, 4096, (2, 1024, 32), generator=generator)
+    knn_idx[:, ::97, 31] = 4096
+    return tuple(tensor.to(device) for tensor in (scores, points, centers, knn_idx))
 
 
 def _deform_inputs(device: torch.device, modulated: bool) -> tuple:
