@@ -405,6 +405,30 @@ register_patch(ExportPatch(
     module="mmcv.ops.sparse_conv",
 ))
 
+def _make_sparse_maxpool_forward(context: PatchContext) -> Callable[..., Any]:
+    from .ops.sparse_conv import sparse_maxpool_forward
+
+    site_index = _SITE_INDEX_BY_VARIANT.get(context.variant, "sort")
+
+    def forward(self: Any, input: Any) -> Any:
+        return sparse_maxpool_forward(self, input, site_index)
+
+    return forward
+
+
+register_patch(ExportPatch(
+    target="SparseMaxPool",
+    method="forward",
+    reason=("mmcv's sparse max pooling calls C++/CUDA ops (get_indice_pairs, indice_maxpool) that torch.export "
+            "cannot trace and that have no CPU kernel in mmcv 2.1.0 (PartA2's RoI head pools with it); replaced by "
+            "autoexport.ops' conv rulebook + gather + max in plain PyTorch (checked against a dense max_pool3d in "
+            "tests/test_ops.py and against mmcv's CUDA kernel on an H200)"),
+    make=_make_sparse_maxpool_forward,
+    substitutes="mmcv.ops.SparseMaxPool (SparseMaxPool3d)",
+    eager_devices=("cpu",),
+    module="mmcv.ops.sparse_pool",
+))
+
 register_patch(ExportPatch(
     target="SparseSequential",
     method="forward",

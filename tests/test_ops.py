@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoexport.ops import OP_LIBRARY, SparseConvTensor, onnx_translation_table, sparse_conv_forward
+from autoexport.ops.sparse_conv import sparse_maxpool_forward
 from autoexport.ops import deform_conv as dc
 from autoexport.ops import paconv as pc
 from autoexport.ops import point_sample as ps
@@ -276,6 +277,34 @@ def test_rulebook_cached_by_a_conv_of_another_kernel_is_reused_as_mmcv_does() ->
             dense = SparseConvTensor(before.features, indices, SPARSE_SHAPE, 2).dense()
             expected = F.conv3d(dense, _dense_weight(as_first), conv.bias, padding=(0, 1, 1))
             _assert_features_close(after.features, _at_sites(expected, indices))
+
+
+def test_sparse_maxpool_matches_dense_max_pool_floored_at_zero() -> None:
+    """PartA2's RoI head pools with SparseMaxPool3d(2, 2). Output sites are the windows holding an active site
+    (a conv's), features the dense max pool of the zero-filled grid, floored at 0 where a window is full of
+    negative sites (mmcv's kernel starts every output at 0). mmcv's own module runs the same forward."""
+    features, indices = sparse_input(6000, seed=12)
+    features[:40] = -features[:40].abs() - 0.1  # negative sites, some in windows of their own
+    pool = spc.SparseMaxPool3d(2, 2)
+    with torch.no_grad():
+        pooled = pool(SparseConvTensor(features, indices, SPARSE_SHAPE, 2))
+        through_mmcv = sparse_maxpool_forward(mmcv_ops.SparseMaxPool3d(2, 2),
+                                              mmcv_ops.SparseConvTensor(features, indices, SPARSE_SHAPE, 2))
+    dense = SparseConvTensor(features, indices, SPARSE_SHAPE, 2).dense()
+    occupied = torch.zeros_like(dense[:, :1])
+    site = indices.long()
+    occupied[site[:, 0], 0, site[:, 1], site[:, 2], site[:, 3]] = 1
+    torch.testing.assert_close(pooled.indices, _active_sites(occupied, (2, 2, 2), 2, 0), rtol=0, atol=0)
+    expected = F.max_pool3d(dense, 2, 2).clamp(min=0)
+    torch.testing.assert_close(pooled.features, _at_sites(expected, pooled.indices), rtol=0, atol=0)
+    assert list(pooled.spatial_shape) == list(expected.shape[2:])
+    # Some outputs are floored: a window whose active sites are all negative gives 0, not their max.
+    window_max = F.max_pool3d(dense.masked_fill(occupied == 0, float("-inf")), 2, 2)
+    assert (_at_sites(window_max, pooled.indices) < 0).any()
+    torch.testing.assert_close(through_mmcv.features, pooled.features, rtol=0, atol=0)
+    torch.testing.assert_close(through_mmcv.indices, pooled.indices, rtol=0, atol=0)
+    with pytest.raises(Exception):  # mmcv 2.1.0 has no CPU kernel for it
+        mmcv_ops.SparseMaxPool3d(2, 2)(mmcv_ops.SparseConvTensor(features, indices, SPARSE_SHAPE, 2))
 
 
 def test_sparse_conv_forward_patches_mmcv_modules() -> None:
@@ -710,19 +739,23 @@ class VoxelPipeline(nn.Module):
 
 
 class SparseUNet(nn.Module):
-    """One of each sparse conv: what the export test needs (SparseChain's dense test covers more geometry)."""
+    """One of each sparse conv and the max pool: what the export test needs (SparseChain's dense test covers more
+    geometry)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.subm = spc.SubMConv3d(4, 8, 3, indice_key="subm1")
         self.down = spc.SparseConv3d(8, 16, 3, stride=2, padding=1, indice_key="spconv2")
         self.up = spc.SparseInverseConv3d(16, 8, 3, indice_key="spconv2")
+        self.pool = spc.SparseMaxPool3d(2, 2)
 
     def forward(self, features: Tensor, indices: Tensor) -> tuple[Tensor, ...]:
         subm = self.subm(SparseConvTensor(features, indices, SPARSE_SHAPE, 2))
         down = self.down(subm)
         up = self.up(down)
-        return subm.features, down.features, down.indices, up.features, up.indices, down.dense()
+        pooled = self.pool(up)
+        return (subm.features, down.features, down.indices, up.features, up.indices, down.dense(), pooled.features,
+                pooled.indices)
 
 
 class DeformPair(nn.Module):
@@ -873,7 +906,7 @@ def test_registry_is_complete() -> None:
                 "ModulatedDeformConv2d", "deform_conv2d", "modulated_deform_conv2d", "points_in_boxes_part",
                 "points_in_boxes_all", "points_in_boxes_cpu", "furthest_point_sample", "ball_query", "gather_points",
                 "grouping_operation", "three_nn", "three_interpolate", "knn", "dynamic_scatter", "DynamicScatter",
-                "RoIAwarePool3d", "assign_score_withk"}
+                "RoIAwarePool3d", "assign_score_withk", "SparseMaxPool3d"}
     assert required <= set(OP_LIBRARY)
     custom_translations = {entry.onnx_translation for entry in OP_LIBRARY.values() if entry.method == "custom-op"}
     assert None not in custom_translations

@@ -22,7 +22,8 @@ from .point_sample import (ball_query, furthest_point_sample, furthest_point_sam
 from .points_in_boxes import (RoIAwarePool3d, RoIPointPool3d, points_in_boxes_all, points_in_boxes_cpu,
                               points_in_boxes_part)
 from .scatter import DynamicScatter, dynamic_scatter
-from .sparse_conv import (SparseConv3d, SparseConvTensor, SparseInverseConv3d, SubMConv3d, sparse_conv_forward)
+from .sparse_conv import (SparseConv3d, SparseConvTensor, SparseInverseConv3d, SparseMaxPool3d, SubMConv3d,
+                          sparse_conv_forward)
 from .voxelize import Voxelization, hard_voxelize_onnx, voxelization
 
 __all__ = ["OpEntry", "OP_LIBRARY", "onnx_translation_table", "SparseConvTensor", "sparse_conv_forward"]
@@ -61,6 +62,8 @@ OP_LIBRARY: dict[str, OpEntry] = {entry.mmcv_name: entry for entry in [
            _SPARSE_NOTE + "; output sites sorted like mmcv's CUDA kernel"),
     _entry("SparseInverseConv3d", "module", SparseInverseConv3d, "pure-pytorch", False,
            "reads its paired conv's rulebook backwards (indice_key); " + _SPARSE_NOTE),
+    _entry("SparseMaxPool3d", "module", SparseMaxPool3d, "pure-pytorch", False,
+           "the conv rulebook of the pool's geometry, gather + max floored at 0 (mmcv's zero-initialised output)"),
     _entry("DeformConv2d", "module", DeformConv2d, "pure-pytorch", True,
            "bilinear gathers with mmcv's im2col arithmetic"),
     _entry("DeformConv2dPack", "module", DeformConv2dPack, "pure-pytorch", True, "'DCN': offsets from conv_offset"),

@@ -172,6 +172,11 @@ def _run_sparse(tensor_class, layers, features, indices, shape, batch):
     return (a.features, a.indices), (down.features, down.indices), (up.features, up.indices)
 
 
+def _run_pool(tensor_class, pool, features, indices, shape, batch):
+    pooled = pool(tensor_class(features, indices, shape, batch))
+    return pooled.features, pooled.indices
+
+
 def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
     checks = [
         Check("furthest_point_sample", lambda d: (_cloud(4, 16384, 1, d), 1024),
@@ -260,6 +265,12 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
             mmcv_ops and (lambda *args, stage=stage: _run_sparse(mmcv_ops.SparseConvTensor, mmcv_layers,
                                                                  *args)[stage]),
             sorted_sparse))
+    # PartA2's RoI head: SparseMaxPool3d(2, 2) on pooled RoI grids; here on the same 30k random sites.
+    checks.append(Check(
+        "SparseMaxPool3d", lambda d: _sparse_sites(30000, 33, d),
+        lambda *args: _run_pool(ops.SparseConvTensor, spc.SparseMaxPool3d(2, 2), *args),
+        mmcv_ops and (lambda *args: _run_pool(mmcv_ops.SparseConvTensor, mmcv_ops.SparseMaxPool3d(2, 2), *args)),
+        sorted_sparse))
     return checks
 
 

@@ -29,7 +29,8 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 from .unique import sorted_unique
 
 __all__ = ["SparseConvTensor", "Rulebook", "SparseConvolution", "SubMConv3d", "SparseConv3d", "SparseInverseConv3d",
-           "sparse_conv_forward", "sparse_sequential_forward", "subm_rulebook", "conv_rulebook", "inverse_neighbors"]
+           "SparseMaxPool", "SparseMaxPool3d", "sparse_conv_forward", "sparse_maxpool_forward",
+           "sparse_sequential_forward", "subm_rulebook", "conv_rulebook", "inverse_neighbors"]
 
 
 @dataclass
@@ -276,9 +277,36 @@ def sparse_conv_forward(module: nn.Module, input: Any, site_index: SiteIndex = "
     return output
 
 
+def sparse_maxpool_forward(module: nn.Module, input: Any, site_index: SiteIndex = "sort") -> Any:
+    """Forward of an mmcv ``SparseMaxPool`` (or this module's class): the conv rulebook of the pool's geometry, then
+    per output site the channel-wise max over its active inputs.
+
+    mmcv's kernel starts every output at zero and keeps ``max(out, in)``, so a site whose inputs are all negative
+    gives 0, not their max; this does the same (absent inputs read a zero row, then a floor at 0). Like mmcv, the
+    pool neither reads nor stores a rulebook under an ``indice_key``.
+    """
+    ndim = module.ndim
+    kernel_size = _as_list(module.kernel_size, ndim)
+    spatial_shape = [int(size) for size in input.spatial_shape]
+    if module.subm:
+        rulebook = subm_rulebook(input.indices, input.batch_size, spatial_shape, kernel_size,
+                                 _as_list(module.dilation, ndim), site_index)
+    else:
+        rulebook = conv_rulebook(input.indices, input.batch_size, spatial_shape, kernel_size,
+                                 _as_list(module.stride, ndim), _as_list(module.padding, ndim),
+                                 _as_list(module.dilation, ndim), site_index)
+    padded = torch.cat([input.features, input.features.new_zeros((1, input.features.shape[1]))])
+    features = padded[rulebook.neighbors].amax(dim=1).clamp(min=0)
+    output = type(input)(features, rulebook.out_indices, rulebook.out_spatial_shape, input.batch_size)
+    output.indice_dict = input.indice_dict
+    output.grid = getattr(input, "grid", None)
+    return output
+
+
 def _takes_sparse_tensor(layer: nn.Module) -> bool:
     # mmcv's test is isinstance(layer, mmcv SparseModule); matching the base's name keeps mmcv optional.
-    return isinstance(layer, SparseConvolution) or any(base.__name__ == "SparseModule" for base in type(layer).__mro__)
+    return isinstance(layer, (SparseConvolution, SparseMaxPool)) or any(
+        base.__name__ == "SparseModule" for base in type(layer).__mro__)
 
 
 def sparse_sequential_forward(sequential: nn.Module, input: Any) -> Any:
@@ -367,3 +395,26 @@ class SparseInverseConv3d(SparseConvolution):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
                  indice_key: str | None = None, bias: bool = True) -> None:
         super().__init__(3, in_channels, out_channels, kernel_size, bias=bias, inverse=True, indice_key=indice_key)
+
+
+class SparseMaxPool(nn.Module):
+    """mmcv.ops.SparseMaxPool's constructor (no parameters), exportable forward."""
+
+    def __init__(self, ndim: int, kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1,
+                 padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, subm: bool = False) -> None:
+        super().__init__()
+        self.ndim = ndim
+        self.kernel_size = _as_list(kernel_size, ndim)
+        self.stride = _as_list(stride, ndim)
+        self.padding = _as_list(padding, ndim)
+        self.dilation = _as_list(dilation, ndim)
+        self.subm = subm
+
+    def forward(self, input: Any) -> Any:
+        return sparse_maxpool_forward(self, input)
+
+
+class SparseMaxPool3d(SparseMaxPool):
+    def __init__(self, kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1,
+                 padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1) -> None:
+        super().__init__(3, kernel_size, stride, padding, dilation)
