@@ -560,8 +560,11 @@ def _run_export(options: ExportOptions, eager_substituted: list,
                                     + f"\nthe other artifacts were checked ({verdicts or 'none'}); they and the "
                                     f"parity reports were kept in {failed_dir}, not in {output_dir}")
         worst = sorted(parity.failures(), key=lambda c: -c.mismatched)[:5]
-        lines = [f"  {c.runtime} {c.output} on {c.sample}: {c.mismatched}/{c.total} elements outside "
-                 f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}" for c in worst]
+        lines = [f"  {c.runtime} {c.output} on {c.sample}: {c.note}" if c.max_abs == float("inf") and c.note
+                 # no output at all (missing, or the runtime crashed): the note says why
+                 else f"  {c.runtime} {c.output} on {c.sample}: {c.mismatched}/{c.total} elements outside "
+                 f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}"
+                 for c in worst]
         if parity.passed and split_result is not None and not split_result.passed:
             bad = [f"  stage {st.name}: max abs {st.worst_max_abs:.3g}" for st in split_result.stages if not st.parity_passed]
             bad += [f"  chained: {note}" for note in split_result.chained.get("failures", [])[:4]]

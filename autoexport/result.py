@@ -4,6 +4,7 @@ parity reports. Importing this needs no mmdet3d, so `autoexport verify` runs on 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from .backends import BACKENDS, LoweredArtifact, parse_backend
 from .errors import UserInputError
 from .manifest import Manifest
 from .report import load_npz, write_json
-from .runners import OnnxRuntimeRunner, PT2Runner, Runner
+from .runners import OnnxRuntimeRunner, PT2Runner, Runner, SubprocessRunner
 from .verify import Comparator, ParityReport, SkippedRunner, Tolerance, tolerances_with
 
 log = logging.getLogger("autoexport")
@@ -29,6 +30,11 @@ def write_reports(report: ParityReport, directory: Path, title: str) -> None:
     write_json(directory / "parity.json", report.to_json())
     (directory / "parity.md").write_text(report.to_markdown(title))
     (directory / "parity.xml").write_text(report.to_junit())
+
+
+def _backend_runner(kind: str, artifact: LoweredArtifact, output_dir: Path, manifest: Manifest) -> Runner:
+    """The backend's own runner; module-level so that a spawned child can unpickle it (SubprocessRunner)."""
+    return BACKENDS[kind].runner(artifact, output_dir, manifest)
 
 
 def artifact_runners(artifacts: list[LoweredArtifact], output_dir: Path, manifest: Manifest,
@@ -45,7 +51,11 @@ def artifact_runners(artifacts: list[LoweredArtifact], output_dir: Path, manifes
         if reason:
             skipped.append(SkippedRunner(artifact.backend, reason))
             continue
-        runner = backend.runner(artifact, output_dir, manifest)
+        if backend.verify_in_subprocess:
+            build = functools.partial(_backend_runner, spec.kind, artifact, output_dir, manifest)
+            runner = SubprocessRunner(build, artifact.backend, manifest.input_names, manifest.output_names)
+        else:
+            runner = backend.runner(artifact, output_dir, manifest)
         # A backend that lowers an INT8/FP16 export runs that precision even when its own spec says fp32.
         runner.precision = precision if precision != "fp32" else artifact.precision
         runners.append(runner)

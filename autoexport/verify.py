@@ -10,7 +10,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import first_line
-from .runners import Feed, Runner
+from .runners import Feed, Runner, RunnerCrashed
 
 log = logging.getLogger("autoexport")
 
@@ -314,7 +314,16 @@ class Comparator:
         for runner in runners:
             tol = self.tolerances[runner.precision]
             for sample, feed in feeds.items():
-                actual = runner.infer(feed)
+                try:
+                    actual = runner.infer(feed)
+                except RunnerCrashed as crash:
+                    # Every output of this sample fails with the crash as its note; the dead runner runs no more.
+                    log.info("  %-14s vs %s on %-9s CRASHED: %s", runner.name, self.reference, sample, crash)
+                    report.checks.extend(
+                        OutputCheck(sample, runner.name, output, list(reference.shape), float("inf"), float("inf"),
+                                    0.0, reference.size, reference.size, False, str(crash), tol.precision)
+                        for output, reference in expected[sample].items())
+                    break
                 for output, reference in expected[sample].items():
                     got = actual.get(output)
                     if got is None:

@@ -8,6 +8,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 import pytest
+import torch
 
 from autoexport.backends import BACKENDS, Backend, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
 from autoexport.backends.iree import IreeRunner
@@ -186,3 +187,105 @@ def test_a_backend_that_fails_to_build_does_not_hide_the_others_parity(tmp_path:
     assert (row.verdict, row.pt2, row.onnx, row.ort_parity, row.stage) == \
         ("export failed", "pass", "pass", "pass", "lower")
     assert zoo.meets_fp32_target(row) and row.reason.startswith("lowering failed: crashing-cpu")
+
+
+class _FpnTopDown(torch.nn.Module):
+    """mmdet's FPN top-down path in miniature (1x1 lateral convs, nearest 2x upsampling, adds): IREE 3.13's
+    iree-compile segfaults on it with data tiling and channels-last convs together, as on ImVoxelNet's image neck
+    (whose backtrace names MaterializeDeviceEncodingPass; this one prints none); either flag alone compiles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.lateral = torch.nn.ModuleList(torch.nn.Conv2d(c, 16, 1) for c in (8, 16, 32))
+
+    def forward(self, fine, middle, coarse):
+        top = self.lateral[2](coarse)
+        middle = self.lateral[1](middle) + torch.nn.functional.interpolate(top, scale_factor=2, mode="nearest")
+        return self.lateral[0](fine) + torch.nn.functional.interpolate(middle, scale_factor=2, mode="nearest")
+
+
+FPN_INPUTS = ["fine", "middle", "coarse"]
+
+
+@pytest.fixture(scope="module")
+def fpn_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict, list, str]:
+    """The FPN reproducer through import_onnx and the llvm-cpu compile: (vmfb, feed, expected, flags, note)."""
+    from autoexport.backends.iree import IreeBackend, import_onnx
+
+    directory = tmp_path_factory.mktemp("fpn")
+    module = _FpnTopDown().eval()
+    inputs = (torch.randn(1, 8, 24, 24), torch.randn(1, 16, 12, 12), torch.randn(1, 32, 6, 6))
+    torch.onnx.export(module, inputs, dynamo=True, verbose=False).save(str(directory / "fpn.onnx"))
+    import_onnx(directory / "fpn.onnx", directory / "fpn.mlir")
+    flags, note = IreeBackend._compile_llvm_cpu(directory / "fpn.mlir", directory / "fpn.vmfb")
+    with torch.no_grad():
+        expected = {"out": module(*inputs).numpy()}
+    return directory / "fpn.vmfb", dict(zip(FPN_INPUTS, (x.numpy() for x in inputs))), expected, flags, note
+
+
+def test_iree_compiles_again_without_data_tiling_when_the_compiler_crashes(fpn_build):
+    from autoexport.backends.iree import DATA_TILING_FLAG, LLVM_CPU_FLAGS, CompilerCrash, compile_vmfb
+
+    vmfb, feed, expected, flags, note = fpn_build
+    with pytest.raises(CompilerCrash, match=r"iree-compile crashed \(exit -11, SIGSEGV\)"):
+        # the bug this works around is still there
+        compile_vmfb(vmfb.with_suffix(".mlir"), vmfb.with_name("direct.vmfb"), LLVM_CPU_FLAGS)
+    assert DATA_TILING_FLAG not in flags and set(flags) == set(LLVM_CPU_FLAGS) - {DATA_TILING_FLAG}
+    assert note.startswith(f"compiled without {DATA_TILING_FLAG}: with it, iree-compile crashed")
+    got = IreeRunner(vmfb, "local-task", FPN_INPUTS, ["out"], name="iree").infer(feed)["out"]
+    np.testing.assert_allclose(got, expected["out"], rtol=1e-5, atol=FP32_LIMIT / 10)
+
+
+def _fpn_iree_runner(vmfb: Path) -> IreeRunner:
+    return IreeRunner(vmfb, "local-task", FPN_INPUTS, ["out"], name="iree-llvm-cpu")
+
+
+def test_a_runtime_that_dies_in_its_subprocess_fails_its_checks_instead_of_autoexport(fpn_build):
+    """IREE's runtime segfaulted on ImVoxelNet's module and took autoexport down with it; verification runs it in
+    a child process, so the death (here a real SIGSEGV sent to that child) becomes failed checks with the reason."""
+    import functools
+    import os
+    import signal
+
+    from autoexport.runners import RunnerCrashed, SubprocessRunner
+    from autoexport.verify import Comparator, Tolerance
+
+    vmfb, feed, expected, _, _ = fpn_build
+    runner = SubprocessRunner(functools.partial(_fpn_iree_runner, vmfb), "iree-llvm-cpu", FPN_INPUTS, ["out"])
+    np.testing.assert_allclose(runner.infer(feed)["out"], expected["out"], rtol=1e-5, atol=FP32_LIMIT / 10)
+    assert runner._process.pid != os.getpid()
+
+    feeds = {"sample_0": feed, "sample_1": feed}
+    report = Comparator(Tolerance(atol=FP32_LIMIT, rtol=FP32_LIMIT)).compare(
+        [runner], feeds, {"sample_0": expected, "sample_1": expected})
+    assert report.passed and len(report.checks) == 2
+
+    os.kill(runner._process.pid, signal.SIGSEGV)
+    runner._process.join(timeout=10)
+    report = Comparator(Tolerance(atol=FP32_LIMIT, rtol=FP32_LIMIT)).compare(
+        [runner], feeds, {"sample_0": expected, "sample_1": expected})
+    assert not report.passed and [c.sample for c in report.checks] == ["sample_0"]  # a dead runner runs no more
+    assert "iree-llvm-cpu crashed" in report.checks[0].note and report.checks[0].max_abs == float("inf")
+    with pytest.raises(RunnerCrashed, match="crashed on an earlier input"):
+        runner.infer(feed)
+    runner.close()
+
+    # Waiting for an answer from a child that died: the signal is named.
+    runner = SubprocessRunner(functools.partial(_fpn_iree_runner, vmfb), "iree-llvm-cpu", FPN_INPUTS, ["out"])
+    os.kill(runner._process.pid, signal.SIGSEGV)
+    with pytest.raises(RunnerCrashed, match=r"iree-llvm-cpu crashed while running \(SIGSEGV\)"):
+        runner._receive("running")
+    runner.close()
+
+
+def test_a_compiler_crash_names_the_innermost_pass_of_its_backtrace():
+    from autoexport.backends.iree import _crashed_pass
+
+    backtrace = ("#13 0x7f mlir::iree_compiler::(anonymous namespace)::materializeFuncOpEncodings(...) "
+                 "MaterializeEncoding.cpp:0\n#14 0x7f mlir::iree_compiler::(anonymous namespace)::"
+                 "MaterializeDeviceEncodingPass::runOnOperation() MaterializeEncoding.cpp:0:0\n#25 0x7f mlir::"
+                 "iree_compiler::IREE::HAL::(anonymous namespace)::ConfigureTargetExecutableVariantsPass::"
+                 "runOnOperation() ConfigureExecutables.cpp:0:0\n")
+    assert _crashed_pass(backtrace) == "MaterializeDeviceEncodingPass"
+    assert _crashed_pass("Please report issues to https://github.com/iree-org/iree/issues") == ""

@@ -80,6 +80,9 @@ class Backend(ABC):
     kind: str = ""
     targets: tuple[str, ...] = ()
     default_target: str = ""
+    # Verify this backend's artifacts in a child process (runners.SubprocessRunner): for runtimes known to crash
+    # the process on some models rather than raise.
+    verify_in_subprocess: bool = False
 
     def missing_dependency(self, spec: BackendSpec) -> str | None:
         """Why this backend cannot be used at all on this machine (with what to install), or None."""

@@ -12,6 +12,8 @@ tiling bring it to parity.
 from __future__ import annotations
 
 import logging
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,13 +29,14 @@ from . import (Backend, BackendSpec, LoweredArtifact, LoweringSource, PaddingRun
 
 log = logging.getLogger("autoexport")
 
+DATA_TILING_FLAG = "--iree-opt-data-tiling"
 LLVM_CPU_FLAGS = [
     "--iree-hal-target-device=local",
     "--iree-hal-local-target-device-backends=llvm-cpu",
     "--iree-llvmcpu-target-cpu=host",  # without it IREE targets generic x86-64 (no AVX): 4x slower
     # NCHW convolutions get slow generic codegen; channels-last alone gave ~4x on PointPillars.
     "--iree-preprocessing-pass-pipeline=builtin.module(util.func(iree-preprocessing-convert-conv-to-channels-last))",
-    "--iree-opt-data-tiling",
+    DATA_TILING_FLAG,
 ]
 # Channels-last convolutions: 383 ms vs 404 ms per PointPillars call on an H200 (benchmarks/RESULTS.md).
 CUDA_FLAGS = [
@@ -53,8 +56,27 @@ def _iree_version() -> str:
     return version("iree-base-compiler")
 
 
+class CompilerCrash(ExportFailedError):
+    """The tool died on a signal (a compiler bug), as opposed to rejecting the program with an error."""
+
+    def __init__(self, message: str, where: str) -> None:
+        super().__init__(message)
+        self.where = where  # the innermost MLIR pass on the crash backtrace, or "" when it names none
+
+
+def _crashed_pass(stderr: str) -> str:
+    """Innermost `...Pass::runOnOperation` frame of an LLVM crash backtrace (frames run innermost first)."""
+    found = re.search(r"(\w+Pass)::runOnOperation", stderr)
+    return found.group(1) if found else ""
+
+
 def _run_tool(args: Sequence[str], what: str) -> None:
     proc = subprocess.run(list(args), capture_output=True, text=True)
+    if proc.returncode < 0:
+        where = _crashed_pass(proc.stderr)
+        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else "a signal"
+        raise CompilerCrash(f"{what} crashed (exit {proc.returncode}, {name})"
+                            + (f" in {where}" if where else "") + "; a bug of the tool, not of the model", where)
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()] or proc.stderr.splitlines()
         raise ExportFailedError(f"{what} failed (exit {proc.returncode}): {' | '.join(errors[:3])[:800]}")
@@ -132,6 +154,7 @@ class IreeBackend(Backend):
     kind = "iree"
     targets = ("llvm-cpu", "cuda")
     default_target = "llvm-cpu"
+    verify_in_subprocess = True  # IREE 3.13's runtime segfaults on ImVoxelNet's module (channels-last convs)
 
     def missing_dependency(self, spec: BackendSpec) -> str | None:
         try:
@@ -168,10 +191,10 @@ class IreeBackend(Backend):
             log.info("  iree-import-onnx %s", onnx_path.name)
             import_onnx(onnx_path, mlir_path)
             if spec.target == "llvm-cpu":
-                flags = list(LLVM_CPU_FLAGS)
-                log.info("  iree-compile llvm-cpu (host CPU, channels-last convs, data tiling)")
-                compile_vmfb(mlir_path, source.staging / vmfb_rel, flags)
+                flags, note = self._compile_llvm_cpu(mlir_path, source.staging / vmfb_rel)
                 details["driver"] = "local-task"
+                if note:
+                    details["note"] = note
             else:
                 flags, arch = self._compile_cuda(spec, mlir_path, source.staging / vmfb_rel)
                 details.update(driver="cuda", requested_arch=spec.arch or DEFAULT_CUDA_ARCH, compiled_arch=arch)
@@ -188,6 +211,22 @@ class IreeBackend(Backend):
                                device="cuda" if spec.target == "cuda" else "cpu",
                                inputs=artifact_inputs(names, source.manifest, plan),
                                padding=plan.to_json() if plan else None, compile_s=timer.seconds, details=details)
+
+    @staticmethod
+    def _compile_llvm_cpu(mlir_path: Path, vmfb_path: Path) -> tuple[list[str], str]:
+        """LLVM_CPU_FLAGS; if iree-compile crashes with them, once more without data tiling. IREE 3.13 segfaults in
+        MaterializeDeviceEncodingPass on ImVoxelNet with data tiling and channels-last convs together (either alone
+        compiles), so the export still gets a module, only without the tiled layouts' speed."""
+        flags = list(LLVM_CPU_FLAGS)
+        log.info("  iree-compile llvm-cpu (host CPU, channels-last convs, data tiling)")
+        try:
+            compile_vmfb(mlir_path, vmfb_path, flags)
+            return flags, ""
+        except CompilerCrash as crash:
+            flags.remove(DATA_TILING_FLAG)
+            log.info("  %s; compiling again without data tiling", crash)
+            compile_vmfb(mlir_path, vmfb_path, flags)
+            return flags, f"compiled without {DATA_TILING_FLAG}: with it, {crash}"
 
     @staticmethod
     def _compile_cuda(spec: BackendSpec, mlir_path: Path, vmfb_path: Path) -> tuple[list[str], str]:
