@@ -327,7 +327,10 @@ def _float64_reference(model: torch.nn.Module, wrapper_path: Path, manifest: Man
 def _diagnose_with_float64(parity: ParityReport, comparator: Comparator, model: torch.nn.Module, wrapper_path: Path,
                            manifest: Manifest, feeds: dict[str, dict], expected: dict[str, dict],
                            device: str) -> None:
-    samples = {c.sample for c in parity.failures()}
+    # Only failures with outputs to measure: a missing output or a crashed runtime has nothing to compare.
+    samples = {sample for _, sample, _ in comparator.failed_outputs}
+    if not samples:
+        return
     try:
         expected64 = _float64_reference(model, wrapper_path, manifest, {s: feeds[s] for s in samples}, device)
     except Exception as exc:  # noqa: BLE001 - a diagnosis only; models that hard-code float32 cannot run in float64
@@ -560,11 +563,13 @@ def _run_export(options: ExportOptions, eager_substituted: list,
                                     + f"\nthe other artifacts were checked ({verdicts or 'none'}); they and the "
                                     f"parity reports were kept in {failed_dir}, not in {output_dir}")
         worst = sorted(parity.failures(), key=lambda c: -c.mismatched)[:5]
-        lines = [f"  {c.runtime} {c.output} on {c.sample}: {c.note}" if c.max_abs == float("inf") and c.note
-                 # no output at all (missing, or the runtime crashed): the note says why
-                 else f"  {c.runtime} {c.output} on {c.sample}: {c.mismatched}/{c.total} elements outside "
-                 f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}"
-                 for c in worst]
+        # A check without output (missing, or the runtime crashed) gives its note; a crash fails every output alike,
+        # so one line per runtime and sample.
+        lines = list(dict.fromkeys(
+            f"  {c.runtime} on {c.sample}: {c.note}" if c.max_abs == float("inf") and c.note.startswith(c.runtime)
+            else f"  {c.runtime} {c.output} on {c.sample}: {c.mismatched}/{c.total} elements outside "
+            f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}"
+            for c in worst))
         if parity.passed and split_result is not None and not split_result.passed:
             bad = [f"  stage {st.name}: max abs {st.worst_max_abs:.3g}" for st in split_result.stages if not st.parity_passed]
             bad += [f"  chained: {note}" for note in split_result.chained.get("failures", [])[:4]]
