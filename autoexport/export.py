@@ -131,7 +131,7 @@ def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: M
             for patch in applied:
                 log.info("  patch %s.%s (used at %s)", patch.target, patch.method, ", ".join(patch.module_paths[:3]))
             shapes = dynamic_shapes_for(manifest, plan)
-            with substituted_functions() as functions, substituted_op_functions() as op_functions:
+            with substituted_functions(variant) as functions, substituted_op_functions() as op_functions:
                 # PaddedInputs.forward (and split stages') take *args: torch.export wants one entry for that parameter.
                 program = torch.export.export(wrapper, example, dynamic_shapes=(shapes,) if plan or star_args else shapes,
                                               strict=False)

@@ -474,6 +474,13 @@ class FunctionSubstitution:
     functions: tuple[Callable[..., Any], ...]
     replacement: Callable[..., Any]
     reason: str
+    variants: tuple[str, ...] = ()  # exports it applies to; empty: every export
+
+
+def _grid_sample_by_gather(*args: Any, **kwargs: Any) -> torch.Tensor:
+    from .ops.grid_sample import grid_sample_by_gather
+
+    return grid_sample_by_gather(*args, **kwargs)
 
 
 def _inverse_without_error_check(matrix: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -487,13 +494,22 @@ FUNCTION_SUBSTITUTIONS: list[FunctionSubstitution] = [FunctionSubstitution(
     reason=("torch.inverse/linalg.inv add a singular-matrix check that exports as a side-effect node ONNX cannot "
             "hold; linalg.inv_ex computes the same inverse without it (mmdet3d inverts 3x3/4x4 transforms, e.g. "
             "in point_sample; onnx_translations gives it an ONNX form)"),
+), FunctionSubstitution(
+    name="torch.nn.functional.grid_sample",
+    functions=(torch.nn.functional.grid_sample,),
+    replacement=_grid_sample_by_gather,
+    reason=("IREE 3.13 lowers ONNX GridSample with zeros padding wrongly: sampling points outside the map read out of "
+            "bounds (wrong values; a segfault at run time on ImVoxelNet's point_sample); autoexport.ops.grid_sample "
+            "does the same sampling as index arithmetic and gathers"),
+    variants=("iree",),
 )]
 
 
 class _FunctionSubstitutionMode(TorchFunctionMode):
-    def __init__(self) -> None:
+    def __init__(self, variant: str) -> None:
         super().__init__()
-        self.by_function = {f: sub for sub in FUNCTION_SUBSTITUTIONS for f in sub.functions}
+        self.by_function = {f: sub for sub in FUNCTION_SUBSTITUTIONS for f in sub.functions
+                            if not sub.variants or variant in sub.variants}
         self.used: list[FunctionSubstitution] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -506,10 +522,11 @@ class _FunctionSubstitutionMode(TorchFunctionMode):
 
 
 @contextmanager
-def substituted_functions() -> Iterator[list[AppliedPatch]]:
-    """FUNCTION_SUBSTITUTIONS active for the block; yields (and fills on exit) the ones the model called."""
+def substituted_functions(variant: str = "default") -> Iterator[list[AppliedPatch]]:
+    """FUNCTION_SUBSTITUTIONS of this export variant active for the block; yields (and fills on exit) the ones the
+    model called."""
     applied: list[AppliedPatch] = []
-    mode = _FunctionSubstitutionMode()
+    mode = _FunctionSubstitutionMode(variant)
     with mode:
         yield applied
     applied.extend(AppliedPatch(sub.name, "", sub.reason, ()) for sub in mode.used)

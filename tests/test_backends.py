@@ -289,3 +289,47 @@ def test_a_compiler_crash_names_the_innermost_pass_of_its_backtrace():
                  "runOnOperation() ConfigureExecutables.cpp:0:0\n")
     assert _crashed_pass(backtrace) == "MaterializeDeviceEncodingPass"
     assert _crashed_pass("Please report issues to https://github.com/iree-org/iree/issues") == ""
+
+
+class _PointSample(torch.nn.Module):
+    """mmdet3d's point_sample in miniature: image features sampled at projected points, some off the image."""
+
+    def forward(self, features, grid):
+        nearest = torch.nn.functional.grid_sample(features, grid, mode="nearest", padding_mode="zeros",
+                                                  align_corners=True)
+        bilinear = torch.nn.functional.grid_sample(features, grid, mode="bilinear", padding_mode="zeros",
+                                                   align_corners=False)
+        return nearest, bilinear
+
+
+def _iree_outputs(module: torch.nn.Module, inputs: tuple, directory: Path, variant: str) -> list[np.ndarray]:
+    from autoexport.backends.iree import IreeBackend, import_onnx
+    from autoexport.export import export_onnx
+    from autoexport.patches import substituted_functions
+
+    with substituted_functions(variant) as used, torch.no_grad():
+        program = torch.export.export(module, inputs, strict=False)
+    assert [p.target for p in used] == (["torch.nn.functional.grid_sample"] if variant == "iree" else [])
+    export_onnx(program, ["features", "grid"], ["nearest", "bilinear"], directory / f"{variant}.onnx")
+    import_onnx(directory / f"{variant}.onnx", directory / f"{variant}.mlir")
+    IreeBackend._compile_llvm_cpu(directory / f"{variant}.mlir", directory / f"{variant}.vmfb")
+    runner = IreeRunner(directory / f"{variant}.vmfb", "local-task", ["features", "grid"], ["nearest", "bilinear"])
+    outputs = runner.infer({"features": inputs[0].numpy(), "grid": inputs[1].numpy()})
+    return [outputs["nearest"], outputs["bilinear"]]
+
+
+def test_grid_sample_is_gathered_for_iree_whose_gridsample_reads_outside_the_map(tmp_path: Path):
+    generator = torch.Generator().manual_seed(11)
+    inputs = (torch.randn(1, 16, 12, 20, generator=generator),
+              torch.rand(1, 1, 500, 2, generator=generator) * 2.8 - 1.4)  # ~30% of the points off the map
+    with torch.no_grad():
+        nearest, bilinear = (x.numpy() for x in _PointSample()(*inputs))
+    assert (nearest == 0).all(axis=1).mean() > 0.2  # zeros padding is exercised
+
+    # IREE's own GridSample gets the off-map points wrong (the bug the substitution works around).
+    iree_nearest, _ = _iree_outputs(_PointSample(), inputs, tmp_path, "default")
+    assert np.abs(iree_nearest - nearest).max() > 1e-3
+
+    gathered_nearest, gathered_bilinear = _iree_outputs(_PointSample(), inputs, tmp_path, "iree")
+    np.testing.assert_array_equal(gathered_nearest, nearest)
+    np.testing.assert_allclose(gathered_bilinear, bilinear, rtol=1e-5, atol=1e-6)

@@ -963,3 +963,27 @@ def test_gpu_check_accepts_an_fps_mismatch_only_at_a_distance_tie() -> None:
     assert gpu_check.fps_compare(torch.tensor([[0, 2, 1]]), first, (points, 3))[1]
     assert not gpu_check.fps_compare(torch.tensor([[0, 3, 1]]), first, (points, 3))[1]
     assert gpu_check.fps_compare(first.clone(), first, (points, 3)) == ("0/3 idx differ", True)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_grid_sample_by_gather_matches_torch(mode: str, align_corners: bool) -> None:
+    from autoexport.ops.grid_sample import grid_sample_by_gather
+
+    generator = torch.Generator().manual_seed(44)
+    features = torch.randn(2, 5, 7, 9, generator=generator)
+    grid = torch.rand(2, 4, 30, 2, generator=generator) * 2.6 - 1.3  # a third of the points off the map
+    # Points on the corners and, for nearest, exactly halfway between pixels (round half to even, as nearbyint).
+    grid[0, 0, :4] = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]])
+    grid[1, 0, :3, 0] = torch.tensor([0.5, 1.5, 6.5]) * 2 / 8 - 1
+    expected = F.grid_sample(features, grid, mode=mode, padding_mode="zeros", align_corners=align_corners)
+    got = grid_sample_by_gather(features, grid, mode=mode, padding_mode="zeros", align_corners=align_corners)
+    if mode == "nearest":
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:  # the same corner weights; a sum of 4 weighted terms rounded in another order: a few ulps of the inputs
+        torch.testing.assert_close(got, expected, rtol=0, atol=4 * torch.finfo(torch.float32).eps
+                                   * features.abs().max().item())
+    # Anything else is F.grid_sample's own.
+    border = F.grid_sample(features, grid, mode=mode, padding_mode="border", align_corners=align_corners)
+    torch.testing.assert_close(grid_sample_by_gather(features, grid, mode=mode, padding_mode="border",
+                                                     align_corners=align_corners), border, rtol=0, atol=0)
