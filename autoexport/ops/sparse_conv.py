@@ -219,6 +219,17 @@ def gather_gemm(features: Tensor, neighbors: Tensor, weight: Tensor) -> Tensor:
     return gathered @ weight.reshape(kernel_volume * in_channels, out_channels)
 
 
+def _module_rulebook(module: nn.Module, input: Any, spatial_shape: list[int], kernel_size: list[int],
+                     site_index: SiteIndex) -> Rulebook:
+    """A new rulebook for a sparse conv or pool module's geometry (its mmcv attributes) on the input's sites."""
+    ndim = module.ndim
+    if module.subm:
+        return subm_rulebook(input.indices, input.batch_size, spatial_shape, kernel_size,
+                             _as_list(module.dilation, ndim), site_index)
+    return conv_rulebook(input.indices, input.batch_size, spatial_shape, kernel_size, _as_list(module.stride, ndim),
+                         _as_list(module.padding, ndim), _as_list(module.dilation, ndim), site_index)
+
+
 def sparse_conv_forward(module: nn.Module, input: Any, site_index: SiteIndex = "sort") -> Any:
     """Forward of an mmcv ``SparseConvolution`` (or this module's classes) on a sparse-conv tensor.
 
@@ -250,13 +261,7 @@ def sparse_conv_forward(module: nn.Module, input: Any, site_index: SiteIndex = "
             out_indices, out_shape = rulebook.in_indices, rulebook.in_spatial_shape
         else:
             if rulebook is None:
-                if module.subm:
-                    rulebook = subm_rulebook(input.indices, input.batch_size, spatial_shape, kernel_size,
-                                             _as_list(module.dilation, ndim), site_index)
-                else:
-                    rulebook = conv_rulebook(input.indices, input.batch_size, spatial_shape, kernel_size,
-                                             _as_list(module.stride, ndim), _as_list(module.padding, ndim),
-                                             _as_list(module.dilation, ndim), site_index)
+                rulebook = _module_rulebook(module, input, spatial_shape, kernel_size, site_index)
                 input.indice_dict[module.indice_key] = rulebook
             neighbors = rulebook.neighbors
             out_indices, out_shape = rulebook.out_indices, rulebook.out_spatial_shape
@@ -285,16 +290,8 @@ def sparse_maxpool_forward(module: nn.Module, input: Any, site_index: SiteIndex 
     gives 0, not their max; this does the same (absent inputs read a zero row, then a floor at 0). Like mmcv, the
     pool neither reads nor stores a rulebook under an ``indice_key``.
     """
-    ndim = module.ndim
-    kernel_size = _as_list(module.kernel_size, ndim)
     spatial_shape = [int(size) for size in input.spatial_shape]
-    if module.subm:
-        rulebook = subm_rulebook(input.indices, input.batch_size, spatial_shape, kernel_size,
-                                 _as_list(module.dilation, ndim), site_index)
-    else:
-        rulebook = conv_rulebook(input.indices, input.batch_size, spatial_shape, kernel_size,
-                                 _as_list(module.stride, ndim), _as_list(module.padding, ndim),
-                                 _as_list(module.dilation, ndim), site_index)
+    rulebook = _module_rulebook(module, input, spatial_shape, _as_list(module.kernel_size, module.ndim), site_index)
     padded = torch.cat([input.features, input.features.new_zeros((1, input.features.shape[1]))])
     features = padded[rulebook.neighbors].amax(dim=1).clamp(min=0)
     output = type(input)(features, rulebook.out_indices, rulebook.out_spatial_shape, input.batch_size)
