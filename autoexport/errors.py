@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 # Exit codes, stable for scripts and CI.
 EXIT_OK = 0
 EXIT_PARITY_FAILED = 1
@@ -12,6 +14,15 @@ EXIT_EXPORT_FAILED = 3
 def first_line(text: str) -> str:
     """The first line of a (possibly multi-line) message, surrounding blanks stripped: for one-line logs."""
     return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def signal_name(exit_code: int) -> str:
+    """The signal a child died on, from its negative exit code (subprocess/multiprocessing): "SIGSEGV", or
+    "signal N" for one Python has no name for."""
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"signal {-exit_code}"
 
 
 class AutoExportError(Exception):

@@ -373,15 +373,19 @@ register_patch(ExportPatch(
 _SITE_INDEX_BY_VARIANT = {"iree": "dense"}
 
 
-def _make_sparse_conv_forward(context: PatchContext) -> Callable[..., Any]:
-    from .ops.sparse_conv import sparse_conv_forward
+def _site_indexed_forward(function_name: str) -> Callable[[PatchContext], Callable[..., Any]]:
+    """A forward calling autoexport.ops.sparse_conv's `function_name` with the export variant's site index."""
 
-    site_index = _SITE_INDEX_BY_VARIANT.get(context.variant, "sort")
+    def make(context: PatchContext) -> Callable[..., Any]:
+        function = getattr(importlib.import_module("autoexport.ops.sparse_conv"), function_name)
+        site_index = _SITE_INDEX_BY_VARIANT.get(context.variant, "sort")
 
-    def forward(self: Any, input: Any) -> Any:
-        return sparse_conv_forward(self, input, site_index)
+        def forward(self: Any, input: Any) -> Any:
+            return function(self, input, site_index)
 
-    return forward
+        return forward
+
+    return make
 
 
 def _make_sparse_sequential_forward(context: PatchContext) -> Callable[..., Any]:
@@ -399,22 +403,11 @@ register_patch(ExportPatch(
     reason=("mmcv's sparse convolution calls C++/CUDA ops (get_indice_pairs, indice_conv) that torch.export cannot "
             "trace and that have no CPU kernel in mmcv 2.1.0; replaced by autoexport.ops' rulebook + gather-GEMM "
             "in plain PyTorch (same output sites and order, checked against a dense conv3d in tests/test_ops.py)"),
-    make=_make_sparse_conv_forward,
+    make=_site_indexed_forward("sparse_conv_forward"),
     substitutes="mmcv.ops.SparseConvolution (SubMConv3d, SparseConv3d, SparseInverseConv3d)",
     eager_devices=("cpu",),
     module="mmcv.ops.sparse_conv",
 ))
-
-def _make_sparse_maxpool_forward(context: PatchContext) -> Callable[..., Any]:
-    from .ops.sparse_conv import sparse_maxpool_forward
-
-    site_index = _SITE_INDEX_BY_VARIANT.get(context.variant, "sort")
-
-    def forward(self: Any, input: Any) -> Any:
-        return sparse_maxpool_forward(self, input, site_index)
-
-    return forward
-
 
 register_patch(ExportPatch(
     target="SparseMaxPool",
@@ -423,7 +416,7 @@ register_patch(ExportPatch(
             "cannot trace and that have no CPU kernel in mmcv 2.1.0 (PartA2's RoI head pools with it); replaced by "
             "autoexport.ops' conv rulebook + gather + max in plain PyTorch (checked against a dense max_pool3d in "
             "tests/test_ops.py and against mmcv's CUDA kernel on an H200)"),
-    make=_make_sparse_maxpool_forward,
+    make=_site_indexed_forward("sparse_maxpool_forward"),
     substitutes="mmcv.ops.SparseMaxPool (SparseMaxPool3d)",
     eager_devices=("cpu",),
     module="mmcv.ops.sparse_pool",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import signal
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -11,7 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import ExportFailedError
+from .errors import ExportFailedError, signal_name
 
 Feed = dict[str, np.ndarray]
 
@@ -86,8 +85,7 @@ class SubprocessRunner(Runner):
         except (EOFError, ConnectionError):
             self._process.join(timeout=5)
             code = self._process.exitcode
-            how = (signal.Signals(-code).name if code is not None and code < 0 and -code in signal.valid_signals()
-                   else f"exit {code}")
+            how = signal_name(code) if code is not None and code < 0 else f"exit {code}"
             raise RunnerCrashed(f"{self.name} crashed while {doing} ({how}): a bug of the runtime, not of the "
                                 "model; its outputs were not produced") from None
         if status == "error":

@@ -32,7 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
-from .errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_OK, EXIT_PARITY_FAILED, UserInputError
+from .errors import (EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_OK, EXIT_PARITY_FAILED, UserInputError,
+                     signal_name)
 
 log = logging.getLogger("autoexport")
 
@@ -268,10 +269,7 @@ def shorten_paths(reason: str, output: Path, config: str) -> str:
 
 def _crash_reason(text: str, exit_code: int | None) -> str:
     if exit_code is not None and exit_code < 0:
-        try:
-            return f"killed by {signal.Signals(-exit_code).name}"
-        except ValueError:
-            return f"killed by signal {-exit_code}"
+        return f"killed by {signal_name(exit_code)}"
     last = next((l for l in reversed(text.splitlines()) if l.strip()), "no output")
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
     where = f" (at {Path(frames[-1][0]).name}:{frames[-1][1]} in {frames[-1][2]})" if frames else ""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ExportFailedError
+from ..errors import ExportFailedError, signal_name
 from ..manifest import Manifest
 from ..runners import Runner
 from . import (Backend, BackendSpec, LoweredArtifact, LoweringSource, PaddingRunner, Timer, artifact_inputs,
@@ -74,8 +73,7 @@ def _run_tool(args: Sequence[str], what: str) -> None:
     proc = subprocess.run(list(args), capture_output=True, text=True)
     if proc.returncode < 0:
         where = _crashed_pass(proc.stderr)
-        name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else "a signal"
-        raise CompilerCrash(f"{what} crashed (exit {proc.returncode}, {name})"
+        raise CompilerCrash(f"{what} crashed (exit {proc.returncode}, {signal_name(proc.returncode)})"
                             + (f" in {where}" if where else "") + "; a bug of the tool, not of the model", where)
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()] or proc.stderr.splitlines()
