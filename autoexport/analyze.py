@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import camera
 from . import samples as sample_data
-from .boundaries import TensorBoundary, boundary_for, heads_of, host_inputs_for, output_namer_for
+from .boundaries import TensorBoundary, boundary_for, heads_of, host_inputs_for, output_namer_for, predict_forward
 from .errors import ExportFailedError, UserInputError
 from .export import innermost_model_frame
 from .manifest import (METAINFO_TENSOR_KEYS, DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
@@ -626,7 +626,10 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
     boundary, forward = boundary_for(model)
     with explain_eager_failures(model, device, verbose):
         if not checkpoint:
-            calibrated = calibrate_batchnorm(model, forward, [s for s in samples if s.role == "export"])
+            # A two-stage detector's one graph is its first stage; its RoI head's BatchNorms see the samples only
+            # through the whole model (mmdet3d's predict, host NMS included).
+            calibrated = calibrate_batchnorm(model, predict_forward if boundary.split_required else forward,
+                                             [s for s in samples if s.role == "export"])
             log.info("  random weights: init_weights() and BatchNorm statistics of %d layers from the export "
                      "samples", calibrated)
         manifest = build_manifest(model, boundary, forward, samples)

@@ -36,6 +36,11 @@ def tensor_mode_forward(model: Any, inputs: dict, data_samples: list) -> Any:
     return model(inputs, data_samples, mode="tensor")
 
 
+def predict_forward(model: Any, inputs: dict, data_samples: list) -> Any:
+    """mmengine's predict mode: the whole model, post-processing included (not exportable; eager runs only)."""
+    return model(inputs, data_samples, mode="predict")
+
+
 def mvx_two_stage_forward(model: Any, inputs: dict, data_samples: list) -> Any:
     """MVXTwoStageDetector (CenterPoint, MVX-Net) leaves `_forward` unimplemented; this is its tensor path."""
     metas = [sample.metainfo for sample in data_samples]
@@ -128,6 +133,28 @@ def point_rcnn_rpn_forward(model: Any, inputs: dict, data_samples: list) -> Any:
     return {**feats, "bbox_preds": bbox_preds, "cls_preds": cls_preds}
 
 
+def part_a2_first_stage(model: Any, voxels: dict, batch_size: int) -> dict:
+    """PartA2's first stage, as PartA2.extract_feat and the RPN head's forward run it: voxel encoder, SparseUNet
+    (the BEV map for the RPN and per-voxel features, seg_features, for the RoI head), BEV backbone and neck, the
+    anchor RPN head's raw outputs. mmdet3d's tensor mode runs the RPN's NMS, which no graph can hold."""
+    features = model.voxel_encoder(voxels["voxels"], voxels["num_points"], voxels["coors"])
+    # PartA2.extract_feat reads the batch size with coors[-1, 0].item() + 1; it is static here.
+    feats = model.middle_encoder(features, voxels["coors"], batch_size)
+    x = model.backbone(feats["spatial_features"])
+    if getattr(model, "neck", None) is not None:
+        x = model.neck(x)
+    cls_scores, bbox_preds, dir_cls_preds = model.rpn_head(x)
+    outputs = {}
+    for kind, levels in (("cls_score", cls_scores), ("bbox_pred", bbox_preds), ("dir_cls_pred", dir_cls_preds)):
+        outputs.update({f"{kind}_{level}": t for level, t in enumerate(levels)})
+    return {**outputs, "seg_features": feats["seg_features"]}
+
+
+def part_a2_rpn_forward(model: Any, inputs: dict, data_samples: list) -> Any:
+    """part_a2_first_stage on the data preprocessor's hard voxels."""
+    return part_a2_first_stage(model, inputs["voxels"], len(data_samples))
+
+
 _SLIDE_HOST_SIDE = ("cut each cloud into patches with EncoderDecoder3D._sliding_patch_generation(points, "
                     "test_cfg.num_points, block_size, sample_rate, use_normalized_coord), run the graph on up to "
                     "test_cfg.batch_size patches at a time, and average each point's logits over the patches that "
@@ -153,6 +180,14 @@ BOUNDARIES.register("PointRCNN", TensorBoundary(
               "the proposals (stages.json: proposals) that the RoI head graph (stages.json: roi) refines; "
               "PointRCNNBboxHead.get_results decodes and NMSes its outputs",
     split_required="PointRCNN's RoI head runs on proposals chosen by an NMS on the host, so the model is two graphs "
+                   "with host steps between them"))
+
+BOUNDARIES.register("PartA2", TensorBoundary(
+    "part_a2_rpn_forward", ("rpn_head",),
+    host_side="PartA2RPNHead.predict_by_feat decodes the anchors' boxes and runs its NMS (test_cfg.rpn): the "
+              "proposals (stages.json: proposals) whose seg_features the RoI head graph (stages.json: roi) pools; "
+              "PartA2BboxHead.get_results decodes and NMSes its outputs",
+    split_required="PartA2's RoI head runs on proposals chosen by an NMS on the host, so the model is two graphs "
                    "with host steps between them"))
 
 
@@ -196,9 +231,13 @@ OUTPUT_NAMERS.register("FreeAnchor3DHead", _level_suffixed(("cls_score", "bbox_p
 OUTPUT_NAMERS.register("ShapeAwareHead", _level_suffixed(("cls_score", "bbox_pred", "dir_cls_pred")))
 
 
-# Heads whose forward returns a dict of named tensors (autoexport's own two-stage boundaries): the keys.
-OUTPUT_NAMERS.register("PointRPNHead", lambda path: path[0] if len(path) == 1 and isinstance(path[0], str)
-                       else default_output_name(path))
+def _dict_key_name(path: tuple) -> str:
+    return path[0] if len(path) == 1 and isinstance(path[0], str) else default_output_name(path)
+
+
+# Heads whose first stage autoexport's two-stage boundaries return as a dict of named tensors: the keys.
+OUTPUT_NAMERS.register("PointRPNHead", _dict_key_name)
+OUTPUT_NAMERS.register("PartA2RPNHead", _dict_key_name)
 
 # Segmentation decode heads (PointNet2Head, DGCNNHead, PAConvHead): one (B, num_classes, N) tensor.
 OUTPUT_NAMERS.register("Base3DDecodeHead", lambda path: "seg_logits" if not path else default_output_name(path))

@@ -671,6 +671,30 @@ register_patch(ExportPatch(
 ))
 
 
+def _make_batched_roiaware_extractor_forward(context: PatchContext) -> Callable[..., Any]:
+    from .ops.points_in_boxes import roiaware_pool3d
+
+    def forward(self: Any, feats: torch.Tensor, coordinate: torch.Tensor, batch_inds: torch.Tensor,
+                rois: torch.Tensor) -> torch.Tensor:
+        layer = self.roi_layer
+        # Row order: the original concatenates sample 0's RoIs, then sample 1's, ...; RoIs come grouped by sample
+        # in that order (bbox3d2roi), so one call over all of them gives the same rows.
+        return roiaware_pool3d(rois[:, 1:], coordinate, feats, layer.out_size, layer.max_pts_per_voxel, layer.mode,
+                               roi_batch=rois[:, 0].int(), point_batch=batch_inds.int())
+
+    return forward
+
+
+register_patch(ExportPatch(
+    target="Single3DRoIAwareExtractor",
+    method="forward",
+    reason=("loops over range(int(batch_inds.max()) + 1) samples, a data-dependent count, with boolean-mask "
+            "selections of each sample's RoIs and points; replaced by one RoI-aware pooling over all RoIs in which "
+            "a RoI sees only its own sample's points (autoexport.ops.points_in_boxes.roiaware_pool3d)"),
+    make=_make_batched_roiaware_extractor_forward,
+))
+
+
 # ---- RoI point pooling (mmcv.ops, CUDA-only), substituted by autoexport.ops -----------------------
 
 register_patch(ExportPatch(

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .boundaries import point_rcnn_rpn_forward
+from .boundaries import part_a2_first_stage, point_rcnn_rpn_forward
 from .errors import UserInputError
 from .export import export_onnx, export_program, save_pt2
 from .manifest import DynamicDim, Manifest, OutputSpec, TensorSpec, dtype_name, get_by_path
@@ -54,6 +54,10 @@ class StageDef:
     host: bool = False
     # Dynamic dims the export samples may not show (a proposal count can hit its cap in both): (input, axis, name).
     dims: tuple[tuple[str, int, str], ...] = ()
+    # Upper bounds of dims that the model's config caps (a proposal count by its NMS's nms_post): (model, context)
+    # -> {dim name: max}. Unbounded, a count derived from one inside the graph (nonzero over every RoI's grid) gets
+    # a bound past int64 that torch.onnx cannot write into its runtime assertion.
+    dim_bounds: Callable[[Any, StageContext], dict[str, int]] | None = None
     # Outputs whose rows are one unordered set (an NMS's kept boxes with their labels, a per-RoI graph's rows on
     # them): the order is the selection's, which near-tied scores may swap. The chained check matches their rows
     # with the eager chain's (verify.compare_row_set) instead of comparing row by row; values keep the tolerance.
@@ -173,6 +177,11 @@ def _boundary_stage(tensor_forward: Callable[[Any, dict, list], Any], inputs_key
     return forward
 
 
+def _per_sample(t: Tensors, name: str, rois: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """A per-RoI tensor cut into the per-sample list mmdet3d's heads take (RoIs are grouped by sample)."""
+    return list(torch.split(t[name], torch.bincount(rois[:, 0].long(), minlength=batch_size).tolist()))
+
+
 def _point_rcnn_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
     """PointRPNHead.predict_by_feat (box decoding, class-agnostic NMS) on the raw points, as in its predict."""
     from mmdet3d.structures import bbox3d2roi
@@ -198,8 +207,7 @@ def _point_rcnn_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
 def _point_rcnn_detections(model: Any, t: Tensors, context: StageContext) -> Tensors:
     """PointRCNNBboxHead.get_results: residuals decoded on the proposals, per-class NMS, as predict returns them."""
     roi_head = model.roi_head
-    labels = list(torch.split(t["roi_labels"], torch.bincount(t["rois"][:, 0].long(),
-                                                              minlength=context.batch_size).tolist()))
+    labels = _per_sample(t, "roi_labels", t["rois"], context.batch_size)
     results = roi_head.bbox_head.get_results(t["rois"], t["cls_score"].sigmoid(), t["bbox_pred"], labels,
                                              list(context.metas), cfg=roi_head.test_cfg)
     return {"bboxes_3d": torch.cat([r.bboxes_3d.tensor for r in results]),
@@ -221,12 +229,77 @@ POINT_RCNN_PLAN = SplitPlan((
 ), model_outputs_stage="rpn")
 
 
+def _part_a2_rpn(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    voxels = {"voxels": t["voxels_voxels"], "num_points": t["voxels_num_points"], "coors": t["voxels_coors"]}
+    return {"head_outputs": part_a2_first_stage(model, voxels, context.batch_size)}
+
+
+def _part_a2_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """PartA2RPNHead.predict_by_feat (anchor decoding, score threshold, NMS) as PartA2RPNHead.predict runs it."""
+    from mmdet3d.structures import bbox3d2roi
+
+    def levels(kind: str) -> list[torch.Tensor]:
+        return [tensor for name, tensor in t.items() if name.startswith(kind + "_")]  # sorted by level
+
+    head = model.rpn_head
+    results = head.predict_by_feat(levels("cls_score"), levels("bbox_pred"), levels("dir_cls_pred"),
+                                   batch_input_metas=list(context.metas), cfg=head.test_cfg)
+    return {"rois": bbox3d2roi([r.bboxes_3d.tensor for r in results]),
+            "roi_labels": torch.cat([r.labels_3d for r in results]),
+            "roi_class_scores": torch.cat([r.cls_preds for r in results])}
+
+
+def _part_a2_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """PartAggregationROIHead.predict_bbox up to its bbox head: the semantic head's part features, RoI-aware
+    pooling of them and of seg_features, PartA2BboxHead's raw class score and box residuals per RoI."""
+    roi_head = model.roi_head
+    feats = {"seg_features": t["seg_features"], **roi_head.semantic_head(t["seg_features"])}
+    coors = t["voxels_coors"]
+    # The data preprocessor's voxel centers (it computes them per sample from the same coordinates); they are
+    # not a graph input because the first stage never reads them.
+    layer = model.data_preprocessor.voxel_layer
+    centers = ((coors[:, [3, 2, 1]] + 0.5) * coors.new_tensor(layer.voxel_size, dtype=torch.float32)
+               + coors.new_tensor(layer.point_cloud_range[0:3], dtype=torch.float32))
+    outputs = roi_head._bbox_forward(feats, {"voxel_centers": centers, "coors": coors}, t["rois"])
+    return {"cls_score": outputs["cls_score"], "bbox_pred": outputs["bbox_pred"]}
+
+
+def _part_a2_detections(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """PartA2BboxHead.get_results: residuals decoded on the proposals, per-class NMS, as predict_bbox runs it."""
+    roi_head = model.roi_head
+    rois = t["rois"]
+    results = roi_head.bbox_head.get_results(
+        rois, t["cls_score"], t["bbox_pred"], _per_sample(t, "roi_labels", rois, context.batch_size),
+        _per_sample(t, "roi_class_scores", rois, context.batch_size), list(context.metas), roi_head.test_cfg)
+    return {"bboxes_3d": torch.cat([r.bboxes_3d.tensor for r in results]),
+            "scores_3d": torch.cat([r.scores_3d for r in results]),
+            "labels_3d": torch.cat([r.labels_3d for r in results])}
+
+
+PART_A2_PLAN = SplitPlan((
+    StageDef("rpn", _part_a2_rpn, "voxel encoder, SparseUNet, BEV backbone and neck, anchor RPN head (the one-graph "
+             "export)", ("voxel_encoder", "middle_encoder", "backbone", "neck", "rpn_head"),
+             ("voxels_voxels", "voxels_num_points", "voxels_coors")),
+    StageDef("proposals", _part_a2_proposals, "host: decode the anchors' boxes, score threshold, NMS -> RoIs",
+             (), ("cls_score_*", "bbox_pred_*", "dir_cls_pred_*"), host=True,
+             row_sets=(("rois", "roi_labels", "roi_class_scores"),)),
+    StageDef("roi", _part_a2_roi, "semantic head, RoI-aware pooling of part and segmentation features, the sparse "
+             "conv bbox head on each RoI", ("roi_head", "data_preprocessor"), ("seg_features", "voxels_coors", "rois"),
+             dims=(("rois", 0, "num_rois"),), row_sets=(("cls_score", "bbox_pred"),),
+             dim_bounds=lambda model, context: {"num_rois": model.rpn_head.test_cfg.nms_post * context.batch_size}),
+    StageDef("detections", _part_a2_detections, "host: decode the refined boxes, per-class NMS -> detections",
+             (), ("rois", "roi_labels", "roi_class_scores", "cls_score", "bbox_pred"), host=True,
+             row_sets=(("bboxes_3d", "scores_3d", "labels_3d"),)),
+), model_outputs_stage="rpn")
+
+
 SPLITS: ClassRegistry[SplitPlan | None] = ClassRegistry("split plan")
 SPLITS.register("VoxelNet", _voxel_bev_plan("", "bbox_head", extra_args=False))
 SPLITS.register("MVXTwoStageDetector", _voxel_bev_plan("pts_", "pts_bbox_head", extra_args=True))
 # Registered as unsupported so the MVX entry (hard voxels, no image branch) is not used for them by inheritance.
 SPLITS.register("DynamicMVXFasterRCNN", None)
 SPLITS.register("PointRCNN", POINT_RCNN_PLAN)
+SPLITS.register("PartA2", PART_A2_PLAN)
 
 
 def split_plan_for(model: Any) -> SplitPlan:
@@ -306,7 +379,8 @@ class SplitResult:
 
 def _stage_manifest(name: str, captured: list[Tensors], input_names: list[str], output_names: list[str],
                     outputs_by_sample: list[Tensors], known_dims: dict[tuple[int, ...], str],
-                    batch_size: int, declared: tuple[tuple[str, int, str], ...] = ()) -> Manifest:
+                    batch_size: int, declared: tuple[tuple[str, int, str], ...] = (),
+                    bounds: dict[str, int] | None = None) -> Manifest:
     """Inputs/outputs of one stage with dynamic dims found across the export samples; a dim whose values match a
     dim already named (e.g. num_voxels) keeps that name."""
     dims: dict[str, DynamicDim] = {}
@@ -322,10 +396,10 @@ def _stage_manifest(name: str, captured: list[Tensors], input_names: list[str], 
         return found
 
     def with_declared(tensor_name: str, found: dict[int, str]) -> dict[int, str]:
-        for declared_tensor, axis, dim_name in declared:
-            if declared_tensor == tensor_name and axis not in found:
+        for declared_tensor, axis, dim_name in declared:  # named as declared (and bounded) even where it varied
+            if declared_tensor == tensor_name:
                 values = [int(c[tensor_name].shape[axis]) for c in captured]
-                dims[dim_name] = DynamicDim(dim_name, values)
+                dims[dim_name] = DynamicDim(dim_name, values, max=(bounds or {}).get(dim_name))
                 found[axis] = dim_name
         return found
 
@@ -368,7 +442,8 @@ def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, di
         else:
             stage_manifest = _stage_manifest(stage.name, [available[s] for s in export_sample_names], input_names,
                                              output_names, [per_sample_outputs[s] for s in export_sample_names], known_dims,
-                                             batch_size, declared=stage.dims)
+                                             batch_size, declared=stage.dims,
+                                             bounds=stage.dim_bounds(model, context) if stage.dim_bounds else None)
             folder = output_dir / "stages" / stage.name
             folder.mkdir(parents=True, exist_ok=True)
             module = StageModule(model, stage, input_names, output_names, output_paths if is_head else None,

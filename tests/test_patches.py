@@ -232,3 +232,39 @@ def test_roiaware_pool3d_is_substituted_where_mmcv_has_no_kernel():
         assert got.shape == (6, 4, 4, 4, 5) and bool(got.abs().sum() > 0)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert RoIAwarePool3d.forward is original  # restored after the block
+
+
+def test_roiaware_extractor_pools_every_sample_at_once_like_its_batch_loop():
+    """PartA2's Single3DRoIAwareExtractor loops over int(batch_inds.max()) + 1 samples; the export patch pools all
+    RoIs in one call where a RoI sees only its own sample's points. Both samples share one region, so a patch that
+    let a RoI pool the other sample's points would differ."""
+    from mmdet3d.models.roi_heads.roi_extractors import Single3DRoIAwareExtractor
+
+    from autoexport.patches import eager_substitutions
+
+    g = torch.Generator().manual_seed(3)
+    extractor = Single3DRoIAwareExtractor(roi_layer=dict(type="RoIAwarePool3d", out_size=3, max_pts_per_voxel=8,
+                                                         mode="max"))
+    rois = torch.cat([torch.tensor([[0.0]] * 4 + [[1.0]] * 3),  # sample index, then 4 + 3 boxes in one region
+                      torch.rand(7, 3, generator=g) * 6, torch.rand(7, 3, generator=g) * 2 + 2,
+                      torch.rand(7, 1, generator=g) * 3], dim=1)
+    coordinate = torch.rand(2000, 3, generator=g) * 8 - 1
+    batch_inds = (torch.rand(2000, generator=g) < 0.5).long()
+    feats = torch.randn(2000, 6, generator=g)
+    with eager_substitutions("cpu"):
+        expected = extractor(feats, coordinate, batch_inds, rois)  # mmdet3d's loop, the library's pooling
+    assert expected.shape == (7, 3, 3, 3, 6) and bool((expected != 0).any(dim=-1).sum() > 20)
+    original = Single3DRoIAwareExtractor.forward
+    with export_patches(extractor, PatchContext(batch_size=2)) as applied:
+        assert {p.target for p in applied} == {"Single3DRoIAwareExtractor", "RoIAwarePool3d"}
+        batched = extractor(feats, coordinate, batch_inds, rois)
+        program = torch.export.export(extractor, (feats, coordinate, batch_inds, rois), dynamic_shapes=(
+            {0: torch.export.Dim("points")}, {0: torch.export.Dim("points")}, {0: torch.export.Dim("points")},
+            {0: torch.export.Dim("rois", min=2)}))
+    assert Single3DRoIAwareExtractor.forward is original  # restored after the block
+    torch.testing.assert_close(batched, expected, rtol=0, atol=0)
+    # The graph takes another RoI count than the example's.
+    torch.testing.assert_close(program.module()(feats, coordinate, batch_inds, rois[:5]), expected[:5], rtol=0, atol=0)
+    mixed = rois.clone()
+    mixed[:4, 0] = 1.0  # every RoI on sample 1: other points, other pooled values
+    assert not torch.equal(program.module()(feats, coordinate, batch_inds, mixed)[:4], expected[:4])

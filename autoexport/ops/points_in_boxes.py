@@ -70,12 +70,16 @@ _POOL_MODES = {0: "max", 1: "avg"}  # mmcv's RoIAwarePool3d stores its mode as t
 
 
 def roiaware_pool3d(rois: Tensor, pts: Tensor, pts_feature: Tensor, out_size: int | tuple[int, int, int],
-                    max_pts_per_voxel: int = 128, mode: str | int = "max") -> Tensor:
+                    max_pts_per_voxel: int = 128, mode: str | int = "max", roi_batch: Tensor | None = None,
+                    point_batch: Tensor | None = None) -> Tensor:
     """mmcv's RoIAwarePool3d forward: (R, out_x, out_y, out_z, C) max or mean of point features per RoI voxel.
 
     As in mmcv's kernel, each RoI voxel keeps its first ``max_pts_per_voxel - 1`` points in point order, voxel
     indices truncate toward zero and are clamped to the grid, and empty voxels are 0. ``mode`` is "max"/"avg" or
     mmcv's 0/1, so the drop-in's forward also runs on mmcv's module.
+
+    With ``roi_batch`` (R,) and ``point_batch`` (P,), a RoI pools only the points of its own sample: the same as
+    one call per sample on that sample's RoIs and points, without a loop over a data-dependent sample count.
     """
     mode = _POOL_MODES.get(mode, mode)
     out_x, out_y, out_z = (out_size,) * 3 if isinstance(out_size, int) else tuple(out_size)
@@ -83,6 +87,8 @@ def roiaware_pool3d(rois: Tensor, pts: Tensor, pts_feature: Tensor, out_size: in
     num_cells = out_x * out_y * out_z
     inside, local_x, local_y = _local_coords(pts, rois)  # (P, R)
     inside, local_x, local_y = inside.T, local_x.T, local_y.T  # (R, P): mmcv walks points per RoI
+    if roi_batch is not None and point_batch is not None:
+        inside = inside & (roi_batch[:, None] == point_batch[None, :])
     x_size, y_size, z_size = (rois[:, axis, None] for axis in (3, 4, 5))
     local_z = pts[None, :, 2] - rois[:, 2, None]
     # float -> int conversion truncates toward zero, like the kernel's int(); inside points are >= 0 anyway.

@@ -134,6 +134,12 @@ def _distinct_sites(linear: Tensor, num_cells: int, site_index: SiteIndex) -> tu
     return torch.nonzero(occupied).squeeze(1), rank[linear].long()
 
 
+def _batch_count(batch_size: int | torch.SymInt | Tensor) -> int | torch.SymInt:
+    """The batch size as a size: mmdet3d's MVX detectors pass a tensor (coors[-1, 0] + 1) in eager runs; a symbolic
+    one (PartA2's bbox head batches its RoIs, a dynamic count) stays symbolic rather than specialize the graph."""
+    return batch_size if isinstance(batch_size, (int, torch.SymInt)) else int(batch_size)
+
+
 def conv_output_size(spatial_shape: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
                      padding: Sequence[int], dilation: Sequence[int]) -> list[int]:
     """mmcv's get_conv_output_size."""
@@ -156,7 +162,7 @@ def subm_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int]
     keys = _linear(indices64[:, 0], indices64[:, 1:], spatial_shape)
     # Only dense tables need the cell count; the sort also serves batch sizes that are data-dependent
     # (dynamic-voxelization VoxelNet passes coors[-1, 0] + 1).
-    num_cells = int(batch_size) * math.prod(spatial_shape) if site_index == "dense" else 0
+    num_cells = _batch_count(batch_size) * math.prod(spatial_shape) if site_index == "dense" else 0
     neighbors = _lookup(keys, queries.reshape(-1), num_cells, site_index).reshape(queries.shape)
     return Rulebook(indices, indices, neighbors, list(spatial_shape), list(spatial_shape))
 
@@ -179,8 +185,7 @@ def conv_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int]
     in_row = pair // kernel_volume
     offset = pair % kernel_volume
     out_linear = _linear(indices64[in_row, 0], out_coords.reshape(-1, len(kernel_size))[pair], out_shape)
-    # int(): mmdet3d's MVX detectors pass the batch size as a tensor (coors[-1, 0] + 1) in eager runs.
-    num_cells = int(batch_size) * math.prod(out_shape)
+    num_cells = _batch_count(batch_size) * math.prod(out_shape)
     unique_linear, out_row = _distinct_sites(out_linear, num_cells, site_index)
     num_out = unique_linear.shape[0]
     # The grid bounds the site count. Without it torch.export bounds it by the candidate count (27x the input's
