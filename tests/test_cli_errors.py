@@ -99,10 +99,10 @@ def test_pretrained_backbone_download_is_skipped():
 
 def test_eager_failure_of_the_model_itself_is_not_called_an_export_problem(tmp_path: Path,
                                                                            caplog: pytest.LogCaptureFixture):
-    """PartA2 (two-stage) fails in its own RPN decoding in mmengine's tensor mode, before torch.export: exit 3,
-    said as such, with the module and the failing mmdet3d line."""
+    """PV-RCNN (two-stage, no split plan) fails in its own RPN decoding (PartA2's RPN head) in mmengine's tensor
+    mode, before torch.export: exit 3, said as such, with the module and the failing mmdet3d line."""
     out = tmp_path / "out"
-    assert export_to("parta2_hv_secfpn_8xb2-cyclic-80e_kitti-3d-car", out) == 3
+    assert export_to("pv_rcnn_8xb2-80e_kitti-3d-3class", out) == 3
     assert "the eager PyTorch run on cpu failed" in caplog.text
     assert "the model's own forward failed in eager PyTorch" in caplog.text
     assert "parta2_rpn_head.py" in caplog.text and "could not trace" not in caplog.text
