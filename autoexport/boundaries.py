@@ -174,21 +174,25 @@ BOUNDARIES.register("Cylinder3D", TensorBoundary(
     host_side="the data preprocessor's cylindrical voxelization gives voxels, coors and point2voxel_map; argmax of "
               "seg_logits over classes is each point's label"))
 
+def _nms_between_stages(detector: str) -> str:
+    """Why a two-stage detector's one graph is only its first stage (TensorBoundary.split_required)."""
+    return (f"{detector}'s RoI head runs on proposals chosen by an NMS on the host, so the model is two graphs with "
+            "host steps between them")
+
+
 BOUNDARIES.register("PointRCNN", TensorBoundary(
     "point_rcnn_rpn_forward", ("rpn_head",),
     host_side="PointRPNHead.predict_by_feat decodes each point's box and runs class-agnostic NMS (test_cfg.nms_cfg): "
               "the proposals (stages.json: proposals) that the RoI head graph (stages.json: roi) refines; "
               "PointRCNNBboxHead.get_results decodes and NMSes its outputs",
-    split_required="PointRCNN's RoI head runs on proposals chosen by an NMS on the host, so the model is two graphs "
-                   "with host steps between them"))
+    split_required=_nms_between_stages("PointRCNN")))
 
 BOUNDARIES.register("PartA2", TensorBoundary(
     "part_a2_rpn_forward", ("rpn_head",),
     host_side="PartA2RPNHead.predict_by_feat decodes the anchors' boxes and runs its NMS (test_cfg.rpn): the "
               "proposals (stages.json: proposals) whose seg_features the RoI head graph (stages.json: roi) pools; "
               "PartA2BboxHead.get_results decodes and NMSes its outputs",
-    split_required="PartA2's RoI head runs on proposals chosen by an NMS on the host, so the model is two graphs "
-                   "with host steps between them"))
+    split_required=_nms_between_stages("PartA2")))
 
 
 def boundary_for(model: Any) -> tuple[TensorBoundary, TensorForward]:
