@@ -29,6 +29,8 @@ class TensorBoundary:
     # Non-empty for detectors whose one graph is only their first stage (a host-side NMS feeds the second): why;
     # the pipeline then always runs the split export (split.py's SPLITS entry), which carries the whole model.
     split_required: str = ""
+    # Non-empty for models known to have no tensor path yet: why, and what to do; analyze stops with it.
+    not_exportable: str = ""
 
 
 def tensor_mode_forward(model: Any, inputs: dict, data_samples: list) -> Any:
@@ -89,11 +91,12 @@ def point_to_voxel_map(model: Any, inputs: dict, data_samples: list, ordinal: in
 
 
 def voxel_segmentor_forward(model: Any, inputs: dict, data_samples: list) -> Any:
-    """Cylinder3D's extract_feat and decode head: voxel logits (M, K) gathered to per-point logits (N, K), the
+    """Cylinder3D's and MinkUNet's extract_feat and decode head: voxel logits (M, K) gathered to per-point logits (N, K), the
     logits its decode_head.predict returns for a one-scene batch."""
     voxels = dict(inputs["voxels"])  # extract_feat writes voxel_coors into it
     features = model.extract_feat({"points": [None], "voxels": voxels})  # points: only its length (batch) is read
-    logits = model.decode_head.forward(features).features
+    logits = model.decode_head.forward(features)
+    logits = getattr(logits, "features", logits)  # Cylinder3D's head returns a sparse tensor, MinkUNet's a tensor
     return logits[inputs["point2voxel_map"].long()]
 
 
@@ -173,6 +176,21 @@ BOUNDARIES.register("Cylinder3D", TensorBoundary(
     "voxel_segmentor_forward", ("decode_head",), host_inputs="point_to_voxel_map",
     host_side="the data preprocessor's cylindrical voxelization gives voxels, coors and point2voxel_map; argmax of "
               "seg_logits over classes is each point's label"))
+
+BOUNDARIES.register("MinkUNet", TensorBoundary(
+    "voxel_segmentor_forward", ("decode_head",), host_inputs="point_to_voxel_map",
+    host_side="the data preprocessor's minkunet voxelization (rounding to the voxel grid, sparse_quantize) gives "
+              "voxels, coors and point2voxel_map; argmax of seg_logits over classes is each point's label"))
+
+
+BOUNDARIES.register("ImVoteNet", TensorBoundary(
+    "predict_forward", ("pts_bbox_heads",),
+    not_exportable=(
+        "it needs a split plan, which autoexport does not have yet: mmdet3d 1.4 gives it no tensor forward "
+        "(ImVoteNet._forward is a stub) and an NMS on the host sits between its stages (its image branch is a "
+        "two-stage Faster R-CNN; stage 2's VoteFusion branches on the 2D box count and picks seeds with "
+        "torch.randperm). Its point branch alone is a VoteNet, which exports (e.g. votenet_8xb16_sunrgbd-3d)")))
+
 
 def _nms_between_stages(detector: str) -> str:
     """Why a two-stage detector's one graph is only its first stage (TensorBoundary.split_required)."""

@@ -122,7 +122,13 @@ def write_images(rng: np.random.Generator, cloud: np.ndarray, intensity_scale: f
         images[camera.name] = dict(img_path=str(path), height=camera.height, width=camera.width,
                                    cam2img=cam2img.tolist(), lidar2cam=lidar2cam.tolist(),
                                    lidar2img=(cam2img @ lidar2cam).tolist())
-        if rig.point_frame != "lidar":
+        if rig.point_frame == "depth":
+            # SUN RGB-D's converter (update_infos_to_v2.py) writes depth2img as K @ R, 3x3 with no translation,
+            # and VoteFusion multiplies 3-vectors by it.
+            if any(camera.offset):
+                raise ValueError(f"{camera.name}: a depth-frame camera has no translation in depth2img (3x3)")
+            images[camera.name]["depth2img"] = (cam2img[:3, :3] @ lidar2cam[:3, :3]).tolist()
+        elif rig.point_frame != "lidar":
             images[camera.name][f"{rig.point_frame}2img"] = images[camera.name]["lidar2img"]
     return images
 

@@ -127,7 +127,7 @@ METAINFO_TENSOR_KEYS: dict[str, str] = {
     "cam2img": "camera intrinsics (3x3 or 4x4, per camera for multi-view)",
     "lidar2cam": "lidar-to-camera extrinsics, 4x4",
     "cam2lidar": "camera-to-lidar extrinsics, 4x4",
-    "depth2img": "depth-frame-to-image projection, 4x4",
+    "depth2img": "depth-frame-to-image projection, 3x3 (K @ R, as SUN RGB-D's converter writes it)",
     "ego2img": "ego-to-image projection, 4x4",
     "img_aug_matrix": "image augmentation (resize/crop/flip) as a 4x4 matrix",
     "lidar_aug_matrix": "point cloud augmentation as a 4x4 matrix",

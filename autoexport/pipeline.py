@@ -342,6 +342,17 @@ def _diagnose_with_float64(parity: ParityReport, comparator: Comparator, model: 
             log.info("  %s %s on %s, %s", check.runtime, check.output, check.sample, check.note)
 
 
+def _eager_reference_name(applied: list, eager_substituted: list) -> str:
+    """What the parity reference ran: mmdet3d's code, except the patches that also ran in eager PyTorch because
+    mmcv or mmdet3d cannot run this model's original code on this device (metadata.json: in_eager_reference)."""
+    in_eager = {(e.target, e.method) for e in eager_substituted}
+    also = sorted({f"{p.target}.{p.method}" for p in applied if (p.target, p.method) in in_eager})
+    if not also:
+        return "eager PyTorch (the original mmdet3d code through wrapper.py)"
+    return (f"eager PyTorch (mmdet3d's code through wrapper.py, with {', '.join(also)} replaced as in the export, "
+            "where the original cannot run here; see metadata.json export_patches)")
+
+
 def _check_split_options(precision: str, formats: tuple[str, ...], who: str) -> None:
     """A split export is FP32 stages checked chained in ONNX Runtime; `who` asked for it (--split or the model)."""
     if precision != "fp32":
@@ -356,7 +367,7 @@ def run_export(options: ExportOptions) -> ExportResult:
     host_calls: dict[str, OpFunctionSubstitution] = {}
     with eager_substitutions(options.device, calls=host_calls) as substituted:
         for patch in substituted:
-            if patch.method:
+            if patch.method and patch.substitutes:
                 log.info("  %s has no %s kernel in mmcv here: the eager reference uses autoexport.ops' substitute",
                          patch.substitutes, options.device)
         functions = [p.substitutes.rsplit(".", 1)[-1] for p in substituted if not p.method]
@@ -483,7 +494,7 @@ def _run_export(options: ExportOptions, eager_substituted: list,
             runners, skipped = export_runners(staging, manifest, artifacts, options.device, precision=options.precision)
             for item in skipped:
                 log.info("  %s: not run (%s)", item.runtime, item.reason)
-            reference_name = ("eager PyTorch (the original mmdet3d code through wrapper.py)" if not quantized_reference
+            reference_name = (_eager_reference_name(exported.patches, eager_substituted) if not quantized_reference
                               else "eager PyTorch of the INT8 model (its frozen quantize/dequantize ops, wrapper.py)")
             comparator = Comparator(options.tolerances)
             parity = comparator.compare(
@@ -527,10 +538,12 @@ def _run_export(options: ExportOptions, eager_substituted: list,
             if split_result is not None:
                 metadata["split"] = {"manifest": "stages.json", "passed": split_result.passed,
                                      "stages": [st.name for st in split_result.stages]}
+            in_eager = {(e.target, e.method) for e in eager_substituted}
+            for entry in metadata["export_patches"]:
+                entry["in_eager_reference"] = (entry["target"], entry["method"]) in in_eager
             metadata["substitutions"] = [
                 {"op": p.substitutes, "by": f"{p.target}.{p.method} (autoexport.ops)" if p.method else p.target,
-                 "module_paths": list(p.module_paths),
-                 "in_eager_reference": any(e.target == p.target and e.method == p.method for e in eager_substituted)}
+                 "module_paths": list(p.module_paths), "in_eager_reference": (p.target, p.method) in in_eager}
                 for p in exported.patches if p.substitutes]
             # Substituted op functions that only host-side code called (Cylinder3D's data preprocessor maps points
             # to voxels with mmdet3d's binding of a CUDA-only kernel): not in the graph, but in what was run.

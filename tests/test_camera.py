@@ -206,11 +206,13 @@ def test_sunrgbd_samples_project_depth_points_with_depth2img(tmp_path: Path) -> 
     sources = spec.synthesize(tmp_path, seed=0)
     info = sources[0].info
     depth2img = np.asarray(info["depth2img"])
-    np.testing.assert_allclose(depth2img, np.asarray(info["images"]["CAM0"]["cam2img"])
-                               @ np.asarray(info["images"]["CAM0"]["lidar2cam"]), rtol=1e-6)
+    # 3x3 as mmdet3d's SUN RGB-D converter writes it (K @ Rt) and VoteFusion reads it.
+    assert depth2img.shape == (3, 3)
+    np.testing.assert_allclose(depth2img, (np.asarray(info["images"]["CAM0"]["cam2img"])
+                                           @ np.asarray(info["images"]["CAM0"]["lidar2cam"]))[:3, :3], rtol=1e-6)
     # A point 3 m straight ahead of the camera lands on the principal point; one 1 m to the right, right of it.
-    ahead = depth2img @ np.array([0.0, 3.0, 0.0, 1.0])
-    right = depth2img @ np.array([1.0, 3.0, 0.0, 1.0])
+    ahead = depth2img @ np.array([0.0, 3.0, 0.0])
+    right = depth2img @ np.array([1.0, 3.0, 0.0])
     np.testing.assert_allclose(ahead[:2] / ahead[2], (365.0, 265.0), atol=1e-6)
     assert right[0] / right[2] > 365.0 + 100
     image = mmcv.imread(info["img_path"])
@@ -220,8 +222,8 @@ def test_sunrgbd_samples_project_depth_points_with_depth2img(tmp_path: Path) -> 
 
 def test_detector_whose_train_returns_none_is_built_and_initialised(tmp_path: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
-    """ImVoteNet.train() returns None, so `model.eval()` is None: the build must not chain it. Its two-stage 2D
-    branch then has no tensor path: a clear exit 3, not a traceback."""
+    """ImVoteNet.train() returns None, so `model.eval()` is None: the build must not chain it. It then has no
+    tensor path (a registered limitation): a clear exit 3, not a traceback."""
     from autoexport.analyze import build_model, init_random_weights
 
     model = build_model(load_config(resolve_config(IMVOTENET)), "cpu", seed=0)
@@ -232,7 +234,9 @@ def test_detector_whose_train_returns_none_is_built_and_initialised(tmp_path: Pa
 
     out = tmp_path / "out"
     assert export_to(IMVOTENET, out, "--format", "pt2") == 3
-    assert "the eager PyTorch run on cpu failed in module `<model>` (ImVoteNet)" in caplog.text
+    # A known limitation, named before any sample is prepared: no tensor forward in mmdet3d, an NMS between stages.
+    assert "ImVoteNet cannot be exported yet: it needs a split plan" in caplog.text
+    assert "ImVoteNet._forward is a stub" in caplog.text
     assert "Traceback" not in caplog.text and not out.exists()
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -182,8 +182,8 @@ class SparseChain(nn.Module):
         self.up = spc.SparseInverseConv3d(32, 16, 3, indice_key="spconv2")
         self.squash = spc.SparseConv3d(16, 8, (3, 1, 1), stride=(2, 1, 1), padding=0)
 
-    def forward(self, features: Tensor, indices: Tensor) -> tuple[Tensor, ...]:
-        x = SparseConvTensor(features, indices, SPARSE_SHAPE, 2)
+    def forward(self, features: Tensor, indices: Tensor, grid: Any = None) -> tuple[Tensor, ...]:
+        x = SparseConvTensor(features, indices, SPARSE_SHAPE if grid is None else grid, 2)
         a = self.subm_a(x)
         b = self.subm_b(a)
         down = self.down(b)
@@ -257,6 +257,55 @@ def test_sparse_conv_matches_dense_conv() -> None:
         occupied = torch.zeros_like(expected_squash[:, :1], dtype=torch.bool)
         occupied[site[:, 0], 0, site[:, 1], site[:, 2], site[:, 3]] = True
         _assert_features_close(squash_dense, expected_squash * occupied)
+
+
+class GridFromData(nn.Module):
+    """SparseChain on the grid its sites span (MinkUNet's spconv backbone: coors.max(0)[0][1:] + 1), given as 0-d
+    tensors, so an exported graph computes it from each input."""
+
+    def __init__(self, chain: SparseChain) -> None:
+        super().__init__()
+        self.chain = chain
+
+    def forward(self, features: Tensor, indices: Tensor) -> tuple[Tensor, ...]:
+        grid = tuple((indices.max(0)[0][1:] + 1).unbind(0))
+        return self.chain(features, indices, grid)[:-1]  # not dense(): its size would be data-dependent
+
+
+def _shallower(num_sites: int, seed: int) -> tuple[Tensor, Tensor]:
+    """sparse_input's sites with z < 20: a grid one layer shallower than SPARSE_SHAPE's."""
+    features, indices = sparse_input(num_sites, seed)
+    inside = indices[:, 1] < 20
+    return features[inside], indices[inside]
+
+
+def test_sparse_conv_on_a_data_dependent_grid_matches_the_same_grid_as_ints_and_exports() -> None:
+    torch.manual_seed(8)
+    chain = SparseChain().eval()
+    model = GridFromData(chain).eval()
+    features, indices = sparse_input(3000, seed=9)
+    # A second cloud spanning a smaller grid, 20 deep: stride 2 reaches z = 10 from its last layer (z = 19), one
+    # past that grid's output (10 deep) but inside the first grid's (21 deep, 11 out).
+    small_features, small_indices = _shallower(3000, seed=9)
+    assert int(small_indices[:, 1].max()) == 19
+    with torch.no_grad():
+        for feats, idx in ((features, indices), (small_features, small_indices)):
+            ints = [int(v) for v in idx.max(0)[0][1:] + 1]
+            expected = chain(feats, idx, ints)[:-1]
+            got = model(feats, idx)
+            for a, b in zip(got, expected):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # The smaller grid's strided conv: the sites a dense conv3d over that grid reaches, not the first grid's.
+        small_grid = [20, *SPARSE_SHAPE[1:]]
+        b_small = chain.subm_b(chain.subm_a(SparseConvTensor(small_features, small_indices, small_grid, 2)))
+        dense_b = SparseConvTensor(b_small.features, small_indices, small_grid, 2).dense()
+        torch.testing.assert_close(got[3], _active_sites(dense_b, (3, 3, 3), 2, 1), rtol=0, atol=0)
+        assert got[3].shape[0] != chain(small_features, small_indices)[3].shape[0]  # the fixed grid keeps more
+
+        sites = torch.export.Dim("sites")
+        program = torch.export.export(model, (features, indices), dynamic_shapes=({0: sites}, {0: sites}))
+        for a, b in zip(program.module()(small_features, small_indices), got):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_rulebook_cached_by_a_conv_of_another_kernel_is_reused_as_mmcv_does() -> None:
@@ -345,8 +394,8 @@ def test_dense_site_tables_build_the_sorted_rulebooks() -> None:
 class DenseSiteChain(SparseChain):
     """SparseChain with the rulebooks IREE's export builds (dense site tables)."""
 
-    def forward(self, features: Tensor, indices: Tensor) -> tuple[Tensor, ...]:
-        x = SparseConvTensor(features, indices, SPARSE_SHAPE, 2)
+    def forward(self, features: Tensor, indices: Tensor, grid: Any = None) -> tuple[Tensor, ...]:
+        x = SparseConvTensor(features, indices, SPARSE_SHAPE if grid is None else grid, 2)
         layers = (self.subm_a, self.subm_b, self.down, self.subm_c, self.up, self.squash)
         for layer in layers:
             x = sparse_conv_forward(layer, x, "dense")
@@ -829,6 +878,10 @@ EXPORT_CASES = {
         ({0: points_dim},)),
     "sparse_conv": ExportCase(lambda: SparseUNet().eval(), lambda: sparse_input(800, seed=26),
                               lambda: sparse_input(1100, seed=27), ({0: sites_dim}, {0: sites_dim})),
+    # MinkUNet's grid, computed from the sites in the graph; checked on a cloud spanning a smaller one.
+    "sparse_conv_on_the_data_grid": ExportCase(lambda: GridFromData(SparseChain()).eval(),
+                                               lambda: sparse_input(800, seed=28), lambda: _shallower(1500, seed=29),
+                                               ({0: sites_dim}, {0: sites_dim})),
     "deform_conv": ExportCase(DeformPair, lambda: (torch.randn(1, 8, 12, 14),), lambda: (torch.randn(1, 8, 17, 9),),
                               ({2: height_dim, 3: width_dim},)),
     "points_in_boxes_and_roiaware_pool3d": ExportCase(

@@ -268,3 +268,103 @@ def test_roiaware_extractor_pools_every_sample_at_once_like_its_batch_loop():
     mixed = rois.clone()
     mixed[:4, 0] = 1.0  # every RoI on sample 1: other points, other pooled values
     assert not torch.equal(program.module()(feats, coordinate, batch_inds, mixed)[:4], expected[:4])
+
+
+def _minkunet_points(n: int, extent: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    xyz = torch.rand(n, 3, generator=g) * extent - extent / 2
+    return torch.cat([xyz, torch.rand(n, 1, generator=g)], dim=1)
+
+
+def test_minkunet_voxelize_runs_on_cpu_as_mmdet3d_would():
+    """mmdet3d's minkunet voxelization calls .cuda() on its index tensors; the patch keeps them on the points'
+    device. Reference: mmdet3d's own method with Tensor.cuda made a no-op for the test."""
+    from mmdet3d.models.data_preprocessors import Det3DDataPreprocessor
+    from mmdet3d.structures import Det3DDataSample, PointData
+
+    from autoexport.patches import eager_substitutions
+
+    preprocessor = Det3DDataPreprocessor(voxel=True, voxel_type="minkunet", batch_first=True, voxel_layer=dict(
+        max_num_points=-1, point_cloud_range=[-100, -100, -20, 100, 100, 20], voxel_size=[0.2, 0.2, 0.2],
+        max_voxels=(-1, -1)))
+    points = [_minkunet_points(3000, 8.0, 0), _minkunet_points(2000, 6.0, 1)]
+
+    def samples() -> list:
+        return [Det3DDataSample(gt_pts_seg=PointData()) for _ in points]
+
+    with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+        preprocessor.voxelize(points, samples())  # why the patch exists
+    with eager_substitutions("cpu") as applied:
+        got_samples = samples()
+        got = preprocessor.voxelize(points, got_samples)
+    assert any(p.target == "Det3DDataPreprocessor" for p in applied)
+    expected_samples = samples()
+    cuda = torch.Tensor.cuda
+    try:
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+        expected = preprocessor.voxelize(points, expected_samples)
+    finally:
+        torch.Tensor.cuda = cuda
+    assert 1000 < got["voxels"].shape[0] < 5000  # several points share voxels
+    for key in ("voxels", "coors"):
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    for mine, theirs in zip(got_samples, expected_samples):
+        torch.testing.assert_close(mine.point2voxel_map, theirs.point2voxel_map, rtol=0, atol=0)
+        torch.testing.assert_close(mine.batch_idx, theirs.batch_idx, rtol=0, atol=0)
+    assert got["coors"][:, 0].unique().tolist() == [0, 1]  # batch_first: the sample index leads
+
+
+def test_minkunet_spconv_backbone_patch_keeps_the_data_dependent_grid():
+    """MinkUNetBackbone's spconv path sizes the grid from the data (coors.max + 1); mmcv's SparseSequential cannot
+    take it as one tensor. The patch passes it as 0-d tensors; it must equal mmdet3d's forward given the same grid
+    as ints, and the exported graph must recompute the grid for each input (a strided conv drops the sites on an
+    odd grid's last row, so a grid fixed to the example's would give other outputs)."""
+    import mmdet3d.models.backbones.minkunet_backbone as minkunet_backbone
+    from mmcv.ops import SparseConvTensor
+
+    from autoexport.patches import eager_substitutions
+
+    torch.manual_seed(0)
+    backbone = minkunet_backbone.MinkUNetBackbone(
+        in_channels=4, base_channels=8, num_stages=2, encoder_channels=[8, 16], encoder_blocks=[1, 1],
+        decoder_channels=[16, 8], decoder_blocks=[1, 1], sparseconv_backend="spconv").eval()
+
+    def voxels(n: int, extent: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        cells = torch.randperm(extent ** 3, generator=g)[:n]
+        coors = torch.stack([torch.zeros_like(cells), cells // extent ** 2, cells // extent % extent,
+                             cells % extent], dim=1).int()
+        # Features of 100: a randomly initialised backbone is homogeneous, and its outputs are then O(1).
+        return torch.randn(n, 4, generator=g) * 100, coors
+
+    def reference(feats: torch.Tensor, coors: torch.Tensor, grid: list[int] | None = None) -> torch.Tensor:
+        """mmdet3d's own forward, the grid handed to mmcv's SparseConvTensor as ints (the op library's convs)."""
+        def as_ints(features, indices, spatial_shape, batch_size):  # noqa: ANN001, ANN202
+            return SparseConvTensor(features, indices, grid or [int(s) for s in spatial_shape], batch_size)
+        saved = minkunet_backbone.SparseConvTensor
+        minkunet_backbone.SparseConvTensor = as_ints
+        try:
+            with eager_substitutions("cpu"):
+                return original_forward(backbone, feats, coors)
+        finally:
+            minkunet_backbone.SparseConvTensor = saved
+
+    original_forward = minkunet_backbone.MinkUNetBackbone.forward
+    feats, coors = voxels(400, 12, 0)
+    with pytest.raises(TypeError):
+        backbone(feats, coors)  # mmdet3d's forward with mmcv's spconv: np.prod of the grid tensor
+    with eager_substitutions("cpu") as applied:
+        got = backbone(feats, coors)
+    assert any(p.target == "MinkUNetBackbone" for p in applied)
+    assert minkunet_backbone.MinkUNetBackbone.forward is original_forward  # restored after the block
+    torch.testing.assert_close(got, reference(feats, coors), rtol=0, atol=0)
+
+    with export_patches(backbone, PatchContext(batch_size=1)):
+        program = torch.export.export(backbone, (feats, coors), dynamic_shapes=(
+            {0: torch.export.Dim("voxels")}, {0: torch.export.Dim("voxels")}))
+    other_feats, other_coors = voxels(300, 9, 1)  # grid 9 (odd) against the example's 12
+    assert int(other_coors[:, 1:].max()) + 1 == 9
+    expected = reference(other_feats, other_coors)
+    torch.testing.assert_close(program.module()(other_feats, other_coors), expected, rtol=1e-5, atol=1e-5)
+    fixed_grid = reference(other_feats, other_coors, grid=[12, 12, 12])
+    assert not torch.allclose(fixed_grid, expected, rtol=1e-5, atol=1e-5)

@@ -64,12 +64,32 @@ class Rulebook:
     in_indices: Tensor
     out_indices: Tensor
     neighbors: Tensor  # (num_out, kernel_volume) int64, num_in where absent
-    in_spatial_shape: list[int]
-    out_spatial_shape: list[int]
+    in_spatial_shape: list[Any]  # ints, or 0-d tensors for a data-dependent grid (_grid_extents)
+    out_spatial_shape: list[Any]
 
 
 def _as_list(value: int | Sequence[int], ndim: int) -> list[int]:
     return list(value) if isinstance(value, (list, tuple)) else [int(value)] * ndim
+
+
+def _grid_extents(spatial_shape: Any) -> list[Any]:
+    """The grid's extents as Python ints, or as 0-d int64 tensors where any extent is a tensor.
+
+    Most models fix the grid in their config (Cylinder3D passes a numpy shape, hence int()). MinkUNet's spconv
+    backbone takes it from the data (``coors.max(0)[0][1:] + 1``): those stay tensors, so an exported graph
+    computes the grid from its inputs instead of specializing to the sample's (int() would make it unbacked)."""
+    if any(isinstance(size, Tensor) for size in spatial_shape):
+        return [torch.as_tensor(size).long() for size in spatial_shape]
+    return [int(size) for size in spatial_shape]
+
+
+def _site_index_for(extents: Sequence[Any], site_index: SiteIndex) -> SiteIndex:
+    """A dense site table needs the grid's size before the data: a data-dependent grid always sorts."""
+    return site_index if all(isinstance(size, int) for size in extents) else "sort"
+
+
+def _extent_tensor(extents: Sequence[Any], device: torch.device) -> Tensor:
+    return torch.stack([torch.as_tensor(size, device=device).long() for size in extents])
 
 
 def _kernel_offsets(kernel_size: Sequence[int], device: torch.device) -> Tensor:
@@ -154,7 +174,7 @@ def subm_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int]
     offsets = _kernel_offsets(kernel_size, indices.device)
     half = torch.tensor([k // 2 for k in kernel_size], device=indices.device)
     dil = torch.tensor(list(dilation), device=indices.device)
-    extent = torch.tensor(list(spatial_shape), device=indices.device)
+    extent = _extent_tensor(spatial_shape, indices.device)
     neighbor_coords = indices64[:, None, 1:] - half + offsets * dil  # (N, K, ndim)
     inside = ((neighbor_coords >= 0) & (neighbor_coords < extent)).all(dim=2)
     queries = _linear(indices64[:, None, 0], neighbor_coords, spatial_shape)
@@ -180,17 +200,25 @@ def conv_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int]
                  - offsets * torch.tensor(list(dilation), device=indices.device))  # (N, K, ndim) = o * stride
     out_coords = torch.div(numerator, st, rounding_mode="floor")
     reachable = ((numerator % st == 0) & (out_coords >= 0)
-                 & (out_coords < torch.tensor(out_shape, device=indices.device))).all(dim=2)
+                 & (out_coords < _extent_tensor(out_shape, indices.device))).all(dim=2)
     pair = torch.nonzero(reachable.reshape(-1)).squeeze(1)  # flat (input row, offset) pairs that hit a site
     in_row = pair // kernel_volume
     offset = pair % kernel_volume
     out_linear = _linear(indices64[in_row, 0], out_coords.reshape(-1, len(kernel_size))[pair], out_shape)
-    num_cells = _batch_count(batch_size) * math.prod(out_shape)
-    unique_linear, out_row = _distinct_sites(out_linear, num_cells, site_index)
+    fixed_grid = all(isinstance(size, int) for size in out_shape)
+    num_cells = _batch_count(batch_size) * math.prod(out_shape) if fixed_grid else 0
+    unique_linear, out_row = _distinct_sites(out_linear, num_cells, site_index if fixed_grid else "sort")
     num_out = unique_linear.shape[0]
-    # The grid bounds the site count. Without it torch.export bounds it by the candidate count (27x the input's
-    # int64 bound), and torch.onnx fails to write that overflowing bound into its runtime assertion.
-    torch._check(num_out <= num_cells)
+    # Bound the site count. Without a bound torch.export takes the candidate count (27x the input's int64 bound),
+    # and torch.onnx fails to write that overflowing bound into its runtime assertion.
+    if fixed_grid:
+        torch._check(num_out <= num_cells)
+    else:  # a data-dependent grid (MinkUNet): each input site reaches at most `reach` output sites
+        reach = math.prod(-(-k // (st // math.gcd(st, dil))) for k, st, dil in zip(kernel_size, stride, dilation))
+        torch._check(num_out <= indices.shape[0] * reach)
+        # And below 2**31, as mmcv's int32 rulebooks index sites: otherwise the next submanifold conv's lookup (27x
+        # this count) overflows int64 in the same assertion.
+        torch._check(num_out < 2**31)
     # And at least one site (the SparseSequential patch asserts the same): BatchNorm1d after a conv guards on an
     # empty input, which torch.export cannot decide for an unbacked count (Cylinder3D's blocks).
     torch._check(num_out >= 1)
@@ -247,8 +275,8 @@ def sparse_conv_forward(module: nn.Module, input: Any, site_index: SiteIndex = "
         raise NotImplementedError("transposed sparse convolution (SparseConvTranspose3d) is not implemented")
     ndim = module.ndim
     kernel_size = _as_list(module.kernel_size, ndim)
-    # Python ints: Cylinder3D passes a numpy grid shape, and torch._check refuses the numpy bools it then gives.
-    spatial_shape = [int(size) for size in input.spatial_shape]
+    spatial_shape = _grid_extents(input.spatial_shape)
+    site_index = _site_index_for(spatial_shape, site_index)
     in_channels, out_channels = module.weight.shape[-2:]
     weight = module.weight.reshape(-1, in_channels, out_channels)
 
@@ -295,7 +323,8 @@ def sparse_maxpool_forward(module: nn.Module, input: Any, site_index: SiteIndex 
     gives 0, not their max; this does the same (absent inputs read a zero row, then a floor at 0). Like mmcv, the
     pool neither reads nor stores a rulebook under an ``indice_key``.
     """
-    spatial_shape = [int(size) for size in input.spatial_shape]
+    spatial_shape = _grid_extents(input.spatial_shape)
+    site_index = _site_index_for(spatial_shape, site_index)
     rulebook = _module_rulebook(module, input, spatial_shape, _as_list(module.kernel_size, module.ndim), site_index)
     padded = torch.cat([input.features, input.features.new_zeros((1, input.features.shape[1]))])
     features = padded[rulebook.neighbors].amax(dim=1).clamp(min=0)
