@@ -174,3 +174,32 @@ def test_h3dnet_boundary_outputs_are_what_predict_decodes(monkeypatch: pytest.Mo
     for key in sorted(set(outputs)):
         torch.testing.assert_close(outputs[key], decoded[0][key], rtol=0, atol=0, msg=key)
     assert outputs["center_optimized"].std() > 0.01  # refined centres vary: not constant head biases
+
+
+MINKUNET_SPCONV = "minkunet34_w32_spconv_8xb2-laser-polar-mix-3x_semantickitti"
+
+
+def test_minkunet_spconv_exports_on_cpu_with_parity(tmp_path: Path) -> None:
+    """MinkUNet's spconv backbone: mmdet3d's host voxelization moves indices to CUDA and its backbone's grid tensor
+    breaks mmcv's SparseSequential, so both are patched in the eager reference too (and say so); the grid is the
+    data's, computed in the graph, so the held-out cloud (another extent) checks that it is not fixed."""
+    rng = np.random.default_rng(0)
+    cloud = np.concatenate([rng.uniform(-12, 12, (4000, 2)), rng.uniform(-2, 1, (4000, 1)),
+                            rng.uniform(0, 1, (4000, 1))], axis=1).astype(np.float32)
+    sample = tmp_path / "000000.bin"
+    cloud.tofile(sample)
+    out = tmp_path / "minkunet"
+    assert export_to(MINKUNET_SPCONV, out, "--sample", str(sample)) == 0
+    meta = _meta(out)
+    assert meta["model_type"] == "MinkUNet" and [o["name"] for o in meta["outputs"]] == ["seg_logits"]
+    in_eager = {f"{p['target']}.{p['method']}": p["in_eager_reference"] for p in meta["export_patches"]}
+    assert in_eager["Det3DDataPreprocessor.voxelize"] and in_eager["MinkUNetBackbone.forward"]
+    assert not in_eager["SparseSequential.forward"]  # export only: mmcv's own runs in the reference
+    _parity_passed_everywhere(out, {"pt2", "onnxruntime"})
+    parity = json.loads((out / "parity.json").read_text())
+    reference = parity["reference"]
+    assert "replaced as in the export" in reference and "MinkUNetBackbone.forward" in reference
+    assert "SparseSequential" not in reference
+    # Per-point logits of every point of each sample (subsets of the cloud: 100%, 80%, 60%).
+    rows = {c["sample"]: c["shape"][0] for c in parity["checks"] if c["runtime"] == "onnxruntime"}
+    assert rows["sample_0"] == 4000 and 3000 < rows["sample_1"] < 3500 and 2000 < rows["heldout_0"] < 2800
