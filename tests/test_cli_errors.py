@@ -8,6 +8,8 @@ import torch
 
 from conftest import KITTI_PP, NUS_PP, export_to
 
+SAMPLE_CONFIGS = Path(__file__).resolve().parents[1] / "sample_configs"
+
 
 def _no_output(out: Path) -> None:
     leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}") or p == out]
@@ -110,8 +112,26 @@ def test_eager_failure_of_the_model_itself_is_not_called_an_export_problem(tmp_p
 
 
 def test_data_preprocessor_failure_is_a_clear_error(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    """MinkUNet's preprocessor (minkunet voxelization) calls .cuda() itself: on a CPU machine that was a crash with
-    a traceback. Now exit 3 naming the preprocessor, the mmdet3d line and what to do."""
+    """A data preprocessor that raises (here a config's unknown voxel_type) was a crash with a traceback: now exit 3
+    naming the preprocessor, the sample, the exception and the mmdet3d line."""
+    bad = tmp_path / "pp_typo.py"
+    bad.write_text(f"_base_ = [{str(SAMPLE_CONFIGS / 'pointpillars_kitti_3class.py')!r}]\n"
+                   "model = dict(data_preprocessor=dict(voxel_type='hrad'))\n")
+    out = tmp_path / "out"
+    assert export_to(str(bad), out) == 3
+    assert "the data preprocessor (Det3DDataPreprocessor) failed on sample sample_0 (synthesized) on cpu" in caplog.text
+    assert "ValueError: Invalid voxelization type hrad" in caplog.text and "data_preprocessor.py:" in caplog.text
+    assert "Traceback" not in caplog.text
+    _no_output(out)
+
+
+def test_data_preprocessor_moving_tensors_to_cuda_gets_the_device_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture):
+    """mmdet3d's minkunet voxelization calls .cuda() itself. autoexport's registered patch keeps it on the CPU;
+    without it (as for any preprocessor written that way) the error says to run on a CUDA machine."""
+    from autoexport.patches import EXPORT_PATCHES
+
+    monkeypatch.setitem(EXPORT_PATCHES._entries, "Det3DDataPreprocessor", [])
     out = tmp_path / "out"
     assert export_to("minkunet34_w32_spconv_8xb2-laser-polar-mix-3x_semantickitti", out) == 3
     assert "the data preprocessor (Det3DDataPreprocessor) failed on sample sample_0 (synthesized) on cpu" in caplog.text
