@@ -164,6 +164,19 @@ def _sparse_chain(library) -> list:
     return layers
 
 
+def _minkunet_chain(library) -> list:
+    """MinkUNet's spconv geometry: kernel-2 stride-2 down conv and its inverse (SparseChain's are kernel 3)."""
+    torch.manual_seed(1)
+    return [library.SubMConv3d(16, 32, 3, indice_key="subm1"),
+            library.SparseConv3d(32, 32, 2, stride=2, indice_key="down"),
+            library.SparseInverseConv3d(32, 16, 2, indice_key="down")]
+
+
+def _data_grid(indices: torch.Tensor) -> tuple:
+    """The grid the sites span, as MinkUNetBackbone computes it (coors.max + 1), as 0-d tensors."""
+    return tuple((indices.max(0)[0][1:] + 1).unbind(0))
+
+
 def _run_sparse(tensor_class, layers, features, indices, shape, batch):
     x = tensor_class(features, indices, shape, batch)
     a = layers[0](x)
@@ -265,6 +278,21 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
             mmcv_ops and (lambda *args, stage=stage: _run_sparse(mmcv_ops.SparseConvTensor, mmcv_layers,
                                                                  *args)[stage]),
             sorted_sparse))
+    # MinkUNet: the grid is the data's (odd here, so the stride-2 conv drops the last row's sites); the library
+    # takes it as 0-d tensors, mmcv as ints.
+    mmcv_minkunet = [layer.to(device) for layer in _minkunet_chain(mmcv_ops)] if mmcv_ops is not None else None
+    ours_minkunet = {target.type: [layer.to(target) for layer in _minkunet_chain(spc)]
+                     for target in (device, torch.device("cpu"))}
+    for stage, label in enumerate(["SubMConv3d", "SparseConv3d k2s2", "SparseInverseConv3d k2"]):
+        checks.append(Check(
+            f"MinkUNet {label} (data grid)", lambda d: _sparse_sites(30000, 35, d, shape=(41, 401, 353)),
+            lambda features, indices, shape, batch, stage=stage: _run_sparse(
+                ops.SparseConvTensor, ours_minkunet[features.device.type], features, indices, _data_grid(indices),
+                batch)[stage],
+            mmcv_ops and (lambda features, indices, shape, batch, stage=stage: _run_sparse(
+                mmcv_ops.SparseConvTensor, mmcv_minkunet, features, indices,
+                [int(size) for size in _data_grid(indices)], batch)[stage]),
+            sorted_sparse))
     # PartA2's RoI head: SparseMaxPool3d(2, 2) on pooled RoI grids; here on the same 30k random sites.
     checks.append(Check(
         "SparseMaxPool3d", lambda d: _sparse_sites(30000, 33, d),
@@ -339,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = f"mmcv {device.type.upper()}" if mmcv_ops is not None else "autoexport on CPU"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     print(f"device {device_name}, torch {torch.__version__}, reference: {reference}\n")
-    header = f"{'op':34} {'ours ms':>9} {'ref ms':>9}  {'result':6} comparison"
+    header = f"{'op':44} {'ours ms':>9} {'ref ms':>9}  {'result':6} comparison"
     print(header)
     print("-" * len(header))
     failures = 0
@@ -359,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             ours_ms = reference_ms = float("nan")
             comparison, ok = f"{type(error).__name__}: {str(error).splitlines()[0][:90]}", False
         failures += not ok
-        print(f"{check.name:34} {ours_ms:9.2f} {reference_ms:9.2f}  {'ok' if ok else 'FAIL':6} {comparison}")
+        print(f"{check.name:44} {ours_ms:9.2f} {reference_ms:9.2f}  {'ok' if ok else 'FAIL':6} {comparison}")
         rows.append({"op": check.name, "ours_ms": _finite_or_none(ours_ms),
                      "reference_ms": _finite_or_none(reference_ms), "ok": bool(ok),
                      "comparison": comparison})
