@@ -91,8 +91,8 @@ def point_to_voxel_map(model: Any, inputs: dict, data_samples: list, ordinal: in
 
 
 def voxel_segmentor_forward(model: Any, inputs: dict, data_samples: list) -> Any:
-    """Cylinder3D's and MinkUNet's extract_feat and decode head: voxel logits (M, K) gathered to per-point logits (N, K), the
-    logits its decode_head.predict returns for a one-scene batch."""
+    """Cylinder3D's and MinkUNet's extract_feat and decode head: voxel logits (M, K) gathered to per-point logits
+    (N, K), the logits their decode_head.predict returns for a one-scene batch."""
     voxels = dict(inputs["voxels"])  # extract_feat writes voxel_coors into it
     features = model.extract_feat({"points": [None], "voxels": voxels})  # points: only its length (batch) is read
     logits = model.decode_head.forward(features)
