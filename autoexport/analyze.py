@@ -519,14 +519,15 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
             if values is None:
                 continue
             if values not in by_values:
-                dim_name = dim_name_for(path, dim, name, tensor.dim())
+                dim_name = dim_name_for(path, dim, name, tensor.dim(), boundary.input_meanings)
                 while dim_name in dims:
                     dim_name += "_"
                 by_values[values] = dim_name
                 dims[dim_name] = DynamicDim(dim_name, list(values))
             dynamic[dim] = by_values[values]
         specs.append(TensorSpec(name=name, path=path, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype),
-                                dynamic_dims=dynamic, description=describe_input(path, tensor.dim()),
+                                dynamic_dims=dynamic,
+                                description=describe_input(path, tensor.dim(), boundary.input_meanings),
                                 mutated_by_model=path in mutated))
     for path in meta_used:
         name = path_to_identifier(path)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import ExportFailedError
+from .manifest import InputMeaning
 from .registry import ClassRegistry
 
 TensorForward = Callable[[Any, dict, list], Any]
@@ -31,6 +32,9 @@ class TensorBoundary:
     split_required: str = ""
     # Non-empty for models known to have no tensor path yet: why, and what to do; analyze stops with it.
     not_exportable: str = ""
+    # Where the manifest's generic meaning of an input is wrong for this model, e.g. MinkUNet's voxels.voxels holds
+    # one point per voxel, not every point.
+    input_meanings: tuple[InputMeaning, ...] = ()
 
 
 def tensor_mode_forward(model: Any, inputs: dict, data_samples: list) -> Any:
@@ -180,7 +184,12 @@ BOUNDARIES.register("Cylinder3D", TensorBoundary(
 BOUNDARIES.register("MinkUNet", TensorBoundary(
     "voxel_segmentor_forward", ("decode_head",), host_inputs="point_to_voxel_map",
     host_side="the data preprocessor's minkunet voxelization (rounding to the voxel grid, sparse_quantize) gives "
-              "voxels, coors and point2voxel_map; argmax of seg_logits over classes is each point's label"))
+              "voxels, coors and point2voxel_map; argmax of seg_logits over classes is each point's label",
+    input_meanings=(
+        (r"voxels\.voxels$", "one point per occupied voxel (num_voxels, point_features), the first of its points "
+                             "(the data preprocessor's sparse_quantize)", "num_voxels"),
+        (r"voxels\.coors$", "integer voxel coordinates (batch_index, x, y, z) of each voxel, relative to the "
+                            "cloud's minimum (minkunet voxelization, batch_first)", "num_voxels"))))
 
 
 BOUNDARIES.register("ImVoteNet", TensorBoundary(

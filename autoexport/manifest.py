@@ -150,6 +150,7 @@ _DIM_MEANINGS: list[tuple[str, int, str]] = [
     (r"voxels\.(voxels|num_points|coors|voxel_centers)$", 0, "num_voxels"),
     (r"points\.\d+$", 0, "num_points"),
     (r"patches$", 0, "num_patches"),
+    (r"point2voxel_map$", 0, "num_points"),
 ]
 
 
@@ -164,9 +165,17 @@ def parse_metainfo_path(path: str) -> tuple[int, str] | None:
     return (int(match.group(1)), match.group(2)) if match else None
 
 
-def describe_input(path: str, rank: int | None = None) -> str:
+# A model's own meaning for an input path, where the generic one is wrong for it (TensorBoundary.input_meanings):
+# (path pattern, description, name of its dim 0).
+InputMeaning = tuple[str, str, str]
+
+
+def describe_input(path: str, rank: int | None = None, overrides: tuple[InputMeaning, ...] = ()) -> str:
     if meta := parse_metainfo_path(path):
         return METAINFO_TENSOR_KEYS.get(meta[1], "metainfo value")
+    for pattern, meaning, _ in overrides:
+        if re.search(pattern, path):
+            return meaning
     if re.search(r"voxels\.voxels$", path):  # hard voxels are (voxels, points, features); dynamic ones are points
         return ("one row per point (num_points, point_features); coors gives its voxel (dynamic voxelization)"
                 if rank == 2 else
@@ -177,7 +186,11 @@ def describe_input(path: str, rank: int | None = None) -> str:
     return "model input"
 
 
-def dim_name_for(path: str, dim: int, fallback_name: str, rank: int | None = None) -> str:
+def dim_name_for(path: str, dim: int, fallback_name: str, rank: int | None = None,
+                 overrides: tuple[InputMeaning, ...] = ()) -> str:
+    for pattern, _, dim0_name in overrides:
+        if dim == 0 and re.search(pattern, path):
+            return dim0_name
     if dim == 0 and rank == 2 and re.search(r"voxels\.voxels$", path):  # dynamic voxelization: one row per point
         return "num_points"
     for pattern, index, name in _DIM_MEANINGS:

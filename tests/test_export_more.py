@@ -192,6 +192,13 @@ def test_minkunet_spconv_exports_on_cpu_with_parity(tmp_path: Path) -> None:
     assert export_to(MINKUNET_SPCONV, out, "--sample", str(sample)) == 0
     meta = _meta(out)
     assert meta["model_type"] == "MinkUNet" and [o["name"] for o in meta["outputs"]] == ["seg_logits"]
+    # The manifest says what each input holds: one point per voxel (not per point, as for dynamic voxelization).
+    details = {t["path"]: t for t in meta["export_info"]["tensor_details"]}
+    assert details["inputs.voxels.voxels"]["dynamic_dims"]["0"]["name"] == "num_voxels"
+    assert "one point per occupied voxel" in details["inputs.voxels.voxels"]["description"]
+    assert "(batch_index, x, y, z)" in details["inputs.voxels.coors"]["description"]
+    points_dim = details["inputs.point2voxel_map"]["dynamic_dims"]["0"]
+    assert points_dim["name"] == "num_points" and points_dim["observed"][0] == 4000
     in_eager = {f"{p['target']}.{p['method']}": p["in_eager_reference"] for p in meta["export_patches"]}
     assert in_eager["Det3DDataPreprocessor.voxelize"] and in_eager["MinkUNetBackbone.forward"]
     assert not in_eager["SparseSequential.forward"]  # export only: mmcv's own runs in the reference
