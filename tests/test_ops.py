@@ -475,6 +475,38 @@ def np_ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: np
     return idx
 
 
+def np_stack_ball_query(radius: float, sample_num: int, xyz: np.ndarray, centers: np.ndarray, xyz_cnt: np.ndarray,
+                        center_cnt: np.ndarray) -> np.ndarray:
+    """Port of mmcv's stack_ball_query_forward_cuda_kernel: d2 < r * r only, indices local to the sample."""
+    radius2 = np.float32(radius) * np.float32(radius)
+    idx = np.zeros((centers.shape[0], sample_num), dtype=np.int32)
+    center_ends, xyz_starts = np.cumsum(center_cnt), np.cumsum(xyz_cnt) - xyz_cnt
+    for m in range(centers.shape[0]):
+        b = int(np.searchsorted(center_ends, m, side="right"))
+        cloud = xyz[xyz_starts[b]: xyz_starts[b] + xyz_cnt[b]]
+        hits = np.nonzero(np_square_distance(centers[m], cloud) < radius2)[0][:sample_num]
+        if len(hits):
+            idx[m, :] = hits[0]
+            idx[m, : len(hits)] = hits
+        else:
+            idx[m, 0] = -1
+    return idx
+
+
+def np_stack_grouping(features: np.ndarray, idx: np.ndarray, features_cnt: np.ndarray,
+                      idx_cnt: np.ndarray) -> np.ndarray:
+    """Port of mmcv's stack_group_points_forward_cuda_kernel: out[m, c, s] = features[start + idx[m, s], c] when
+    idx * C + c < end * C (local index against the absolute end row), else 0."""
+    out = np.zeros((idx.shape[0], features.shape[1], idx.shape[1]), dtype=features.dtype)
+    idx_ends, starts = np.cumsum(idx_cnt), np.cumsum(features_cnt) - features_cnt
+    for m in range(idx.shape[0]):
+        b = min(int(np.searchsorted(idx_ends, m, side="right")), len(idx_cnt) - 1)  # first end above m
+        for s_ in range(idx.shape[1]):
+            if idx[m, s_] < starts[b] + features_cnt[b] and 0 <= starts[b] + idx[m, s_] < len(features):
+                out[m, :, s_] = features[starts[b] + idx[m, s_]]
+    return out
+
+
 def np_knn(k: int, xyz: np.ndarray, centers: np.ndarray) -> np.ndarray:
     idx = np.zeros((centers.shape[0], centers.shape[1], k), dtype=np.int32)
     for b in range(centers.shape[0]):
@@ -636,6 +668,36 @@ def test_ball_query_matches_reference() -> None:
         np.testing.assert_array_equal(actual.numpy(), expected)
 
 
+def test_stacked_ball_query_and_grouping_match_the_kernels() -> None:
+    """PV-RCNN's stacked forms: three samples of 500, 1200 and 7 points (fewer than sample_num) stacked row-wise,
+    centers per sample, some far from every point (no hit: [-1, 0, ...]), indices local to each sample."""
+    counts = np.array([500, 1200, 7], dtype=np.int32)
+    xyz = torch.cat([point_cloud_batch(1, int(n), seed=60 + i)[0] for i, n in enumerate(counts)])
+    center_counts = np.array([40, 30, 5], dtype=np.int32)
+    centers = torch.cat([torch.cat([xyz[:20], xyz[:20] + 10]), xyz[500:530], xyz[1700:1705]])  # 20 far ones
+    cnt, center_cnt = torch.from_numpy(counts), torch.from_numpy(center_counts)
+    for radius, sample_num in [(0.8, 16), (0.3, 32)]:
+        expected = np_stack_ball_query(radius, sample_num, xyz.numpy(), centers.numpy(), counts, center_counts)
+        assert (expected[20:40, 0] == -1).all() and (expected[:20, 1] != expected[:20, 0]).any()
+        assert expected[70:, 0].max() < 7  # the third sample's own points, numbered from 0
+        for actual in (ps.stack_ball_query(radius, sample_num, xyz, centers, cnt, center_cnt),
+                       ps.ball_query(0.0, radius, sample_num, xyz, centers, cnt, center_cnt)):  # mmcv's signature
+            np.testing.assert_array_equal(actual.numpy(), expected)
+
+    features = torch.randn(int(counts.sum()), 6)
+    idx = expected.copy()
+    idx[:, 0][idx[:, 0] == -1] = 0  # mmdet3d's StackQueryAndGroup points empty balls at row 0 before grouping
+    idx[3, 1] = 600  # past the first sample's points: zero
+    idx[45, 1] = 1203  # past the second sample's 1200 points but below its end row (1700): the kernel reads row 1703
+    idx[45, 2] = 1700  # at the second sample's end row: zero
+    expected_groups = np_stack_grouping(features.numpy(), idx, counts, center_counts)
+    assert not expected_groups[3, :, 1].any() and not expected_groups[45, :, 2].any()
+    np.testing.assert_array_equal(expected_groups[45, :, 1], features[1703].numpy())
+    for actual in (ps.stack_grouping_operation(features, torch.from_numpy(idx), cnt, center_cnt),
+                   ps.grouping_operation(features, torch.from_numpy(idx), cnt, center_cnt)):
+        np.testing.assert_array_equal(actual.numpy(), expected_groups)
+
+
 def test_knn_matches_reference() -> None:
     xyz = point_cloud_batch(2, 900, seed=15)
     centers = point_cloud_batch(2, 70, seed=16)
@@ -787,6 +849,22 @@ class VoxelPipeline(nn.Module):
         return (*self.hard(points), coors, *self.scatter(points, coors), sc.dynamic_scatter(points, coors, "max")[0])
 
 
+class StackedGrouping(nn.Module):
+    """PV-RCNN's StackQueryAndGroup core: stacked ball query, then stacked grouping of the points' features."""
+
+    def forward(self, xyz: Tensor, centers: Tensor, xyz_cnt: Tensor, center_cnt: Tensor, features: Tensor) -> Tensor:
+        idx = ps.ball_query(0.0, 0.5, 8, xyz, centers, xyz_cnt, center_cnt)
+        return ps.grouping_operation(features, idx.clamp(min=0), xyz_cnt, center_cnt)
+
+
+def _stacked_inputs(first: int, second: int, seed: int) -> tuple[Tensor, ...]:
+    """Two samples of `first` and `second` points stacked, 24 + 16 centers drawn from them."""
+    xyz = torch.cat([point_cloud_batch(1, first, seed=seed)[0], point_cloud_batch(1, second, seed=seed + 1)[0]])
+    centers = torch.cat([xyz[:24], xyz[first:first + 16]])
+    return (xyz, centers, torch.tensor([first, second], dtype=torch.int32), torch.tensor([24, 16], dtype=torch.int32),
+            torch.randn(first + second, 5, generator=torch.Generator().manual_seed(seed)))
+
+
 class SparseUNet(nn.Module):
     """One of each sparse conv and the max pool: what the export test needs (SparseChain's dense test covers more
     geometry)."""
@@ -869,8 +947,8 @@ def _paconv_inputs(count: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tenso
             torch.softmax(torch.randn(2, 10, 8, 4, generator=generator), dim=-1))
 
 
-points_dim, sites_dim, height_dim, width_dim, boxes_dim = (
-    _dim("points", 16), _dim("sites"), _dim("height", 4), _dim("width", 4), _dim("boxes"))
+points_dim, sites_dim, height_dim, width_dim, boxes_dim, centers_dim = (
+    _dim("points", 16), _dim("sites"), _dim("height", 4), _dim("width", 4), _dim("boxes"), _dim("centers"))
 
 EXPORT_CASES = {
     "voxelization_and_dynamic_scatter": ExportCase(
@@ -882,6 +960,9 @@ EXPORT_CASES = {
     "sparse_conv_on_the_data_grid": ExportCase(lambda: GridFromData(SparseChain()).eval(),
                                                lambda: sparse_input(800, seed=28), lambda: _shallower(1500, seed=29),
                                                ({0: sites_dim}, {0: sites_dim})),
+    "stacked_ball_query_and_grouping": ExportCase(
+        StackedGrouping, lambda: _stacked_inputs(300, 400, seed=64), lambda: _stacked_inputs(520, 250, seed=65),
+        ({0: points_dim}, {0: centers_dim}, None, None, {0: points_dim})),
     "deform_conv": ExportCase(DeformPair, lambda: (torch.randn(1, 8, 12, 14),), lambda: (torch.randn(1, 8, 17, 9),),
                               ({2: height_dim, 3: width_dim},)),
     "points_in_boxes_and_roiaware_pool3d": ExportCase(

@@ -87,10 +87,11 @@ OP_LIBRARY: dict[str, OpEntry] = {entry.mmcv_name: entry for entry in [
            "autoexport::furthest_point_sample_with_dist over a (B, N, N) distance matrix, ONNX Loop translation",
            furthest_point_sample_with_dist_onnx),
     _entry("ball_query", "function", ball_query, "pure-pytorch", False,
-           "(B, M, N) distance mask + top-k of hit positions; batched form only (no xyz_batch_cnt)"),
+           "(B, M, N) distance mask + top-k of hit positions; the stacked form (xyz_batch_cnt) masks pairs of "
+           "different samples and numbers hits within each sample"),
     _entry("gather_points", "function", gather_points, "pure-pytorch", False, "torch.gather"),
     _entry("grouping_operation", "function", grouping_operation, "pure-pytorch", False,
-           "torch.gather; batched form only (no features_batch_cnt)"),
+           "torch.gather; the stacked form (features_batch_cnt) offsets each row's indices by its sample's start"),
     _entry("three_nn", "function", three_nn, "pure-pytorch", False, "three argmin passes, ties to the lower index"),
     _entry("three_interpolate", "function", three_interpolate, "pure-pytorch", False, "gather + weighted sum"),
     _entry("knn", "function", knn, "pure-pytorch", False, "(B, M, N) distances + top-k; tie order may differ"),

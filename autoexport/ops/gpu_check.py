@@ -80,6 +80,26 @@ def _sparse_sites(count: int, seed: int, device: torch.device, shape=(41, 400, 3
     return torch.randn(count, 16, generator=_generator(seed + 1)).to(device), indices.to(device), list(shape), batch
 
 
+def _stacked_cloud(device: torch.device) -> tuple:
+    """PV-RCNN's stacked layout: samples of 9000, 16384 and 700 points stacked row-wise, 1024, 512 and 64 centres
+    (some outside every ball), int32 counts."""
+    counts = [9000, 16384, 700]
+    xyz = torch.cat([_cloud(1, n, 40 + i, device)[0] for i, n in enumerate(counts)]).contiguous()
+    centers = torch.cat([_cloud(1, m, 50 + i, device, scale=4.5)[0] for i, m in enumerate([1024, 512, 64])])
+    as_counts = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
+    return xyz, centers.contiguous(), as_counts(counts), as_counts([1024, 512, 64])
+
+
+def _stacked_grouping_inputs(device: torch.device) -> tuple:
+    """Features of _stacked_cloud's points grouped by its ball query (empty balls pointed at row 0, as mmdet3d's
+    StackQueryAndGroup does)."""
+    xyz, centers, counts, center_counts = _stacked_cloud(device)
+    idx = ps.stack_ball_query(0.4, 32, xyz, centers, counts, center_counts)
+    idx = torch.where(idx[:, :1] < 0, torch.zeros_like(idx), idx)
+    features = torch.randn(xyz.shape[0], 32, generator=_generator(57)).to(device)
+    return features, idx.contiguous(), counts, center_counts
+
+
 def _as_tuple(value: Any) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
@@ -199,6 +219,8 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
               ps.furthest_point_sample_with_dist, mmcv_ops and mmcv_ops.furthest_point_sample_with_dist, exact),
         Check("ball_query", lambda d: (0.0, 0.4, 32, _cloud(4, 16384, 3, d), _cloud(4, 1024, 4, d)),
               ps.ball_query, mmcv_ops and mmcv_ops.ball_query, exact),
+        Check("ball_query (stacked)", lambda d: (0.0, 0.4, 32, *_stacked_cloud(d)),
+              ps.ball_query, mmcv_ops and mmcv_ops.ball_query, exact),
         Check("knn", lambda d: (16, _cloud(4, 8192, 5, d), _cloud(4, 1024, 6, d)),
               ps.knn, mmcv_ops and mmcv_ops.knn, knn_compare),
         Check("three_nn", lambda d: (_cloud(4, 4096, 7, d), _cloud(4, 1024, 8, d)),
@@ -215,6 +237,8 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
         Check("grouping_operation",
               lambda d: (torch.randn(4, 64, 8192, generator=_generator(14)).to(d),
                          torch.randint(0, 8192, (4, 1024, 32), generator=_generator(15)).int().to(d)),
+              ps.grouping_operation, mmcv_ops and mmcv_ops.grouping_operation, exact),
+        Check("grouping_operation (stacked)", _stacked_grouping_inputs,
               ps.grouping_operation, mmcv_ops and mmcv_ops.grouping_operation, exact),
         Check("points_in_boxes_part",
               lambda d: (torch.cat([_points_in(_boxes(100, 16, d), 100, 17), _cloud(1, 20000, 18, d, 60.0)], 1),

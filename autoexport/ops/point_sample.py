@@ -141,8 +141,26 @@ def _float32_square(value: float) -> float:
     return float(radius * radius)
 
 
-def ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: Tensor, center_xyz: Tensor) -> Tensor:
-    """mmcv.ops.ball_query (batched form): (B, npoint, sample_num) int32 indices into xyz (B, N, 3)."""
+def _sample_of_rows(counts: Tensor, num_rows: int) -> Tensor:
+    """Sample index of each row of a stacked tensor (rows of sample 0, then of sample 1, ...; ``counts`` per
+    sample): the first sample whose cumulative count exceeds the row, as the stacked kernels search, capped at the
+    last sample."""
+    ends = torch.cumsum(counts.long(), dim=0)
+    rows = torch.arange(num_rows, device=counts.device)
+    return (rows[:, None] >= ends[None, :]).sum(dim=1).clamp(max=counts.shape[0] - 1)
+
+
+def _first_rows(counts: Tensor) -> Tensor:
+    """Row of each sample's first entry in a stacked tensor (exclusive cumulative count)."""
+    return torch.cumsum(counts.long(), dim=0) - counts.long()
+
+
+def ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: Tensor, center_xyz: Tensor,
+               xyz_batch_cnt: Tensor | None = None, center_xyz_batch_cnt: Tensor | None = None) -> Tensor:
+    """mmcv.ops.ball_query: (B, npoint, sample_num) int32 indices into xyz (B, N, 3); with both batch counts, the
+    stacked form (stack_ball_query)."""
+    if xyz_batch_cnt is not None and center_xyz_batch_cnt is not None:
+        return stack_ball_query(max_radius, sample_num, xyz, center_xyz, xyz_batch_cnt, center_xyz_batch_cnt)
     num_points = xyz.shape[1]
     d2 = _square_distance(center_xyz, xyz)
     hit = (d2 == 0) | ((d2 >= _float32_square(min_radius)) & (d2 < _float32_square(max_radius)))
@@ -155,6 +173,31 @@ def ball_query(min_radius: float, max_radius: float, sample_num: int, xyz: Tenso
     first = first_hits[:, :, :1]
     filled = torch.where(first_hits < num_points, first_hits, first)
     return torch.where(first < num_points, filled, torch.zeros_like(filled)).to(torch.int32)
+
+
+def stack_ball_query(max_radius: float, sample_num: int, xyz: Tensor, center_xyz: Tensor, xyz_batch_cnt: Tensor,
+                     center_xyz_batch_cnt: Tensor) -> Tensor:
+    """mmcv's stacked ball query: xyz (N1 + N2 + ..., 3) and centers (M1 + M2 + ..., 3) stacked per sample, counts
+    (B,) each -> (M, sample_num) int32 indices local to the center's sample.
+
+    As mmcv's kernel (stack_ball_query_cuda_kernel.cuh), unlike the batched form: a hit is ``d2 < r * r`` only (no
+    min radius, no ``d2 == 0`` rule), the first sample_num hits in point order, empty slots repeat the first hit,
+    and a center with no hit gives ``[-1, 0, ..., 0]``."""
+    num_points = xyz.shape[0]
+    center_sample = _sample_of_rows(center_xyz_batch_cnt, center_xyz.shape[0])
+    point_sample = _sample_of_rows(xyz_batch_cnt, num_points)
+    d2 = _square_distance(center_xyz[None], xyz[None])[0]
+    hit = (d2 < _float32_square(max_radius)) & (point_sample[None, :] == center_sample[:, None])
+    # Points are stacked sample by sample, so the first hits in a sample's point order are the smallest rows.
+    candidates = torch.where(hit, torch.arange(num_points, device=xyz.device), num_points)
+    candidates = torch.cat([candidates, candidates.new_full((candidates.shape[0], sample_num), num_points)], dim=1)
+    first_hits = torch.topk(candidates, sample_num, dim=1, largest=False, sorted=True).values
+    local = first_hits - _first_rows(xyz_batch_cnt)[center_sample][:, None]
+    found = first_hits < num_points
+    filled = torch.where(found, local, local[:, :1])
+    no_hit = torch.zeros_like(filled)
+    no_hit[:, 0] = -1
+    return torch.where(found[:, :1], filled, no_hit).to(torch.int32)
 
 
 def knn(k: int, xyz: Tensor, center_xyz: Tensor | None = None, transposed: bool = False) -> Tensor:
@@ -205,10 +248,32 @@ def gather_points(features: Tensor, indices: Tensor) -> Tensor:
     return torch.gather(features, 2, index)
 
 
-def grouping_operation(features: Tensor, indices: Tensor) -> Tensor:
-    """mmcv.ops.grouping_operation (batched form): features (B, C, N), indices (B, npoint, nsample) ->
-    (B, C, npoint, nsample)."""
+def grouping_operation(features: Tensor, indices: Tensor, features_batch_cnt: Tensor | None = None,
+                       indices_batch_cnt: Tensor | None = None) -> Tensor:
+    """mmcv.ops.grouping_operation: features (B, C, N), indices (B, npoint, nsample) -> (B, C, npoint, nsample);
+    with both batch counts, the stacked form (stack_grouping_operation)."""
+    if features_batch_cnt is not None and indices_batch_cnt is not None:
+        return stack_grouping_operation(features, indices, features_batch_cnt, indices_batch_cnt)
     batch, channels, _ = features.shape
     _, num_centers, num_samples = indices.shape
     index = indices.long().reshape(batch, 1, num_centers * num_samples).expand(batch, channels, -1)
     return torch.gather(features, 2, index).reshape(batch, channels, num_centers, num_samples)
+
+
+def stack_grouping_operation(features: Tensor, indices: Tensor, features_batch_cnt: Tensor,
+                             indices_batch_cnt: Tensor) -> Tensor:
+    """mmcv's stacked grouping: features (N1 + N2 + ..., C), indices (M1 + M2 + ..., nsample) local to each row's
+    sample, counts (B,) each -> (M, C, nsample).
+
+    As mmcv's kernel (stack_group_points_cuda_kernel.cuh): row m reads its sample's features at ``start + index``
+    where ``index`` is below the sample's end row (the kernel compares the local index with the absolute end), and
+    is zero otherwise. A -1 index (a ball query without hits; mmdet3d's StackQueryAndGroup replaces those before
+    grouping) reads the row before the sample's, which the kernel does too, or zero for the first sample."""
+    num_rows = features.shape[0]
+    sample = _sample_of_rows(indices_batch_cnt, indices.shape[0])
+    local = indices.long()
+    ends = torch.cumsum(features_batch_cnt.long(), dim=0)[sample][:, None]
+    rows = _first_rows(features_batch_cnt)[sample][:, None] + local
+    valid = (local < ends) & (rows >= 0) & (rows < num_rows)
+    grouped = torch.where(valid[..., None], features[rows.clamp(0, num_rows - 1)], 0.0)  # (M, nsample, C)
+    return grouped.permute(0, 2, 1).contiguous()
