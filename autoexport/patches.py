@@ -47,6 +47,9 @@ class ExportPatch:
     # the import path of the target class, so it can be patched before a model exists.
     eager_devices: tuple[str, ...] = ()
     module: str | None = None
+    # Which instances it is for, where the class alone does not say (e.g. one voxel_type of the data preprocessor);
+    # a model without such an instance neither gets the patch nor lists it.
+    applies_to: Callable[[torch.nn.Module], bool] | None = None
 
 
 EXPORT_PATCHES: ClassRegistry[list[ExportPatch]] = ClassRegistry("export patches")
@@ -80,6 +83,8 @@ def patches_for(model: torch.nn.Module, variant: str = "default") -> list[tuple[
                     continue
                 for patch in patches:
                     if patch.variants and variant not in patch.variants:
+                        continue
+                    if patch.applies_to is not None and not patch.applies_to(module):
                         continue
                     key = (klass, patch.method)
                     entry = found.setdefault(key, (klass, patch, []))
@@ -757,6 +762,7 @@ register_patch(ExportPatch(
     make=_make_device_local_minkunet_voxelize,
     eager_devices=("cpu",),
     module="mmdet3d.models.data_preprocessors.data_preprocessor",
+    applies_to=lambda preprocessor: getattr(preprocessor, "voxel_type", None) == "minkunet",
 ))
 
 

@@ -314,6 +314,23 @@ def test_minkunet_voxelize_runs_on_cpu_as_mmdet3d_would():
     assert got["coors"][:, 0].unique().tolist() == [0, 1]  # batch_first: the sample index leads
 
 
+def test_minkunet_voxelize_patch_is_listed_for_minkunet_preprocessors_only():
+    """Every detector has a Det3DDataPreprocessor; only the minkunet voxel type gets (and reports) the patch."""
+    from mmdet3d.models.data_preprocessors import Det3DDataPreprocessor
+
+    from autoexport.patches import patches_for
+
+    def targets(voxel_type: str) -> set[str]:
+        model = torch.nn.Module()
+        model.data_preprocessor = Det3DDataPreprocessor(voxel=True, voxel_type=voxel_type, voxel_layer=dict(
+            max_num_points=-1, point_cloud_range=[-100, -100, -20, 100, 100, 20], voxel_size=[0.2, 0.2, 0.2],
+            max_voxels=(-1, -1)))
+        return {patch.target for _, patch, _ in patches_for(model)}
+
+    assert "Det3DDataPreprocessor" in targets("minkunet")
+    assert "Det3DDataPreprocessor" not in targets("hard") and "Det3DDataPreprocessor" not in targets("dynamic")
+
+
 def test_minkunet_spconv_backbone_patch_keeps_the_data_dependent_grid():
     """MinkUNetBackbone's spconv path sizes the grid from the data (coors.max + 1); mmcv's SparseSequential cannot
     take it as one tensor. The patch passes it as 0-d tensors; it must equal mmdet3d's forward given the same grid
