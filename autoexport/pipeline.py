@@ -342,10 +342,9 @@ def _diagnose_with_float64(parity: ParityReport, comparator: Comparator, model: 
             log.info("  %s %s on %s, %s", check.runtime, check.output, check.sample, check.note)
 
 
-def _eager_reference_name(applied: list, eager_substituted: list) -> str:
+def _eager_reference_name(applied: list, in_eager: set[tuple[str, str]]) -> str:
     """What the parity reference ran: mmdet3d's code, except the patches that also ran in eager PyTorch because
     mmcv or mmdet3d cannot run this model's original code on this device (metadata.json: in_eager_reference)."""
-    in_eager = {(e.target, e.method) for e in eager_substituted}
     also = sorted({f"{p.target}.{p.method}" for p in applied if (p.target, p.method) in in_eager})
     if not also:
         return "eager PyTorch (the original mmdet3d code through wrapper.py)"
@@ -383,6 +382,7 @@ def _run_export(options: ExportOptions, eager_substituted: list,
     if not formats:
         raise UserInputError(f"--format must name at least one of {FORMATS}")
     specs = _check_backends(options, formats)
+    in_eager = {(e.target, e.method) for e in eager_substituted}  # patches the eager reference runs too
     calib_files = _check_precision(options)
     reduced_precision = options.precision != "fp32"
     if options.split:
@@ -494,7 +494,7 @@ def _run_export(options: ExportOptions, eager_substituted: list,
             runners, skipped = export_runners(staging, manifest, artifacts, options.device, precision=options.precision)
             for item in skipped:
                 log.info("  %s: not run (%s)", item.runtime, item.reason)
-            reference_name = (_eager_reference_name(exported.patches, eager_substituted) if not quantized_reference
+            reference_name = (_eager_reference_name(exported.patches, in_eager) if not quantized_reference
                               else "eager PyTorch of the INT8 model (its frozen quantize/dequantize ops, wrapper.py)")
             comparator = Comparator(options.tolerances)
             parity = comparator.compare(
@@ -538,7 +538,6 @@ def _run_export(options: ExportOptions, eager_substituted: list,
             if split_result is not None:
                 metadata["split"] = {"manifest": "stages.json", "passed": split_result.passed,
                                      "stages": [st.name for st in split_result.stages]}
-            in_eager = {(e.target, e.method) for e in eager_substituted}
             for entry in metadata["export_patches"]:
                 entry["in_eager_reference"] = (entry["target"], entry["method"]) in in_eager
             metadata["substitutions"] = [

@@ -182,6 +182,13 @@ def _per_sample(t: Tensors, name: str, rois: torch.Tensor, batch_size: int) -> l
     return list(torch.split(t[name], torch.bincount(rois[:, 0].long(), minlength=batch_size).tolist()))
 
 
+def _detections(results: list) -> Tensors:
+    """A bbox head's per-sample results (InstanceData) as the detections stage's flat tensors, samples in order."""
+    return {"bboxes_3d": torch.cat([r.bboxes_3d.tensor for r in results]),
+            "scores_3d": torch.cat([r.scores_3d for r in results]),
+            "labels_3d": torch.cat([r.labels_3d for r in results])}
+
+
 def _point_rcnn_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
     """PointRPNHead.predict_by_feat (box decoding, class-agnostic NMS) on the raw points, as in its predict."""
     from mmdet3d.structures import bbox3d2roi
@@ -210,9 +217,7 @@ def _point_rcnn_detections(model: Any, t: Tensors, context: StageContext) -> Ten
     labels = _per_sample(t, "roi_labels", t["rois"], context.batch_size)
     results = roi_head.bbox_head.get_results(t["rois"], t["cls_score"].sigmoid(), t["bbox_pred"], labels,
                                              list(context.metas), cfg=roi_head.test_cfg)
-    return {"bboxes_3d": torch.cat([r.bboxes_3d.tensor for r in results]),
-            "scores_3d": torch.cat([r.scores_3d for r in results]),
-            "labels_3d": torch.cat([r.labels_3d for r in results])}
+    return _detections(results)
 
 
 POINT_RCNN_PLAN = SplitPlan((
@@ -271,9 +276,7 @@ def _part_a2_detections(model: Any, t: Tensors, context: StageContext) -> Tensor
     results = roi_head.bbox_head.get_results(
         rois, t["cls_score"], t["bbox_pred"], _per_sample(t, "roi_labels", rois, context.batch_size),
         _per_sample(t, "roi_class_scores", rois, context.batch_size), list(context.metas), roi_head.test_cfg)
-    return {"bboxes_3d": torch.cat([r.bboxes_3d.tensor for r in results]),
-            "scores_3d": torch.cat([r.scores_3d for r in results]),
-            "labels_3d": torch.cat([r.labels_3d for r in results])}
+    return _detections(results)
 
 
 PART_A2_PLAN = SplitPlan((

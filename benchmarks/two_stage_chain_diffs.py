@@ -119,7 +119,7 @@ with eager_substitutions("cpu"):
                          if not all(compare_arrays(eager[n][i], chained[n][j], tol)["passed"] for n in detections)]
             print(f"    {len(unmatched)} eager rows within tolerance of no chained row; the first 8:")
             for i, j in unmatched[:8]:
-                    print(f"    eager row {i}: box {np.round(eb[i], 4)} score {eager['scores_3d'][i]:.6f} | nearest "
+                print(f"    eager row {i}: box {np.round(eb[i], 4)} score {eager['scores_3d'][i]:.6f} | nearest "
                           f"chained row {j}: {np.round(cb[j], 4)} score {chained['scores_3d'][j]:.6f} | abs diff "
                           f"{np.round(np.abs(eb[i] - cb[j]), 5)}")
         exact, stopped = run_float64(sample)

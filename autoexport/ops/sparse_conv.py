@@ -83,9 +83,10 @@ def _grid_extents(spatial_shape: Any) -> list[Any]:
     return [int(size) for size in spatial_shape]
 
 
-def _site_index_for(extents: Sequence[Any], site_index: SiteIndex) -> SiteIndex:
-    """A dense site table needs the grid's size before the data: a data-dependent grid always sorts."""
-    return site_index if all(isinstance(size, int) for size in extents) else "sort"
+def _fixed_grid(extents: Sequence[Any]) -> bool:
+    """Whether the grid's size is known before the data (ints), which a dense site table and the site-count bound
+    need; a data-dependent grid (0-d tensors) always sorts."""
+    return all(isinstance(size, int) for size in extents)
 
 
 def _extent_tensor(extents: Sequence[Any], device: torch.device) -> Tensor:
@@ -170,6 +171,7 @@ def conv_output_size(spatial_shape: Sequence[int], kernel_size: Sequence[int], s
 def subm_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int], kernel_size: Sequence[int],
                   dilation: Sequence[int], site_index: SiteIndex = "sort") -> Rulebook:
     """Submanifold rulebook: output sites are the input sites; neighbour at ``o - kernel_size // 2 + k * dilation``."""
+    site_index = site_index if _fixed_grid(spatial_shape) else "sort"
     indices64 = indices.long()
     offsets = _kernel_offsets(kernel_size, indices.device)
     half = torch.tensor([k // 2 for k in kernel_size], device=indices.device)
@@ -205,7 +207,7 @@ def conv_rulebook(indices: Tensor, batch_size: int, spatial_shape: Sequence[int]
     in_row = pair // kernel_volume
     offset = pair % kernel_volume
     out_linear = _linear(indices64[in_row, 0], out_coords.reshape(-1, len(kernel_size))[pair], out_shape)
-    fixed_grid = all(isinstance(size, int) for size in out_shape)
+    fixed_grid = _fixed_grid(out_shape)
     num_cells = _batch_count(batch_size) * math.prod(out_shape) if fixed_grid else 0
     unique_linear, out_row = _distinct_sites(out_linear, num_cells, site_index if fixed_grid else "sort")
     num_out = unique_linear.shape[0]
@@ -276,7 +278,6 @@ def sparse_conv_forward(module: nn.Module, input: Any, site_index: SiteIndex = "
     ndim = module.ndim
     kernel_size = _as_list(module.kernel_size, ndim)
     spatial_shape = _grid_extents(input.spatial_shape)
-    site_index = _site_index_for(spatial_shape, site_index)
     in_channels, out_channels = module.weight.shape[-2:]
     weight = module.weight.reshape(-1, in_channels, out_channels)
 
@@ -324,7 +325,6 @@ def sparse_maxpool_forward(module: nn.Module, input: Any, site_index: SiteIndex 
     pool neither reads nor stores a rulebook under an ``indice_key``.
     """
     spatial_shape = _grid_extents(input.spatial_shape)
-    site_index = _site_index_for(spatial_shape, site_index)
     rulebook = _module_rulebook(module, input, spatial_shape, _as_list(module.kernel_size, module.ndim), site_index)
     padded = torch.cat([input.features, input.features.new_zeros((1, input.features.shape[1]))])
     features = padded[rulebook.neighbors].amax(dim=1).clamp(min=0)
