@@ -106,6 +106,55 @@ def test_deconv_rewrite_applies_to_the_iree_export_only_and_matches():
     torch.testing.assert_close(deconv(x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("groups, kernel, stride, padding, output_padding, dilation", [
+    (16, 4, 2, 1, 0, 1),  # SMOKE's DLA neck: depthwise 4x4 / 2 upsampling
+    (4, 3, 2, 1, 1, 1),
+    (2, 3, 3, 0, 2, 2),
+    (3, 5, 2, 4, 0, 1),  # padding past the kernel's reach crops the spread input
+])
+def test_grouped_deconv_is_rewritten_as_the_grouped_conv_it_is(groups, kernel, stride, padding, output_padding,
+                                                             dilation):
+    deconv = torch.nn.ConvTranspose2d(2 * groups, 3 * groups, kernel, stride, padding, output_padding, groups,
+                                      bias=True, dilation=dilation).double().eval()
+    x = torch.randn(2, 2 * groups, 7, 9, dtype=torch.float64)
+    expected = deconv(x)
+    with torch.no_grad(), export_patches(deconv, PatchContext(batch_size=1, variant="iree")) as applied:
+        assert {p.target for p in applied} == {"ConvTranspose2d"}
+        got = deconv(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)  # the same products, summed in another order
+
+
+@pytest.mark.slow
+def test_grouped_deconv_compiles_and_runs_in_iree_only_when_rewritten(tmp_path):
+    """IREE 3.13 rejects ONNX ConvTranspose with group > 1 ('tensor.collapse_shape' verifier error); the IREE
+    variant's rewrite compiles and matches PyTorch's ConvTranspose2d."""
+    pytest.importorskip("iree.runtime")
+    from autoexport.backends.iree import LLVM_CPU_FLAGS, IreeRunner, compile_vmfb, import_onnx
+    from autoexport.errors import ExportFailedError
+
+    torch.manual_seed(5)
+    deconv = torch.nn.ConvTranspose2d(16, 16, 4, 2, 1, groups=16, bias=False).eval()
+    x = torch.randn(1, 16, 12, 20)
+
+    def compiled(name: str):
+        with torch.no_grad():
+            onnx_program = torch.onnx.export(torch.export.export(deconv, (x,)), dynamo=True, verbose=False)
+        onnx_program.save(str(tmp_path / f"{name}.onnx"))
+        import_onnx(tmp_path / f"{name}.onnx", tmp_path / f"{name}.mlir")
+        compile_vmfb(tmp_path / f"{name}.mlir", tmp_path / f"{name}.vmfb", LLVM_CPU_FLAGS)
+        return IreeRunner(tmp_path / f"{name}.vmfb", "local-task", ["x"], ["y"])
+
+    with pytest.raises(ExportFailedError, match="collapse_shape"):
+        compiled("plain")
+    with export_patches(deconv, PatchContext(batch_size=1, variant="iree")):
+        runner = compiled("rewritten")
+    with torch.no_grad():
+        expected = deconv(x)
+    got = torch.from_numpy(runner.infer({"x": x.numpy()})["y"])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_padded_rows_land_in_the_spare_canvas_row_and_are_dropped():
     from mmdet3d.models.middle_encoders import PointPillarsScatter
 
