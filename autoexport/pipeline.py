@@ -315,13 +315,36 @@ def _fidelity(options: ExportOptions, analysis: Analysis, fp32_runner: EagerRunn
     return report
 
 
+@contextmanager
+def float64_points() -> Iterator[None]:
+    """mmdet3d's point structures (BasePoints) cast whatever they wrap to float32, which a float64 run cannot pass
+    through (MVX-Net's point fusion wraps its points to rotate them back). While the float64 yardstick runs, a
+    float64 tensor stays float64, unrounded; restored after."""
+    from mmdet3d.structures.points.base_points import BasePoints
+
+    original = BasePoints.__init__
+
+    def init(self: BasePoints, tensor: object, *args: object, **kwargs: object) -> None:
+        original(self, tensor, *args, **kwargs)
+        if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float64:
+            self.tensor = tensor.reshape(self.tensor.shape).clone()
+
+    BasePoints.__init__ = init
+    try:
+        yield
+    finally:
+        BasePoints.__init__ = original
+
+
 def _float64_reference(model: torch.nn.Module, wrapper_path: Path, manifest: Manifest, feeds: dict[str, dict],
                        device: str) -> dict[str, dict[str, np.ndarray]]:
     """Eager outputs of a float64 copy of the model on float64 inputs: the yardstick for fp32 rounding."""
     runner = EagerRunner(build_wrapper(wrapper_path, copy.deepcopy(model).double()), manifest.input_names,
                          manifest.output_names, device)
-    return {name: runner.infer({k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feed.items()})
-            for name, feed in feeds.items()}
+    with float64_points():
+        return {name: runner.infer({k: v.astype(np.float64) if v.dtype == np.float32 else v
+                                    for k, v in feed.items()})
+                for name, feed in feeds.items()}
 
 
 def _diagnose_with_float64(parity: ParityReport, comparator: Comparator, model: torch.nn.Module, wrapper_path: Path,

@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 
 from autoexport.runners import Runner
 from autoexport.verify import Comparator, Tolerance, compare_arrays, compare_row_set
@@ -136,3 +137,21 @@ def test_a_row_set_treats_equal_nan_as_equal_and_refuses_to_match_too_many_rows(
     monkeypatch.setattr(verify, "MAX_MATCHED_ROWS", 4)
     reversed_rows = {k: v[::-1].copy() for k, v in expected.items()}
     assert "too many to match (> 4)" in compare_row_set(expected, reversed_rows, TOL)["labels"]["note"]
+
+
+def test_float64_yardstick_keeps_mmdet3d_points_in_float64():
+    """BasePoints casts to float32, which a float64 model run cannot pass (MVX-Net's point fusion rotates wrapped
+    points by a float64 matrix): inside the yardstick's context a float64 tensor stays float64 and unrounded."""
+    from mmdet3d.structures import LiDARPoints
+
+    from autoexport.pipeline import float64_points
+
+    exact = torch.tensor([[0.1, 0.2, 0.3, 1.0 / 3.0]], dtype=torch.float64)
+    with float64_points():
+        kept = LiDARPoints(exact, points_dim=4)
+        from_float32 = LiDARPoints(exact.float(), points_dim=4)
+        kept.rotate(torch.eye(3, dtype=torch.float64))  # float @ double raised here before
+    assert kept.tensor.dtype == torch.float64 and torch.equal(kept.tensor, exact)
+    assert kept.tensor.data_ptr() != exact.data_ptr()  # a copy, as BasePoints makes
+    assert from_float32.tensor.dtype == torch.float32
+    assert LiDARPoints(exact, points_dim=4).tensor.dtype == torch.float32  # mmdet3d's own behaviour restored
