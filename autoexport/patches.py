@@ -720,13 +720,28 @@ def substituted_op_functions(device: str | None = None, report: Literal["bound",
 
 # ---- dynamic scatter (mmcv.ops, CUDA-only), substituted by autoexport.ops ------------------------
 
+_SCATTER_MAX_BY_VARIANT = {"iree": "scan"}  # IREE cannot import a reducing ScatterElements (max or min)
+
+
+def _make_dynamic_scatter_forward(context: PatchContext) -> Callable[..., Any]:
+    from .ops.scatter import DynamicScatter
+
+    max_by = _SCATTER_MAX_BY_VARIANT.get(context.variant, "scatter")
+
+    def forward(self: Any, points: torch.Tensor, coors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return DynamicScatter.forward(self, points, coors, max_by)
+
+    return forward
+
+
 register_patch(ExportPatch(
     target="DynamicScatter",
     method="forward",
     reason=("mmcv's dynamic_point_to_voxel is a CUDA-only C++ op torch.export cannot trace, and its batch loop runs "
             "to a data-dependent count; replaced by autoexport.ops' unique + scatter-reduce over (batch, z, y, x) "
-            "in plain PyTorch (checked against a numpy port of mmcv's kernel in tests/test_ops.py)"),
-    make=_library_forward("scatter", "DynamicScatter"),
+            "in plain PyTorch (checked against a numpy port of mmcv's kernel in tests/test_ops.py); in the IREE "
+            "export a voxel's max is a scan over its sorted points"),
+    make=_make_dynamic_scatter_forward,
     substitutes="mmcv.ops.DynamicScatter (dynamic_point_to_voxel)",
     eager_devices=("cpu",),
     module="mmcv.ops.scatter_points",

@@ -9,21 +9,26 @@ count is data-dependent (an unbacked size under torch.export) but traces without
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .unique import sorted_unique
+from .unique import sorted_runs
 
-__all__ = ["dynamic_scatter", "dynamic_scatter_3d", "DynamicScatter", "MAX_VOXELS"]
+__all__ = ["dynamic_scatter", "dynamic_scatter_3d", "DynamicScatter", "MAX_VOXELS", "MaxBy"]
 
 MAX_VOXELS = 2**31 - 1
+# How a voxel's max is taken: one reducing scatter (ONNX ScatterElements reduction=max, which ONNX Runtime runs)
+# or a scan over the sorted points (gathers only: IREE 3.13 cannot import a reducing ScatterElements).
+MaxBy = Literal["scatter", "scan"]
+SCAN_STEPS = 31  # 2**31 rows: more than any voxel can hold
 
 
-def dynamic_scatter(feats: Tensor, coors: Tensor, reduce_type: str = "max") -> tuple[Tensor, Tensor]:
+def dynamic_scatter(feats: Tensor, coors: Tensor, reduce_type: str = "max",
+                    max_by: MaxBy = "scatter") -> tuple[Tensor, Tensor]:
     """Reduce point features per voxel: (voxel_feats (M, C), voxel_coors (M, D)) in lexicographic voxel order."""
-    voxel_feats, voxel_coors, _ = _scatter_with_map(feats, coors, reduce_type)
+    voxel_feats, voxel_coors, _ = _scatter_with_map(feats, coors, reduce_type, max_by)
     return voxel_feats, voxel_coors
 
 
@@ -36,7 +41,20 @@ def dynamic_scatter_3d(feats: Tensor, coors: Tensor, reduce_type: str = "max",
     return (voxel_feats, voxel_coors, point2voxel_map) if return_map else (voxel_feats, voxel_coors)
 
 
-def _scatter_with_map(feats: Tensor, coors: Tensor, reduce_type: str) -> tuple[Tensor, Tensor, Tensor]:
+def _run_max_by_scan(sorted_feats: Tensor, run_of_sorted: Tensor, run_length: Tensor) -> Tensor:
+    """Max of each run of consecutive rows: an inclusive scan (log-step gathers and maxima), then each run's last
+    row. A source index clamped to row 0 only counts when row 0 is in the same run, and max is idempotent."""
+    positions = torch.arange(sorted_feats.shape[0], device=sorted_feats.device)
+    running = sorted_feats
+    for step in range(SCAN_STEPS):
+        source = (positions - (1 << step)).clamp(min=0)
+        same_run = (run_of_sorted[source] == run_of_sorted)[:, None]
+        running = torch.where(same_run, torch.maximum(running, running[source]), running)
+    return running[torch.cumsum(run_length, dim=0) - 1]
+
+
+def _scatter_with_map(feats: Tensor, coors: Tensor, reduce_type: str,
+                      max_by: MaxBy = "scatter") -> tuple[Tensor, Tensor, Tensor]:
     if reduce_type not in ("max", "mean", "sum"):
         raise ValueError(f"reduce_type must be 'max', 'mean' or 'sum', not {reduce_type!r}")
     kept = torch.nonzero((coors >= 0).all(dim=1)).squeeze(1)
@@ -45,7 +63,7 @@ def _scatter_with_map(feats: Tensor, coors: Tensor, reduce_type: str) -> tuple[T
     linear = kept_coors[:, 0]
     for column in range(1, coors.shape[1]):
         linear = linear * extents[column] + kept_coors[:, column]
-    unique_linear, voxel_of_point = sorted_unique(linear)
+    unique_linear, voxel_of_point, order, run_of_sorted = sorted_runs(linear)
     num_voxels = unique_linear.shape[0]
     # A voxel count is an int32-indexable row count. Without a constant bound torch.export bounds it by the int64
     # maximum, a sparse conv after it multiplies that by its kernel volume, and torch.onnx cannot write the
@@ -63,18 +81,24 @@ def _scatter_with_map(feats: Tensor, coors: Tensor, reduce_type: str) -> tuple[T
     columns.append(remainder)
     voxel_coors = torch.stack(columns[::-1], dim=1).to(coors.dtype)
 
-    kept_feats = feats[kept]
+    # Reduced over the points in sorted order, indexed by run_of_sorted (a cumsum), not by voxel_of_point (the
+    # sort's permutation scattered back): IREE 3.13 miscompiles a scatter-add indexed by another scatter's result
+    # (wrong voxels, heap corruption). Only the order of a voxel's sum changes; mmcv's CUDA kernel adds with
+    # atomics, in no fixed order either.
+    sorted_feats = feats[kept][order]
     channels = feats.shape[1]
-    voxel_feats = feats.new_zeros((num_voxels, channels))
-    if reduce_type == "max":
-        index = voxel_of_point[:, None].expand(-1, channels)
-        voxel_feats = voxel_feats.scatter_reduce(0, index, kept_feats, reduce="amax", include_self=False)
+    run_length = torch.zeros(num_voxels, dtype=torch.int64, device=feats.device)
+    run_length = run_length.index_add(0, run_of_sorted, torch.ones_like(run_of_sorted))
+    if reduce_type == "max" and max_by == "scan":
+        voxel_feats = _run_max_by_scan(sorted_feats, run_of_sorted, run_length)
+    elif reduce_type == "max":
+        index = run_of_sorted[:, None].expand(-1, channels)
+        voxel_feats = feats.new_zeros((num_voxels, channels))
+        voxel_feats = voxel_feats.scatter_reduce(0, index, sorted_feats, reduce="amax", include_self=False)
     else:
-        voxel_feats = voxel_feats.index_add(0, voxel_of_point, kept_feats)
+        voxel_feats = feats.new_zeros((num_voxels, channels)).index_add(0, run_of_sorted, sorted_feats)
         if reduce_type == "mean":
-            counts = torch.zeros(num_voxels, dtype=feats.dtype, device=feats.device)
-            counts = counts.index_add(0, voxel_of_point, torch.ones_like(voxel_of_point, dtype=feats.dtype))
-            voxel_feats = voxel_feats / counts[:, None]
+            voxel_feats = voxel_feats / run_length[:, None].to(feats.dtype)
     point2voxel_map = torch.full((coors.shape[0],), -1, dtype=torch.int64, device=coors.device)
     point2voxel_map = point2voxel_map.index_put((kept,), voxel_of_point.long())
     return voxel_feats, voxel_coors, point2voxel_map
@@ -92,5 +116,5 @@ class DynamicScatter(nn.Module):
         self.point_cloud_range = point_cloud_range
         self.average_points = average_points
 
-    def forward(self, points: Tensor, coors: Tensor) -> tuple[Tensor, Tensor]:
-        return dynamic_scatter(points, coors, "mean" if self.average_points else "max")
+    def forward(self, points: Tensor, coors: Tensor, max_by: MaxBy = "scatter") -> tuple[Tensor, Tensor]:
+        return dynamic_scatter(points, coors, "mean" if self.average_points else "max", max_by)

@@ -11,14 +11,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sorted_unique"]
+__all__ = ["sorted_unique", "sorted_runs"]
 
-def sorted_unique(values: Tensor) -> tuple[Tensor, Tensor]:
-    """(distinct values ascending, index of each value's distinct value), for 1-D int64 ``values``."""
+
+def sorted_runs(values: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(distinct values ascending, index of each value's distinct value, the sorting permutation, the distinct
+    value of each sorted position) for 1-D int64 ``values``: sorted positions form one run per distinct value."""
     ordered, order = torch.sort(values)
     # A gather, not ordered[:-1]: slicing a data-dependent (unbacked) length makes torch.export guard on it.
     positions = torch.arange(ordered.shape[0], device=values.device)
     run_start = (ordered != ordered[(positions - 1).clamp(min=0)]) | (positions == 0)
     run_of_sorted = torch.cumsum(run_start.to(torch.int64), dim=0) - 1
     inverse = torch.zeros_like(run_of_sorted).index_put((order,), run_of_sorted)
-    return ordered[run_start], inverse
+    return ordered[run_start], inverse, order, run_of_sorted
+
+
+def sorted_unique(values: Tensor) -> tuple[Tensor, Tensor]:
+    """(distinct values ascending, index of each value's distinct value), for 1-D int64 ``values``."""
+    unique, inverse, _, _ = sorted_runs(values)
+    return unique, inverse
