@@ -371,45 +371,6 @@ register_patch(ExportPatch(
 ))
 
 
-# ---- GroupNorm (every export) ---------------------------------------------------------------------
-
-def blocked_mean(x: torch.Tensor, first_axis: int) -> torch.Tensor:
-    """Mean over the axes from `first_axis` on, one axis at a time (last first), keeping dims. Each reduction
-    then sums at most one axis's length: ONNX Runtime's and IREE's single fp32 ReduceMean/InstanceNormalization
-    over a whole group (SMOKE: 8 x 96 x 320 = 245760 values) drifts 3e-4 / 2.6e-3 from float64 on a
-    GroupNorm(32, 256), this form 1.9e-6 / 6.9e-6, as PyTorch's own kernel (1.6e-6)."""
-    for axis in range(x.dim() - 1, first_axis - 1, -1):
-        x = x.mean(dim=axis, keepdim=True)
-    return x
-
-
-def _make_group_norm_forward(context: PatchContext) -> Callable[..., torch.Tensor]:
-    def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-        batch, channels = x.shape[:2]
-        grouped = x.reshape(batch, self.num_groups, channels // self.num_groups, *x.shape[2:])
-        centered = grouped - blocked_mean(grouped, 2)
-        # Two-pass variance (mean of squared deviations), as PyTorch's kernel, not E[x^2] - E[x]^2.
-        normalized = centered * torch.rsqrt(blocked_mean(centered * centered, 2) + self.eps)
-        y = normalized.reshape(x.shape)
-        if self.affine:
-            affine_shape = (1, channels) + (1,) * (x.dim() - 2)
-            y = y * self.weight.reshape(affine_shape) + self.bias.reshape(affine_shape)
-        return y
-
-    return forward
-
-
-register_patch(ExportPatch(
-    target="GroupNorm",
-    method="forward",
-    reason=("torch.onnx writes GroupNorm as one InstanceNormalization over each group, whose fp32 statistics ONNX "
-            "Runtime and IREE accumulate far less precisely than PyTorch on large maps (SMOKE's heads: 20x and 100x "
-            "PyTorch's distance from float64); the same statistics taken one axis at a time (blocked means, "
-            "two-pass variance) match PyTorch's precision on every backend without float64"),
-    make=_make_group_norm_forward,
-))
-
-
 # ---- TensorQuantizer (pytorch-quantization) ------------------------------------------------------
 
 def _make_quantize_dequantize(context: PatchContext) -> Callable[..., torch.Tensor]:
