@@ -53,6 +53,12 @@ def _run_max_by_scan(sorted_feats: Tensor, run_of_sorted: Tensor, run_length: Te
     return running[torch.cumsum(run_length, dim=0) - 1]
 
 
+def _run_lengths(run_of_sorted: Tensor, num_runs: int) -> Tensor:
+    """Points per voxel (only the mean and the scan need it; sum and the scattered max do not)."""
+    counts = torch.zeros(num_runs, dtype=torch.int64, device=run_of_sorted.device)
+    return counts.index_add(0, run_of_sorted, torch.ones_like(run_of_sorted))
+
+
 def _scatter_with_map(feats: Tensor, coors: Tensor, reduce_type: str,
                       max_by: MaxBy = "scatter") -> tuple[Tensor, Tensor, Tensor]:
     if reduce_type not in ("max", "mean", "sum"):
@@ -87,10 +93,8 @@ def _scatter_with_map(feats: Tensor, coors: Tensor, reduce_type: str,
     # atomics, in no fixed order either.
     sorted_feats = feats[kept][order]
     channels = feats.shape[1]
-    run_length = torch.zeros(num_voxels, dtype=torch.int64, device=feats.device)
-    run_length = run_length.index_add(0, run_of_sorted, torch.ones_like(run_of_sorted))
     if reduce_type == "max" and max_by == "scan":
-        voxel_feats = _run_max_by_scan(sorted_feats, run_of_sorted, run_length)
+        voxel_feats = _run_max_by_scan(sorted_feats, run_of_sorted, _run_lengths(run_of_sorted, num_voxels))
     elif reduce_type == "max":
         index = run_of_sorted[:, None].expand(-1, channels)
         voxel_feats = feats.new_zeros((num_voxels, channels))
@@ -98,7 +102,7 @@ def _scatter_with_map(feats: Tensor, coors: Tensor, reduce_type: str,
     else:
         voxel_feats = feats.new_zeros((num_voxels, channels)).index_add(0, run_of_sorted, sorted_feats)
         if reduce_type == "mean":
-            voxel_feats = voxel_feats / run_length[:, None].to(feats.dtype)
+            voxel_feats = voxel_feats / _run_lengths(run_of_sorted, num_voxels)[:, None].to(feats.dtype)
     point2voxel_map = torch.full((coors.shape[0],), -1, dtype=torch.int64, device=coors.device)
     point2voxel_map = point2voxel_map.index_put((kept,), voxel_of_point.long())
     return voxel_feats, voxel_coors, point2voxel_map
