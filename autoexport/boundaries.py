@@ -140,6 +140,14 @@ def point_rcnn_rpn_forward(model: Any, inputs: dict, data_samples: list) -> Any:
     return {**feats, "bbox_preds": bbox_preds, "cls_preds": cls_preds}
 
 
+def _anchor_rpn_levels(head_outputs: tuple) -> dict:
+    """An anchor RPN head's (cls_scores, bbox_preds, dir_cls_preds), one tensor per level, as flat named outputs."""
+    outputs = {}
+    for kind, levels in zip(("cls_score", "bbox_pred", "dir_cls_pred"), head_outputs):
+        outputs.update({f"{kind}_{level}": t for level, t in enumerate(levels)})
+    return outputs
+
+
 def part_a2_first_stage(model: Any, voxels: dict, batch_size: int) -> dict:
     """PartA2's first stage, as PartA2.extract_feat and the RPN head's forward run it: voxel encoder, SparseUNet
     (the BEV map for the RPN and per-voxel features, seg_features, for the RoI head), BEV backbone and neck, the
@@ -150,16 +158,36 @@ def part_a2_first_stage(model: Any, voxels: dict, batch_size: int) -> dict:
     x = model.backbone(feats["spatial_features"])
     if getattr(model, "neck", None) is not None:
         x = model.neck(x)
-    cls_scores, bbox_preds, dir_cls_preds = model.rpn_head(x)
-    outputs = {}
-    for kind, levels in (("cls_score", cls_scores), ("bbox_pred", bbox_preds), ("dir_cls_pred", dir_cls_preds)):
-        outputs.update({f"{kind}_{level}": t for level, t in enumerate(levels)})
+    outputs = _anchor_rpn_levels(model.rpn_head(x))
     return {**outputs, "seg_features": feats["seg_features"]}
 
 
 def part_a2_rpn_forward(model: Any, inputs: dict, data_samples: list) -> Any:
     """part_a2_first_stage on the data preprocessor's hard voxels."""
     return part_a2_first_stage(model, inputs["voxels"], len(data_samples))
+
+
+def pv_rcnn_first_stage(model: Any, voxels: dict, points: list[torch.Tensor], batch_size: int) -> dict:
+    """PV-RCNN's first stage, as PointVoxelRCNN.predict runs it up to the proposals, and its keypoint features:
+    voxel encoder, SparseEncoder (the BEV map and its multi-scale sparse features), BEV backbone and neck, the
+    anchor RPN head's raw outputs, then VoxelSetAbstraction (furthest-point keypoints of each cloud, their features
+    pooled from the raw points, each sparse level and the BEV map). The set abstraction never reads the proposals,
+    so it belongs to this graph; only the RoI head waits for the host's NMS."""
+    features = model.voxel_encoder(voxels["voxels"], voxels["num_points"], voxels["coors"])
+    # PointVoxelRCNN.extract_feat reads the batch size with coors[-1, 0].item() + 1; it is static here.
+    spatial, multi_scale = model.middle_encoder(features, voxels["coors"], batch_size)
+    x = model.backbone(spatial)
+    if getattr(model, "neck", None) is not None:
+        x = model.neck(x)
+    outputs = _anchor_rpn_levels(model.rpn_head(x))
+    keypoints = model.points_encoder({"points": points, "voxels": voxels},
+                                     {"spatial_feats": spatial, "multi_scale_3d_feats": multi_scale}, None)
+    return {**outputs, **keypoints}
+
+
+def pv_rcnn_rpn_forward(model: Any, inputs: dict, data_samples: list) -> Any:
+    """pv_rcnn_first_stage on the data preprocessor's hard voxels and the raw clouds."""
+    return pv_rcnn_first_stage(model, inputs["voxels"], list(inputs["points"]), len(data_samples))
 
 
 _SLIDE_HOST_SIDE = ("cut each cloud into patches with EncoderDecoder3D._sliding_patch_generation(points, "
@@ -220,6 +248,14 @@ BOUNDARIES.register("PartA2", TensorBoundary(
               "proposals (stages.json: proposals) whose seg_features the RoI head graph (stages.json: roi) pools; "
               "PartA2BboxHead.get_results decodes and NMSes its outputs",
     split_required=_nms_between_stages("PartA2")))
+
+
+BOUNDARIES.register("PointVoxelRCNN", TensorBoundary(
+    "pv_rcnn_rpn_forward", ("rpn_head",),
+    host_side="PartA2RPNHead.predict_by_feat decodes the anchors' boxes and runs its NMS (test_cfg.rpn): the "
+              "proposals (stages.json: proposals) around which the RoI head graph (stages.json: roi) pools the "
+              "keypoint features; PVRCNNBBoxHead.get_results decodes and NMSes its outputs",
+    split_required=_nms_between_stages("PV-RCNN")))
 
 
 def boundary_for(model: Any) -> tuple[TensorBoundary, TensorForward]:

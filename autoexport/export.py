@@ -99,7 +99,8 @@ def _classify(err: BaseException, stage: str = "torch.export") -> tuple[str, str
         # Not an export problem: mmdet3d's own forward failed before torch.export was involved.
         return ("the model's own forward failed in eager PyTorch",
                 "run with --verbose for the full trace; a detector family without an entry in "
-                "boundaries.BOUNDARIES (e.g. two-stage detectors such as PV-RCNN) may need its own tensor path")
+                "boundaries.BOUNDARIES (e.g. a two-stage detector, whose RoI head waits for a host-side NMS) may "
+                "need its own tensor path and a split plan (split.SPLITS)")
     return ("an operation torch.export could not trace", "run with --verbose for the full trace; if the module is "
             "export-hostile, register an export patch for its class in autoexport/patches.py")
 

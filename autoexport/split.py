@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .boundaries import part_a2_first_stage, point_rcnn_rpn_forward
+from .boundaries import part_a2_first_stage, point_rcnn_rpn_forward, pv_rcnn_first_stage
 from .errors import UserInputError
 from .export import export_onnx, export_program, save_pt2
 from .manifest import DynamicDim, Manifest, OutputSpec, TensorSpec, dtype_name, get_by_path
@@ -239,8 +239,9 @@ def _part_a2_rpn(model: Any, t: Tensors, context: StageContext) -> Tensors:
     return {"head_outputs": part_a2_first_stage(model, voxels, context.batch_size)}
 
 
-def _part_a2_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """PartA2RPNHead.predict_by_feat (anchor decoding, score threshold, NMS) as PartA2RPNHead.predict runs it."""
+def _anchor_rpn_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """PartA2RPNHead.predict_by_feat (anchor decoding, score threshold, NMS) as PartA2RPNHead.predict runs it
+    (PartA2's RPN head, and PV-RCNN's)."""
     from mmdet3d.structures import bbox3d2roi
 
     def levels(kind: str) -> list[torch.Tensor]:
@@ -283,7 +284,7 @@ PART_A2_PLAN = SplitPlan((
     StageDef("rpn", _part_a2_rpn, "voxel encoder, SparseUNet, BEV backbone and neck, anchor RPN head (the one-graph "
              "export)", ("voxel_encoder", "middle_encoder", "backbone", "neck", "rpn_head"),
              ("voxels_voxels", "voxels_num_points", "voxels_coors")),
-    StageDef("proposals", _part_a2_proposals, "host: decode the anchors' boxes, score threshold, NMS -> RoIs",
+    StageDef("proposals", _anchor_rpn_proposals, "host: decode the anchors' boxes, score threshold, NMS -> RoIs",
              (), ("cls_score_*", "bbox_pred_*", "dir_cls_pred_*"), host=True,
              row_sets=(("rois", "roi_labels", "roi_class_scores"),)),
     StageDef("roi", _part_a2_roi, "semantic head, RoI-aware pooling of part and segmentation features, the sparse "
@@ -296,6 +297,51 @@ PART_A2_PLAN = SplitPlan((
 ), model_outputs_stage="rpn")
 
 
+def _pv_rcnn_rpn(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    voxels = {"voxels": t["voxels_voxels"], "num_points": t["voxels_num_points"], "coors": t["voxels_coors"]}
+    points = [t[n] for n in t if n.startswith("points_")]  # in order: StageDef.input_names sorts them
+    return {"head_outputs": pv_rcnn_first_stage(model, voxels, points, context.batch_size)}
+
+
+def _pv_rcnn_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """PVRCNNRoiHead.predict up to its bbox head: keypoint features weighted by the semantic head's foreground
+    score, RoI grid pooling of them around each proposal, PVRCNNBBoxHead's raw class score and box residuals."""
+    roi_head = model.roi_head
+    seg_preds = roi_head.semantic_head(t["keypoint_features"])["seg_preds"]
+    features = t["fusion_keypoint_features"] * seg_preds.sigmoid().max(dim=-1, keepdim=True).values
+    outputs = roi_head._bbox_forward(features, t["keypoints"], t["rois"])
+    return {"cls_score": outputs["bbox_scores"], "bbox_pred": outputs["bbox_reg"]}
+
+
+def _pv_rcnn_detections(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """PVRCNNBBoxHead.get_results: residuals decoded on the proposals, NMS, as PVRCNNRoiHead.predict runs it."""
+    roi_head = model.roi_head
+    rois = t["rois"]
+    results = roi_head.bbox_head.get_results(rois, t["cls_score"], t["bbox_pred"],
+                                             _per_sample(t, "roi_labels", rois, context.batch_size),
+                                             list(context.metas), roi_head.test_cfg)
+    return _detections(results)
+
+
+PV_RCNN_PLAN = SplitPlan((
+    StageDef("rpn", _pv_rcnn_rpn, "voxel encoder, sparse encoder, BEV backbone and neck, anchor RPN head, and the "
+             "voxel set abstraction of keypoints (the one-graph export)",
+             ("voxel_encoder", "middle_encoder", "backbone", "neck", "rpn_head", "points_encoder"),
+             ("voxels_voxels", "voxels_num_points", "voxels_coors", "points_*")),
+    StageDef("proposals", _anchor_rpn_proposals, "host: decode the anchors' boxes, score threshold, NMS -> RoIs",
+             (), ("cls_score_*", "bbox_pred_*", "dir_cls_pred_*"), host=True,
+             row_sets=(("rois", "roi_labels", "roi_class_scores"),)),
+    StageDef("roi", _pv_rcnn_roi, "foreground-weighted keypoint features, RoI grid pooling around each proposal, "
+             "the bbox head's MLPs on each RoI", ("roi_head",),
+             ("keypoint_features", "fusion_keypoint_features", "keypoints", "rois"),
+             dims=(("rois", 0, "num_rois"),), row_sets=(("cls_score", "bbox_pred"),),
+             dim_bounds=lambda model, context: {"num_rois": model.rpn_head.test_cfg.nms_post * context.batch_size}),
+    StageDef("detections", _pv_rcnn_detections, "host: decode the refined boxes, NMS -> detections",
+             (), ("rois", "roi_labels", "cls_score", "bbox_pred"), host=True,
+             row_sets=(("bboxes_3d", "scores_3d", "labels_3d"),)),
+), model_outputs_stage="rpn")
+
+
 SPLITS: ClassRegistry[SplitPlan | None] = ClassRegistry("split plan")
 SPLITS.register("VoxelNet", _voxel_bev_plan("", "bbox_head", extra_args=False))
 SPLITS.register("MVXTwoStageDetector", _voxel_bev_plan("pts_", "pts_bbox_head", extra_args=True))
@@ -303,6 +349,7 @@ SPLITS.register("MVXTwoStageDetector", _voxel_bev_plan("pts_", "pts_bbox_head", 
 SPLITS.register("DynamicMVXFasterRCNN", None)
 SPLITS.register("PointRCNN", POINT_RCNN_PLAN)
 SPLITS.register("PartA2", PART_A2_PLAN)
+SPLITS.register("PointVoxelRCNN", PV_RCNN_PLAN)
 
 
 def split_plan_for(model: Any) -> SplitPlan:

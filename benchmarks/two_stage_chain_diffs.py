@@ -1,4 +1,4 @@
-"""Where a two-stage detector's chained check fails (PointRCNN, PartA2): its split plan's stages run eager (the
+"""Where a two-stage detector's chained check fails (PointRCNN, PartA2, PV-RCNN): its split plan's stages run eager (the
 graphs' PT2 programs, equal to eager in stages.json) and chained (their ONNX graphs in ONNX Runtime), with the same
 host steps between them, on each zoo sample. Prints how far each stage's chained outputs are from eager's (row sets
 matched as the chained check matches them), the RoI graph's ONNX Runtime - PT2 difference on the chained run's own
@@ -10,7 +10,7 @@ detections: mmdet3d's rotation_3d_in_axis mixes float32 in) ends the float64 cha
 
 Usage: python benchmarks/two_stage_chain_diffs.py OUTPUT_DIR [SAMPLE ...], the kept output of a two-stage export
 (`autoexport zoo --config NAME --keep` leaves OUTPUT_DIR as <config>.failed when the chain fails).
-About 12 minutes per PointRCNN output and 5 per PartA2 output on 2 CPU cores."""
+About 12 minutes per PointRCNN output, 5 per PartA2 output and 8 per PV-RCNN output on 2 CPU cores."""
 import copy
 import json
 import sys

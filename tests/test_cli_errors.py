@@ -101,13 +101,16 @@ def test_pretrained_backbone_download_is_skipped():
 
 def test_eager_failure_of_the_model_itself_is_not_called_an_export_problem(tmp_path: Path,
                                                                            caplog: pytest.LogCaptureFixture):
-    """PV-RCNN (two-stage, no split plan) fails in its own RPN decoding (PartA2's RPN head) in mmengine's tensor
-    mode, before torch.export: exit 3, said as such, with the module and the failing mmdet3d line."""
+    """A head whose input channels do not match the neck's fails in its own forward, before torch.export: exit 3,
+    said as such, with the module and the failing mmdet3d line."""
+    bad = tmp_path / "pp_head_channels.py"
+    bad.write_text(f"_base_ = [{str(SAMPLE_CONFIGS / 'pointpillars_kitti_3class.py')!r}]\n"
+                   "model = dict(bbox_head=dict(in_channels=100, feat_channels=100))\n")
     out = tmp_path / "out"
-    assert export_to("pv_rcnn_8xb2-80e_kitti-3d-3class", out) == 3
+    assert export_to(str(bad), out) == 3
     assert "the eager PyTorch run on cpu failed" in caplog.text
     assert "the model's own forward failed in eager PyTorch" in caplog.text
-    assert "parta2_rpn_head.py" in caplog.text and "could not trace" not in caplog.text
+    assert "anchor3d_head.py" in caplog.text and "could not trace" not in caplog.text
     _no_output(out)
 
 
