@@ -784,23 +784,30 @@ register_patch(ExportPatch(
 ))
 
 
+def _row_count(rows: torch.Tensor) -> torch.Tensor:
+    """A row count as a 0-d int64 tensor computed from the rows: len(rows) or new_tensor([len(rows)]) would bake
+    the traced count into the graph as a constant, and torch.onnx cannot take a remainder by a symbolic int."""
+    return torch.ones_like(rows[:, 0], dtype=torch.int64).sum()
+
+
 def _make_key_point_sampler(context: PatchContext) -> Callable[..., Any]:
     # Looked up when called: OP_FUNCTION_SUBSTITUTIONS rebinds the module's furthest_point_sample.
     from mmdet3d.models.middle_encoders import voxel_set_abstraction as ops
 
     def sample_key_points(self: Any, points: list[torch.Tensor], coors: torch.Tensor | None) -> torch.Tensor:
         if self.voxel_center_as_source:
-            raise NotImplementedError("VoxelSetAbstraction with voxel_center_as_source=True: keypoints from a "
-                                      "data-dependent per-sample voxel selection; not exportable yet")
+            raise NotImplementedError("VoxelSetAbstraction with voxel_center_as_source=True takes keypoints from "
+                                      "a data-dependent per-sample voxel selection, which autoexport cannot export "
+                                      "yet; use voxel_center_as_source=False (as mmdet3d's PV-RCNN configs do) or "
+                                      "register an export patch for VoxelSetAbstraction.sample_key_points")
         keypoints = []
         for cloud in points:
             xyz = cloud[:, :3]
             sampled = ops.furthest_point_sample(xyz.unsqueeze(0).contiguous(), self.num_keypoints).long()[0]
             # mmdet3d repeats the first num_points indices when a cloud has fewer points than keypoints
             # (`if num_points < num_keypoints`, a guard on the dynamic point count); taking them modulo
-            # min(num_points, num_keypoints) is the same selection either way (a tensor, not a symbolic int:
-            # torch.onnx cannot write a remainder by a symbolic scalar).
-            kept = torch.ones_like(xyz[:, 0], dtype=torch.int64).sum().clamp(max=self.num_keypoints)
+            # min(num_points, num_keypoints) is the same selection either way.
+            kept = _row_count(xyz).clamp(max=self.num_keypoints)
             keypoints.append(xyz[sampled[torch.arange(self.num_keypoints, device=xyz.device) % kept]])
         return torch.stack(keypoints, dim=0)
 
@@ -808,11 +815,6 @@ def _make_key_point_sampler(context: PatchContext) -> Callable[..., Any]:
 
 
 def _make_set_abstraction_forward(context: PatchContext) -> Callable[..., Any]:
-    def count_rows(rows: torch.Tensor) -> torch.Tensor:
-        # A row count as a tensor from the rows themselves: new_tensor([len(p)]) would bake the traced cloud's
-        # point count into the graph as a constant.
-        return torch.ones_like(rows[:, 0], dtype=torch.int32).sum(dim=0, keepdim=True)
-
     def forward(self: Any, batch_inputs_dict: dict, feats_dict: dict, rpn_results_list: Any) -> dict:
         # VoxelSetAbstraction.forward (mmdet3d 1.4) with the stacked clouds' per-sample counts computed as tensors.
         points = batch_inputs_dict["points"]
@@ -828,7 +830,7 @@ def _make_set_abstraction_forward(context: PatchContext) -> Callable[..., Any]:
         key_xyz_batch_cnt = torch.full((batch_size,), num_keypoints, dtype=torch.int32, device=key_xyz.device)
         if self.rawpoints_sa_layer is not None:
             batch_points = torch.cat(points, dim=0)
-            xyz_batch_cnt = torch.cat([count_rows(p) for p in points])
+            xyz_batch_cnt = torch.stack([_row_count(p) for p in points]).int()
             _, pooled = self.rawpoints_sa_layer(
                 xyz=batch_points[:, :3].contiguous(), xyz_batch_cnt=xyz_batch_cnt, new_xyz=key_xyz.contiguous(),
                 new_xyz_batch_cnt=key_xyz_batch_cnt, features=batch_points[:, 3:].contiguous())
