@@ -790,6 +790,13 @@ def _row_count(rows: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(rows[:, 0], dtype=torch.int64).sum()
 
 
+def _sample_counts(batch_index: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Rows per sample (int32, as the stacked ops' *_batch_cnt) from each row's sample index, for a static batch
+    size: mmdet3d fills these in Python loops of item writes, over a batch size read from the data."""
+    samples = torch.arange(batch_size, device=batch_index.device)
+    return (batch_index.int()[None, :] == samples[:, None]).sum(dim=1).int()
+
+
 def _make_key_point_sampler(context: PatchContext) -> Callable[..., Any]:
     # Looked up when called: OP_FUNCTION_SUBSTITUTIONS rebinds the module's furthest_point_sample.
     from mmdet3d.models.middle_encoders import voxel_set_abstraction as ops
@@ -836,12 +843,11 @@ def _make_set_abstraction_forward(context: PatchContext) -> Callable[..., Any]:
                 new_xyz_batch_cnt=key_xyz_batch_cnt, features=batch_points[:, 3:].contiguous())
             point_features_list.append(pooled.contiguous().view(batch_size, num_keypoints, -1))
         if self.voxel_sa_layers is not None:
-            samples = torch.arange(batch_size, device=key_xyz.device)
             for k, voxel_sa_layer in enumerate(self.voxel_sa_layers):
                 cur_coords = voxel_encode_features[k].indices
                 xyz = self.get_voxel_centers(coors=cur_coords,
                                              scale_factor=self.voxel_sa_configs_list[k].scale_factor).contiguous()
-                xyz_batch_cnt = (cur_coords[None, :, 0] == samples[:, None]).sum(dim=1).int()
+                xyz_batch_cnt = _sample_counts(cur_coords[:, 0], batch_size)
                 _, pooled = voxel_sa_layer(
                     xyz=xyz, xyz_batch_cnt=xyz_batch_cnt, new_xyz=key_xyz.contiguous(),
                     new_xyz_batch_cnt=key_xyz_batch_cnt, features=voxel_encode_features[k].features.contiguous())
@@ -880,11 +886,9 @@ def _make_roi_grid_extractor_forward(context: PatchContext) -> Callable[..., Any
 
     def forward(self: Any, feats: torch.Tensor, coordinate: torch.Tensor, batch_inds: torch.Tensor,
                 rois: torch.Tensor) -> torch.Tensor:
-        samples = torch.arange(batch_size, device=rois.device)
-        xyz_batch_cnt = (batch_inds[None, :] == samples[:, None]).sum(dim=1).int()
+        xyz_batch_cnt = _sample_counts(batch_inds, batch_size)
         roi_grid = self.get_dense_grid_points(rois[:, 1:])  # (num_rois, grid_size ** 3, 3)
-        rois_per_sample = (rois[:, 0].int()[None, :] == samples[:, None]).sum(dim=1)
-        new_xyz_batch_cnt = (rois_per_sample * roi_grid.shape[1]).int()
+        new_xyz_batch_cnt = _sample_counts(rois[:, 0], batch_size) * roi_grid.shape[1]
         _, pooled = self.roi_grid_pool_layer(xyz=coordinate.contiguous(), xyz_batch_cnt=xyz_batch_cnt,
                                              new_xyz=roi_grid.reshape(-1, 3).contiguous(),
                                              new_xyz_batch_cnt=new_xyz_batch_cnt, features=feats.contiguous())

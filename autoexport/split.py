@@ -234,9 +234,13 @@ POINT_RCNN_PLAN = SplitPlan((
 ), model_outputs_stage="rpn")
 
 
+def _hard_voxels(t: Tensors) -> Tensors:
+    """The data preprocessor's hard voxels, as the first stage's inputs name them, in the dict mmdet3d passes."""
+    return {"voxels": t["voxels_voxels"], "num_points": t["voxels_num_points"], "coors": t["voxels_coors"]}
+
+
 def _part_a2_rpn(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    voxels = {"voxels": t["voxels_voxels"], "num_points": t["voxels_num_points"], "coors": t["voxels_coors"]}
-    return {"head_outputs": part_a2_first_stage(model, voxels, context.batch_size)}
+    return {"head_outputs": part_a2_first_stage(model, _hard_voxels(t), context.batch_size)}
 
 
 def _anchor_rpn_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
@@ -253,6 +257,18 @@ def _anchor_rpn_proposals(model: Any, t: Tensors, context: StageContext) -> Tens
     return {"rois": bbox3d2roi([r.bboxes_3d.tensor for r in results]),
             "roi_labels": torch.cat([r.labels_3d for r in results]),
             "roi_class_scores": torch.cat([r.cls_preds for r in results])}
+
+
+# The host step after PartA2RPNHead, PartA2's and PV-RCNN's RPN head.
+_ANCHOR_RPN_PROPOSALS = StageDef(
+    "proposals", _anchor_rpn_proposals, "host: decode the anchors' boxes, score threshold, NMS -> RoIs",
+    (), ("cls_score_*", "bbox_pred_*", "dir_cls_pred_*"), host=True,
+    row_sets=(("rois", "roi_labels", "roi_class_scores"),))
+
+
+def _rois_up_to_nms_post(model: Any, context: StageContext) -> dict[str, int]:
+    """The RoI count's bound: the RPN's NMS keeps at most test_cfg.nms_post boxes per sample."""
+    return {"num_rois": model.rpn_head.test_cfg.nms_post * context.batch_size}
 
 
 def _part_a2_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
@@ -284,13 +300,11 @@ PART_A2_PLAN = SplitPlan((
     StageDef("rpn", _part_a2_rpn, "voxel encoder, SparseUNet, BEV backbone and neck, anchor RPN head (the one-graph "
              "export)", ("voxel_encoder", "middle_encoder", "backbone", "neck", "rpn_head"),
              ("voxels_voxels", "voxels_num_points", "voxels_coors")),
-    StageDef("proposals", _anchor_rpn_proposals, "host: decode the anchors' boxes, score threshold, NMS -> RoIs",
-             (), ("cls_score_*", "bbox_pred_*", "dir_cls_pred_*"), host=True,
-             row_sets=(("rois", "roi_labels", "roi_class_scores"),)),
+    _ANCHOR_RPN_PROPOSALS,
     StageDef("roi", _part_a2_roi, "semantic head, RoI-aware pooling of part and segmentation features, the sparse "
              "conv bbox head on each RoI", ("roi_head", "data_preprocessor"), ("seg_features", "voxels_coors", "rois"),
              dims=(("rois", 0, "num_rois"),), row_sets=(("cls_score", "bbox_pred"),),
-             dim_bounds=lambda model, context: {"num_rois": model.rpn_head.test_cfg.nms_post * context.batch_size}),
+             dim_bounds=_rois_up_to_nms_post),
     StageDef("detections", _part_a2_detections, "host: decode the refined boxes, per-class NMS -> detections",
              (), ("rois", "roi_labels", "roi_class_scores", "cls_score", "bbox_pred"), host=True,
              row_sets=(("bboxes_3d", "scores_3d", "labels_3d"),)),
@@ -298,9 +312,8 @@ PART_A2_PLAN = SplitPlan((
 
 
 def _pv_rcnn_rpn(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    voxels = {"voxels": t["voxels_voxels"], "num_points": t["voxels_num_points"], "coors": t["voxels_coors"]}
     points = [t[n] for n in t if n.startswith("points_")]  # in order: StageDef.input_names sorts them
-    return {"head_outputs": pv_rcnn_first_stage(model, voxels, points, context.batch_size)}
+    return {"head_outputs": pv_rcnn_first_stage(model, _hard_voxels(t), points, context.batch_size)}
 
 
 def _pv_rcnn_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
@@ -328,14 +341,12 @@ PV_RCNN_PLAN = SplitPlan((
              "voxel set abstraction of keypoints (the one-graph export)",
              ("voxel_encoder", "middle_encoder", "backbone", "neck", "rpn_head", "points_encoder"),
              ("voxels_voxels", "voxels_num_points", "voxels_coors", "points_*")),
-    StageDef("proposals", _anchor_rpn_proposals, "host: decode the anchors' boxes, score threshold, NMS -> RoIs",
-             (), ("cls_score_*", "bbox_pred_*", "dir_cls_pred_*"), host=True,
-             row_sets=(("rois", "roi_labels", "roi_class_scores"),)),
+    _ANCHOR_RPN_PROPOSALS,
     StageDef("roi", _pv_rcnn_roi, "foreground-weighted keypoint features, RoI grid pooling around each proposal, "
              "the bbox head's MLPs on each RoI", ("roi_head",),
              ("keypoint_features", "fusion_keypoint_features", "keypoints", "rois"),
              dims=(("rois", 0, "num_rois"),), row_sets=(("cls_score", "bbox_pred"),),
-             dim_bounds=lambda model, context: {"num_rois": model.rpn_head.test_cfg.nms_post * context.batch_size}),
+             dim_bounds=_rois_up_to_nms_post),
     StageDef("detections", _pv_rcnn_detections, "host: decode the refined boxes, NMS -> detections",
              (), ("rois", "roi_labels", "cls_score", "bbox_pred"), host=True,
              row_sets=(("bboxes_3d", "scores_3d", "labels_3d"),)),
