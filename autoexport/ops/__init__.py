@@ -21,6 +21,7 @@ from .point_sample import (ball_query, furthest_point_sample, furthest_point_sam
                            grouping_operation, knn, three_interpolate, three_nn)
 from .points_in_boxes import (RoIAwarePool3d, RoIPointPool3d, points_in_boxes_all, points_in_boxes_cpu,
                               points_in_boxes_part)
+from .roi_align import RoIAlign, roi_align_function, roi_align_onnx
 from .scatter import DynamicScatter, dynamic_scatter
 from .sparse_conv import (SparseConv3d, SparseConvTensor, SparseInverseConv3d, SparseMaxPool3d, SubMConv3d,
                           sparse_conv_forward)
@@ -105,6 +106,11 @@ OP_LIBRARY: dict[str, OpEntry] = {entry.mmcv_name: entry for entry in [
            "(B, M, N) in-box test, cumsum ranks, scatter of the first S points per box, cyclic fill by remainder"),
     _entry("assign_score_withk", "function", assign_score_withk, "pure-pytorch", False,
            "PAConvCUDA's kernel assembly: gather neighbour and centre rows, one batched matmul over the weight bank"),
+    _entry("RoIAlign", "module", RoIAlign, "custom-op", True,
+           "autoexport::roi_align (per-RoI adaptive sampling grid), RoIs grouped by grid size, separable bilinear "
+           "gathers; ONNX RoiAlign (opset 16+); avg only: ORT's max mode differs from mmcv's", roi_align_onnx),
+    _entry("roi_align", "function", roi_align_function, "custom-op", True, "function form of RoIAlign",
+           roi_align_onnx),
 ]}
 
 
@@ -114,4 +120,5 @@ def onnx_translation_table() -> dict[torch._ops.OpOverload, Callable]:
         torch.ops.autoexport.hard_voxelize.default: hard_voxelize_onnx,
         torch.ops.autoexport.furthest_point_sample.default: furthest_point_sample_onnx,
         torch.ops.autoexport.furthest_point_sample_with_dist.default: furthest_point_sample_with_dist_onnx,
+        torch.ops.autoexport.roi_align.default: roi_align_onnx,
     }

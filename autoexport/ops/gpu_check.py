@@ -28,6 +28,7 @@ from autoexport.ops import deform_conv as dc
 from autoexport.ops import paconv as pc
 from autoexport.ops import point_sample as ps
 from autoexport.ops import points_in_boxes as pib
+from autoexport.ops import roi_align as ra
 from autoexport.ops import scatter as sc
 from autoexport.ops import sparse_conv as spc
 from autoexport.ops import voxelize as vx
@@ -275,6 +276,13 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
     checks.append(Check(
         "assign_score_withk", _paconv_inputs, pc.assign_score_withk,
         mmcv_ops and mmcv_ops.assign_score_withk, exact))
+    # A Faster R-CNN FPN level (stride 4 of a 544 x 800 image, 256 channels) and 512 proposals from 4 to 400
+    # pixels a side, the adaptive sampling grid (sampling_ratio 0) of ImVoteNet's RoI head.
+    checks.append(Check(
+        "RoIAlign (avg, aligned, adaptive grid)", _roi_align_inputs,
+        lambda features, rois: ra.roi_align_function(features, rois, (7, 7), 0.25, 0, "avg", True),
+        mmcv_ops and (lambda features, rois: mmcv_ops.roi_align(features, rois, (7, 7), 0.25, 0, "avg", True)),
+        exact))
     checks.append(Check(
         "Voxelization (hard)", lambda d: (_lidar(120000, 26, d),),
         lambda points: vx.Voxelization([0.16, 0.16, 4], KITTI_RANGE, 32, 16000)(points),
@@ -324,6 +332,15 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
         mmcv_ops and (lambda *args: _run_pool(mmcv_ops.SparseConvTensor, mmcv_ops.SparseMaxPool3d(2, 2), *args)),
         sorted_sparse))
     return checks
+
+
+def _roi_align_inputs(device: torch.device) -> tuple:
+    generator = _generator(36)
+    features = torch.randn(2, 256, 136, 200, generator=generator)
+    sides = torch.exp(torch.empty(512, 2).uniform_(1.4, 6.0, generator=generator))
+    corners = torch.rand(512, 2, generator=generator) * torch.tensor([800.0, 544.0])
+    batch = torch.randint(0, 2, (512, 1), generator=generator).float()
+    return features.to(device), torch.cat([batch, corners, corners + sides], dim=1).to(device)
 
 
 def _paconv_inputs(device: torch.device) -> tuple:
