@@ -190,6 +190,34 @@ def pv_rcnn_rpn_forward(model: Any, inputs: dict, data_samples: list) -> Any:
     return pv_rcnn_first_stage(model, inputs["voxels"], list(inputs["points"]), len(data_samples))
 
 
+def imvotenet_first_stage(model: Any, imgs: torch.Tensor, points: list[torch.Tensor] | None) -> dict:
+    """ImVoteNet's first stage, as ImVoteNet.predict runs it up to the image RPN's proposals: the image backbone and
+    FPN (their levels feed the RoI head too) and the RPN head's raw outputs; with a point branch (stage-2 configs),
+    also the PointNet++ backbone's seeds, which never wait for the 2D detections. mmdet3d gives ImVoteNet no
+    tensor forward (`_forward` is a stub)."""
+    x = model.img_backbone(imgs)
+    if getattr(model, "img_neck", None) is not None:
+        x = model.img_neck(x)
+    cls_scores, bbox_preds = model.img_rpn_head(x)
+    outputs = {f"img_feature_{i}": f for i, f in enumerate(x)}
+    outputs.update({f"rpn_cls_score_{i}": t for i, t in enumerate(cls_scores)})
+    outputs.update({f"rpn_bbox_pred_{i}": t for i, t in enumerate(bbox_preds)})
+    if points is not None and getattr(model, "pts_backbone", None) is not None:
+        # ImVoteNet.extract_pts_feat's steps on the detector's parts (the split's stage module holds parts only).
+        features = model.pts_backbone(torch.stack(points))
+        if getattr(model, "pts_neck", None) is not None:
+            features = model.pts_neck(features)
+        outputs.update(seeds_3d=features["fp_xyz"][-1], seed_3d_features=features["fp_features"][-1],
+                       seed_indices_3d=features["fp_indices"][-1])
+    return outputs
+
+
+def imvotenet_first_stage_forward(model: Any, inputs: dict, data_samples: list) -> Any:
+    """imvotenet_first_stage on the data preprocessor's images and, where the pipeline loads them, clouds."""
+    points = inputs.get("points")
+    return imvotenet_first_stage(model, inputs["imgs"], list(points) if points is not None else None)
+
+
 _SLIDE_HOST_SIDE = ("cut each cloud into patches with EncoderDecoder3D._sliding_patch_generation(points, "
                     "test_cfg.num_points, block_size, sample_rate, use_normalized_coord), run the graph on up to "
                     "test_cfg.batch_size patches at a time, and average each point's logits over the patches that "
@@ -220,15 +248,6 @@ BOUNDARIES.register("MinkUNet", TensorBoundary(
                             "cloud's minimum (minkunet voxelization, batch_first)", "num_voxels"))))
 
 
-BOUNDARIES.register("ImVoteNet", TensorBoundary(
-    "predict_forward", ("pts_bbox_heads",),
-    not_exportable=(
-        "it needs a split plan, which autoexport does not have yet: mmdet3d 1.4 gives it no tensor forward "
-        "(ImVoteNet._forward is a stub) and an NMS on the host sits between its stages (its image branch is a "
-        "two-stage Faster R-CNN; stage 2's VoteFusion branches on the 2D box count and picks seeds with "
-        "torch.randperm). Its point branch alone is a VoteNet, which exports (e.g. votenet_8xb16_sunrgbd-3d)")))
-
-
 def _nms_between_stages(detector: str) -> str:
     """Why a two-stage detector's one graph is only its first stage (TensorBoundary.split_required)."""
     return (f"{detector}'s RoI head runs on proposals chosen by an NMS on the host, so the model is two graphs with "
@@ -256,6 +275,16 @@ BOUNDARIES.register("PointVoxelRCNN", TensorBoundary(
               "proposals (stages.json: proposals) around which the RoI head graph (stages.json: roi) pools the "
               "keypoint features; PVRCNNBBoxHead.get_results decodes and NMSes its outputs",
     split_required=_nms_between_stages("PV-RCNN")))
+
+
+BOUNDARIES.register("ImVoteNet", TensorBoundary(
+    "imvotenet_first_stage_forward", ("img_rpn_head",),
+    host_side="RPNHead.predict_by_feat decodes the anchors and runs its NMS (test_cfg.img_rpn): the proposals "
+              "(stages.json: image_proposals) the RoI head graph (stages.json: image_roi) pools; Shared2FCBBoxHead."
+              "predict_by_feat decodes and NMSes its outputs into 2D detections; stage-2 configs then run VoteFusion "
+              "and the seed sampling on the host (stages.json: imvotes) before the joint vote head graph "
+              "(stages.json: joint_head) and VoteHead.predict_by_feat",
+    split_required=_nms_between_stages("ImVoteNet")))
 
 
 def boundary_for(model: Any) -> tuple[TensorBoundary, TensorForward]:
@@ -305,6 +334,7 @@ def _dict_key_name(path: tuple) -> str:
 # Heads whose first stage autoexport's two-stage boundaries return as a dict of named tensors: the keys.
 OUTPUT_NAMERS.register("PointRPNHead", _dict_key_name)
 OUTPUT_NAMERS.register("PartA2RPNHead", _dict_key_name)
+OUTPUT_NAMERS.register("RPNHead", _dict_key_name)  # mmdet's, ImVoteNet's image RPN
 
 # Segmentation decode heads (PointNet2Head, DGCNNHead, PAConvHead): one (B, num_classes, N) tensor.
 OUTPUT_NAMERS.register("Base3DDecodeHead", lambda path: "seg_logits" if not path else default_output_name(path))

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .boundaries import part_a2_first_stage, point_rcnn_rpn_forward, pv_rcnn_first_stage
+from .boundaries import imvotenet_first_stage, part_a2_first_stage, point_rcnn_rpn_forward, pv_rcnn_first_stage
 from .errors import UserInputError
 from .export import export_onnx, export_program, save_pt2
 from .manifest import DynamicDim, Manifest, OutputSpec, TensorSpec, dtype_name, get_by_path
@@ -177,6 +177,11 @@ def _boundary_stage(tensor_forward: Callable[[Any, dict, list], Any], inputs_key
     return forward
 
 
+def _numbered(t: Tensors, prefix: str) -> list[torch.Tensor]:
+    """prefix0, prefix1, ... in order (StageDef.input_names sorts numbered inputs)."""
+    return [tensor for name, tensor in t.items() if name.startswith(prefix)]
+
+
 def _per_sample(t: Tensors, name: str, rois: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """A per-RoI tensor cut into the per-sample list mmdet3d's heads take (RoIs are grouped by sample)."""
     return list(torch.split(t[name], torch.bincount(rois[:, 0].long(), minlength=batch_size).tolist()))
@@ -193,7 +198,7 @@ def _point_rcnn_proposals(model: Any, t: Tensors, context: StageContext) -> Tens
     """PointRPNHead.predict_by_feat (box decoding, class-agnostic NMS) on the raw points, as in its predict."""
     from mmdet3d.structures import bbox3d2roi
 
-    points = torch.stack([t[n] for n in t if n.startswith("points_")])  # in order: StageDef.input_names sorts them
+    points = torch.stack(_numbered(t, "points_"))
     results = model.rpn_head.predict_by_feat(points, t["bbox_preds"], t["cls_preds"], list(context.metas),
                                              cfg=model.rpn_head.test_cfg)
     return {"rois": bbox3d2roi([r.bboxes_3d.tensor for r in results]),
@@ -248,11 +253,9 @@ def _anchor_rpn_proposals(model: Any, t: Tensors, context: StageContext) -> Tens
     (PartA2's RPN head, and PV-RCNN's)."""
     from mmdet3d.structures import bbox3d2roi
 
-    def levels(kind: str) -> list[torch.Tensor]:
-        return [tensor for name, tensor in t.items() if name.startswith(kind + "_")]  # sorted by level
-
     head = model.rpn_head
-    results = head.predict_by_feat(levels("cls_score"), levels("bbox_pred"), levels("dir_cls_pred"),
+    results = head.predict_by_feat(_numbered(t, "cls_score_"), _numbered(t, "bbox_pred_"),
+                                   _numbered(t, "dir_cls_pred_"),
                                    batch_input_metas=list(context.metas), cfg=head.test_cfg)
     return {"rois": bbox3d2roi([r.bboxes_3d.tensor for r in results]),
             "roi_labels": torch.cat([r.labels_3d for r in results]),
@@ -312,8 +315,7 @@ PART_A2_PLAN = SplitPlan((
 
 
 def _pv_rcnn_rpn(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    points = [t[n] for n in t if n.startswith("points_")]  # in order: StageDef.input_names sorts them
-    return {"head_outputs": pv_rcnn_first_stage(model, _hard_voxels(t), points, context.batch_size)}
+    return {"head_outputs": pv_rcnn_first_stage(model, _hard_voxels(t), _numbered(t, "points_"), context.batch_size)}
 
 
 def _pv_rcnn_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
@@ -353,7 +355,137 @@ PV_RCNN_PLAN = SplitPlan((
 ), model_outputs_stage="rpn")
 
 
-SPLITS: ClassRegistry[SplitPlan | None] = ClassRegistry("split plan")
+def _imvotenet_backbones(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    return {"head_outputs": imvotenet_first_stage(model, t["imgs"], _numbered(t, "points_") or None)}
+
+
+def _image_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """RPNHead.predict_by_feat (anchor decoding, NMS) as ImVoteNet.predict_img_only runs it (no rescale)."""
+    from mmdet.structures.bbox import bbox2roi
+
+    head = model.img_rpn_head
+    results = head.predict_by_feat(_numbered(t, "rpn_cls_score_"), _numbered(t, "rpn_bbox_pred_"),
+                                   batch_img_metas=list(context.metas), cfg=head.test_cfg, rescale=False)
+    return {"image_rois": bbox2roi([r.bboxes for r in results])}
+
+
+def _image_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """StandardRoIHead._bbox_forward: RoIAlign of each proposal from its FPN level, the shared-FC bbox head."""
+    outputs = model.img_roi_head._bbox_forward(_numbered(t, "img_feature_"), t["image_rois"])
+    return {"image_cls_score": outputs["cls_score"], "image_bbox_pred": outputs["bbox_pred"]}
+
+
+def _image_detections(rescale: bool) -> StageForward:
+    def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
+        """BBoxHead.predict_by_feat (box decoding, per-class NMS) as StandardRoIHead.predict_bbox runs it."""
+        roi_head = model.img_roi_head
+        rois = t["image_rois"]
+        counts = torch.bincount(rois[:, 0].long(), minlength=context.batch_size).tolist()
+        results = roi_head.bbox_head.predict_by_feat(rois.split(counts), t["image_cls_score"].split(counts),
+                                                     t["image_bbox_pred"].split(counts), list(context.metas),
+                                                     rcnn_test_cfg=roi_head.test_cfg, rescale=rescale)
+        return {"bboxes_2d": torch.cat([r.bboxes for r in results]),
+                "scores_2d": torch.cat([r.scores for r in results]),
+                "labels_2d": torch.cat([r.labels for r in results]),
+                "image_index_2d": torch.cat([torch.full_like(r.labels, i) for i, r in enumerate(results)])}
+
+    return forward
+
+
+# The seed sampler draws with torch.randperm; the host step draws from a fixed seed so that a deployment, the
+# eager chain and the exported chain pick the same seeds (mmdet3d's predict draws from the global generator).
+IMVOTE_SAMPLING_SEED = 0
+
+
+def _imvotes(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """ImVoteNet.predict between its image and point branches: each image's 2D detections sorted by score,
+    VoteFusion's geometric, semantic and texture cues for every seed and box (no weights; it branches on the box
+    count), and sample_valid_seeds' choice of num_sampled_seed image votes."""
+    from mmdet3d.models.detectors.imvotenet import sample_valid_seeds
+
+    boxes_with_labels = []
+    for image in range(context.batch_size):
+        rows = t["image_index_2d"] == image
+        rows_of_image = torch.cat([t["bboxes_2d"][rows], t["scores_2d"][rows, None],
+                                   t["labels_2d"][rows, None].to(t["bboxes_2d"].dtype)], dim=-1)
+        boxes_with_labels.append(rows_of_image[torch.argsort(rows_of_image[:, 4], descending=True)])
+    features, masks = model.fusion_layer(t["imgs"], boxes_with_labels, t["seeds_3d"], list(context.metas))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(IMVOTE_SAMPLING_SEED)
+        chosen = sample_valid_seeds(masks, model.num_sampled_seed)
+    return {"imvote_features": features, "imvote_indices": chosen}
+
+
+# What VoteHead.predict_by_feat reads of the head's outputs (its bbox coder's decode and the two scores).
+_VOTE_DECODE_KEYS = ("center", "dir_class", "dir_res", "size_class", "size_res", "obj_scores", "sem_scores")
+
+
+def _imvotenet_joint_head(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """ImVoteNet.predict after the seed sampling: the chosen image votes and their seeds gathered, img_mlp, the
+    fused features into the joint VoteHead."""
+    chosen = t["imvote_indices"]
+    batch, image_channels = t["imvote_features"].shape[:2]
+    features = t["imvote_features"].gather(-1, chosen.view(batch, 1, -1).expand(-1, image_channels, -1))
+    # VoteFusion lays the votes out rank-major (every seed's first vote, then every second one ...): modulo the
+    # seed count (num_sampled_seed here, as mmdet3d writes it) is the vote's seed.
+    seeds = chosen % chosen.shape[1]
+    seed_points = t["seeds_3d"].gather(1, seeds.view(batch, -1, 1).expand(-1, -1, 3))
+    point_channels = t["seed_3d_features"].shape[1]
+    seed_features = t["seed_3d_features"].gather(-1, seeds.view(batch, 1, -1).expand(-1, point_channels, -1))
+    fused = torch.cat([seed_features, model.img_mlp(features)], dim=1)
+    outputs = model.pts_bbox_head_joint({"seed_points": seed_points, "seed_features": fused,
+                                         "seed_indices": t["seed_indices_3d"].gather(1, seeds)})
+    return {key: outputs[key] for key in _VOTE_DECODE_KEYS if key in outputs}
+
+
+def _imvotenet_detections(model: Any, t: Tensors, context: StageContext) -> Tensors:
+    """VoteHead.predict_by_feat: box decoding and per-class 3D NMS, as the joint head's predict runs it."""
+    results = model.pts_bbox_head_joint.predict_by_feat(_numbered(t, "points_"), t, list(context.metas))
+    return _detections(results)
+
+
+def _image_rois_up_to_max_per_img(model: Any, context: StageContext) -> dict[str, int]:
+    return {"num_image_rois": model.img_rpn_head.test_cfg.max_per_img * context.batch_size}
+
+
+_IMAGE_DETECTIONS = ("bboxes_2d", "scores_2d", "labels_2d", "image_index_2d")
+
+
+def imvotenet_plan(model: Any) -> SplitPlan:
+    """ImVoteNet's stages: its image branch (a Faster R-CNN), and for stage-2 configs (with a point branch) the
+    image votes and the joint vote head. Stage-1 configs (image branch only) end with 2D detections in the
+    original image's pixels, as ImVoteNet.predict returns them."""
+    with_points = getattr(model, "pts_backbone", None) is not None
+    image_stages = (
+        StageDef("backbones", _imvotenet_backbones,
+                 "image backbone, FPN and RPN head" + (", PointNet++ seeds" if with_points else "")
+                 + " (the one-graph export)",
+                 ("img_backbone", "img_neck", "img_rpn_head") + (("pts_backbone", "pts_neck") if with_points else ()),
+                 ("imgs", "points_*")),
+        StageDef("image_proposals", _image_proposals, "host: decode the anchors' boxes, NMS -> 2D RoIs", (),
+                 ("rpn_cls_score_*", "rpn_bbox_pred_*"), host=True, row_sets=(("image_rois",),)),
+        StageDef("image_roi", _image_roi, "RoIAlign of each proposal from its FPN level, the shared-FC bbox head",
+                 ("img_roi_head",), ("img_feature_*", "image_rois"), dims=(("image_rois", 0, "num_image_rois"),),
+                 dim_bounds=_image_rois_up_to_max_per_img, row_sets=(("image_cls_score", "image_bbox_pred"),)),
+        StageDef("image_detections", _image_detections(rescale=not with_points),
+                 "host: decode the refined 2D boxes, per-class NMS -> 2D detections", (),
+                 ("image_rois", "image_cls_score", "image_bbox_pred"), host=True, row_sets=(_IMAGE_DETECTIONS,)),
+    )
+    if not with_points:
+        return SplitPlan(image_stages, covers_camera=True, model_outputs_stage="backbones")
+    return SplitPlan(image_stages + (
+        StageDef("imvotes", _imvotes, "host: VoteFusion's cues per seed and 2D box, seeded sampling of "
+                 "num_sampled_seed image votes", (), ("imgs", "seeds_3d") + _IMAGE_DETECTIONS, host=True),
+        StageDef("joint_head", _imvotenet_joint_head, "the chosen votes' seeds and image cues, img_mlp, the joint "
+                 "VoteHead", ("img_mlp", "pts_bbox_head_joint"),
+                 ("seeds_3d", "seed_3d_features", "seed_indices_3d", "imvote_features", "imvote_indices")),
+        StageDef("detections", _imvotenet_detections, "host: decode the vote head's boxes, 3D NMS -> detections",
+                 (), ("points_*",) + _VOTE_DECODE_KEYS, host=True, row_sets=(("bboxes_3d", "scores_3d", "labels_3d"),)),
+    ), covers_camera=True, model_outputs_stage="backbones")
+
+
+# A plan, a function of the model giving one (where the stages depend on the config), or None (no plan).
+SPLITS: ClassRegistry[SplitPlan | Callable[[Any], SplitPlan] | None] = ClassRegistry("split plan")
 SPLITS.register("VoxelNet", _voxel_bev_plan("", "bbox_head", extra_args=False))
 SPLITS.register("MVXTwoStageDetector", _voxel_bev_plan("pts_", "pts_bbox_head", extra_args=True))
 # Registered as unsupported so the MVX entry (hard voxels, no image branch) is not used for them by inheritance.
@@ -361,6 +493,7 @@ SPLITS.register("DynamicMVXFasterRCNN", None)
 SPLITS.register("PointRCNN", POINT_RCNN_PLAN)
 SPLITS.register("PartA2", PART_A2_PLAN)
 SPLITS.register("PointVoxelRCNN", PV_RCNN_PLAN)
+SPLITS.register("ImVoteNet", imvotenet_plan)  # a function: its stages depend on whether it has a point branch
 
 
 def split_plan_for(model: Any) -> SplitPlan:
@@ -370,11 +503,12 @@ def split_plan_for(model: Any) -> SplitPlan:
         raise UserInputError(f"--split: no split plan is registered for {type(model).__name__} (plans exist for "
                              f"{known}); register its stages in autoexport/split.py's SPLITS, or from the model's own project as "
                              "sample_configs/custom_modules/tiny_fusion.py does")
-    if not found[1].covers_camera and (getattr(model, "with_img_bbox", False)
-                                       or getattr(model, "img_backbone", None) is not None):
+    plan = found[1] if isinstance(found[1], SplitPlan) else found[1](model)
+    if not plan.covers_camera and (getattr(model, "with_img_bbox", False)
+                                   or getattr(model, "img_backbone", None) is not None):
         raise UserInputError(f"--split: {type(model).__name__} has an image branch; its split plan covers the lidar "
                              "path only")
-    return found[1]
+    return plan
 
 
 # ---- running, capturing and exporting stages -----------------------------------------------------
@@ -476,10 +610,14 @@ def _stage_manifest(name: str, captured: list[Tensors], input_names: list[str], 
 def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, dict[str, np.ndarray]],
                  export_sample_names: list[str], expected: dict[str, dict[str, np.ndarray]], output_dir: Path,
                  tolerance: Tolerance, device: str, verbose: bool = False,
-                 metainfo: list[dict] | None = None) -> SplitResult:
+                 metainfo: list[dict] | None = None,
+                 metainfo_by_sample: dict[str, list[dict]] | None = None) -> SplitResult:
     plan = split_plan_for(model)
     batch_size = manifest.batch_size
+    # Graphs are exported with the first export sample's metainfo (`metainfo`); host steps, which a deployment
+    # runs with each frame's own (its camera calibration), get each sample's.
     context = StageContext(batch_size, tuple(metainfo or ()))
+    host_contexts = {name: StageContext(batch_size, tuple(metas)) for name, metas in (metainfo_by_sample or {}).items()}
     output_paths = {o.name: o.index_path for o in manifest.outputs}
     # Run the eager stages on every sample, keeping every tensor that crosses a boundary.
     available = {name: {n: torch.from_numpy(a.copy()).to(device) for n, a in feed.items()} for name, feed in feeds.items()}
@@ -496,7 +634,8 @@ def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, di
         with torch.no_grad():
             for sample, tensors in available.items():
                 per_sample_outputs[sample] = run_stage(stage, model, {n: tensors[n].clone() for n in input_names},
-                                                       context, output_paths if is_head else None)
+                                                       host_contexts.get(sample, context) if stage.host else context,
+                                                       output_paths if is_head else None)
         output_names = list(per_sample_outputs[export_sample_names[0]])
         if stage.host:
             record = host_step_record(stage, input_names, output_names, per_sample_outputs, available, sources)
@@ -538,7 +677,7 @@ def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, di
     chain_reference = {sample: {n: t.detach().cpu().numpy() for n, t in tensors.items() if sources.get(n) != "model input"}
                        for sample, tensors in available.items()}
     result.chained = _chained_parity(output_dir, stage_io, feeds, expected, chain_reference, tolerance, model,
-                                     context)
+                                     {sample: host_contexts.get(sample, context) for sample in feeds})
     return result
 
 
@@ -578,7 +717,7 @@ def _compare_stage_outputs(stage: StageDef, reference: dict[str, np.ndarray], ac
 
 
 def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dict, chain_reference: dict,
-                    tolerance: Tolerance, model: Any, context: StageContext) -> dict:
+                    tolerance: Tolerance, model: Any, contexts: dict[str, StageContext]) -> dict:
     """ONNX Runtime stages one after the other, host steps in PyTorch between them, from the model inputs to the
     end, as a deployment runs them. The one-graph outputs are compared with the eager model (wrapper.py), every
     other tensor a host step or the last graph gives with the eager stages' own (mmdet3d's code end to end)."""
@@ -603,7 +742,7 @@ def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dic
             else:
                 with torch.no_grad():
                     given = stage.forward(model, {n: torch.from_numpy(np.ascontiguousarray(tensors[n]))
-                                                  for n in inputs}, context)
+                                                  for n in inputs}, contexts[sample])
                 tensors.update({n: t.detach().cpu().numpy() for n, t in given.items()})
             # Every output is measured (a host step's failure names its inputs' differences); the compared ones
             # decide the verdict.
