@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 import sys
 import tempfile
 import traceback
@@ -290,8 +291,23 @@ def _sample_spec(cfg: Any, workdir: Path | None = None) -> SampleSpec:
     return SampleSpec(pipeline_cfg, fmt, box_type_3d, box_mode_3d, cameras)
 
 
-def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
-                  sources: list[sample_data.SampleSource], quiet: bool = False) -> list[PreparedSample]:
+@contextmanager
+def _seeded_host_random(seed: int) -> Iterator[None]:
+    """numpy's and Python's global generators seeded for one pipeline run, then restored. Test pipelines draw from
+    them (PointSample picks its points with np.random.choice), so unseeded the same sample file gave other inputs,
+    and other parity numbers, on every run."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    np.random.seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict], sources: list[sample_data.SampleSource],
+                  seed: int, quiet: bool = False) -> list[PreparedSample]:
     host_inputs = host_inputs_for(boundary_for(model)[0])
     from mmengine.dataset import Compose, pseudo_collate
 
@@ -301,7 +317,8 @@ def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict],
         try:
             with tempfile.TemporaryDirectory(prefix="autoexport-masks-") as masks:
                 sample_data.add_annotation_stand_ins([source], pipeline_cfg, Path(masks))
-                packed = pipeline(copy.deepcopy(source.info))
+                with _seeded_host_random(seed * 1000 + ordinal):
+                    packed = pipeline(copy.deepcopy(source.info))
         except Exception as err:
             raise UserInputError(f"the test pipeline failed on {source.origin}: {type(err).__name__}: {err}") from None
         if isinstance(packed, list) and len(packed) == 1:
@@ -350,7 +367,7 @@ def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], 
         sources = sample_data.user_samples(sample_files, fmt, workdir, seed, spec.box_type_3d, spec.box_mode_3d)
     else:
         sources = spec.synthesize(workdir, seed)
-    prepared = _run_pipeline(model, pipeline_cfg, sources)
+    prepared = _run_pipeline(model, pipeline_cfg, sources, seed)
     preprocess = {
         "point_cloud": {"load_dim": fmt.load_dim, "use_dim": fmt.use_dim, "sweeps_num": fmt.sweeps_num,
                         "point_cloud_range": fmt.point_cloud_range, "dataset_type": fmt.dataset_type},
@@ -376,7 +393,7 @@ def prepare_more_samples(analysis: "Analysis", role: str, count: int, files: lis
             for offset, source in enumerate(synthesized):
                 source.name, source.role = f"{role}_{len(sources) + offset}", role
             sources += synthesized
-        return _run_pipeline(analysis.model, spec.pipeline, sources, quiet=True)
+        return _run_pipeline(analysis.model, spec.pipeline, sources, seed, quiet=True)
 
 
 # ---- manifest ------------------------------------------------------------------------------------

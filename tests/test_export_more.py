@@ -129,7 +129,7 @@ def test_one_view_test_time_augmentation_is_unwrapped(tmp_path: Path) -> None:
     assert cfg.test_dataloader.dataset.pipeline[-1]["type"] == "MultiScaleFlipAug3D"
     model = build_model(cfg, "cpu", seed=0)
     spec = _sample_spec(cfg, tmp_path)
-    [prepared] = _run_pipeline(model, spec.pipeline, spec.synthesize(tmp_path, seed=0)[:1], quiet=True)
+    [prepared] = _run_pipeline(model, spec.pipeline, spec.synthesize(tmp_path, seed=0)[:1], seed=0, quiet=True)
     voxels = prepared.inputs["voxels"]
     assert voxels["voxels"].shape[1:] == (20, 5) and voxels["voxels"].shape[0] > 1000  # Waymo: 5 features, 20 points
     assert len(prepared.data_samples) == 1 and type(prepared.data_samples[0]).__name__ == "Det3DDataSample"
