@@ -30,8 +30,6 @@ class TensorBoundary:
     # Non-empty for detectors whose one graph is only their first stage (a host-side NMS feeds the second): why;
     # the pipeline then always runs the split export (split.py's SPLITS entry), which carries the whole model.
     split_required: str = ""
-    # Non-empty for models known to have no tensor path yet: why, and what to do; analyze stops with it.
-    not_exportable: str = ""
     # Where the manifest's generic meaning of an input is wrong for this model, e.g. MinkUNet's voxels.voxels holds
     # one point per voxel, not every point.
     input_meanings: tuple[InputMeaning, ...] = ()
