@@ -532,9 +532,8 @@ def _run_export(options: ExportOptions, eager_substituted: list,
                 split_result = export_split(analysis.model, manifest, feeds,
                                             [s.name for s in analysis.export_samples], expected, staging,
                                             options.tolerances["fp32"], options.device, options.verbose,
-                                            metainfo=analysis.metainfo,
-                                            metainfo_by_sample={s.name: [dict(d.metainfo) for d in s.data_samples]
-                                                                for s in analysis.samples})
+                                            metainfo={s.name: [dict(d.metainfo) for d in s.data_samples]
+                                                      for s in analysis.samples})
                 write_json(staging / "stages.json", split_result.to_json())
         if reduced_precision:
             with stages.stage("fidelity", f"{options.precision.upper()} against FP32 on {options.eval_samples} "

@@ -379,10 +379,12 @@ def _image_detections(rescale: bool) -> StageForward:
     def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
         """BBoxHead.predict_by_feat (box decoding, per-class NMS) as StandardRoIHead.predict_bbox runs it."""
         roi_head = model.img_roi_head
-        rois = t["image_rois"]
-        counts = torch.bincount(rois[:, 0].long(), minlength=context.batch_size).tolist()
-        results = roi_head.bbox_head.predict_by_feat(rois.split(counts), t["image_cls_score"].split(counts),
-                                                     t["image_bbox_pred"].split(counts), list(context.metas),
+
+        def per_image(name: str) -> list[torch.Tensor]:
+            return _per_sample(t, name, t["image_rois"], context.batch_size)
+
+        results = roi_head.bbox_head.predict_by_feat(per_image("image_rois"), per_image("image_cls_score"),
+                                                     per_image("image_bbox_pred"), list(context.metas),
                                                      rcnn_test_cfg=roi_head.test_cfg, rescale=rescale)
         return {"bboxes_2d": torch.cat([r.bboxes for r in results]),
                 "scores_2d": torch.cat([r.scores for r in results]),
@@ -610,14 +612,14 @@ def _stage_manifest(name: str, captured: list[Tensors], input_names: list[str], 
 def export_split(model: torch.nn.Module, manifest: Manifest, feeds: dict[str, dict[str, np.ndarray]],
                  export_sample_names: list[str], expected: dict[str, dict[str, np.ndarray]], output_dir: Path,
                  tolerance: Tolerance, device: str, verbose: bool = False,
-                 metainfo: list[dict] | None = None,
-                 metainfo_by_sample: dict[str, list[dict]] | None = None) -> SplitResult:
+                 metainfo: dict[str, list[dict]] | None = None) -> SplitResult:
+    """`metainfo`: each sample's data-sample metainfo, by sample name."""
     plan = split_plan_for(model)
     batch_size = manifest.batch_size
-    # Graphs are exported with the first export sample's metainfo (`metainfo`); host steps, which a deployment
-    # runs with each frame's own (its camera calibration), get each sample's.
-    context = StageContext(batch_size, tuple(metainfo or ()))
-    host_contexts = {name: StageContext(batch_size, tuple(metas)) for name, metas in (metainfo_by_sample or {}).items()}
+    # Host steps, which a deployment runs with each frame's own metainfo (its camera calibration), get each
+    # sample's; graphs are exported with the first export sample's.
+    host_contexts = {name: StageContext(batch_size, tuple(metas)) for name, metas in (metainfo or {}).items()}
+    context = host_contexts.get(export_sample_names[0], StageContext(batch_size))
     output_paths = {o.name: o.index_path for o in manifest.outputs}
     # Run the eager stages on every sample, keeping every tensor that crosses a boundary.
     available = {name: {n: torch.from_numpy(a.copy()).to(device) for n, a in feed.items()} for name, feed in feeds.items()}
