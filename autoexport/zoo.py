@@ -200,6 +200,8 @@ class ZooResult:
     substitutions: list[str] = field(default_factory=list)
     log: str = ""
     finished: str = ""
+    # OMP_NUM_THREADS of the export: float sums, and so a near-tie's side, can depend on it.
+    threads: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -221,6 +223,7 @@ class ZooOptions:
     coverage_json: Path | None = DEFAULT_COVERAGE
     markdown: Path | None = None  # None: print the table to stdout
     replace_coverage: bool = False  # False: rows of configs not swept here stay in the coverage JSON
+    threads: int | None = None  # per export; None: OMP_NUM_THREADS if set, else the cores split over the jobs
 
 
 @dataclass
@@ -409,8 +412,11 @@ class Sweep:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        # Parallel exports would each start one thread per core and fight over them; split the cores instead.
-        if self.options.jobs > 1 and "OMP_NUM_THREADS" not in env:
+        if self.options.threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.options.threads)
+        elif not env.get("OMP_NUM_THREADS", "").isdigit():
+            # Parallel exports would each start one thread per core and fight over them; split the cores instead.
+            # Always set (and recorded in the row), because the thread count can decide a near-tie's verdict.
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.options.jobs))
         return env
 
@@ -429,10 +435,11 @@ class Sweep:
         log_path = self.logs / f"{entry.config}.log"
         timeout = self.options.timeout_s
         start = time.monotonic()
+        env = self._env()
         with open(log_path, "w") as sink:
             # Its own session, so a timeout kills the export and whatever it started (iree-compile) together.
             proc = subprocess.Popen(self.command(entry), stdout=sink, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=self._env(), start_new_session=True)
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             with self.lock:
                 self.running[entry.config] = proc
             try:
@@ -452,6 +459,7 @@ class Sweep:
         row = classify(entry, exit_code, log_path.read_text(errors="replace"), metadata, self.options.backends,
                        wall, timed_out)
         row.log = str(log_path)
+        row.threads = int(env["OMP_NUM_THREADS"])
         row.reason = shorten_paths(row.reason, out, entry.config)
         if not self.options.keep:
             self._clean(entry)
@@ -574,12 +582,35 @@ def coverage(rows: list[ZooResult], index: ZooIndex, options: ZooOptions) -> dic
     }
 
 
+# The family table's verdict columns; rarer verdicts (timeout, crash, export failed) share "other".
+FAMILY_VERDICTS = ("pass", "parity failed", "bad input", "config not shipped")
+
+
+def family_table(rows: Iterable[ZooResult]) -> list[str]:
+    """One Markdown row per family: its configs counted by verdict, and whether one of them meets the fp32 target,
+    so a reader sees which families are covered before the per-config rows."""
+    by_family: dict[str, list[ZooResult]] = defaultdict(list)
+    for row in rows:
+        by_family[row.family].append(row)
+    lines = ["| family | task | configs | " + " | ".join(FAMILY_VERDICTS) + " | other | fp32 target |",
+             "|---|---|---|" + "---|" * (len(FAMILY_VERDICTS) + 2)]
+    for family, members in sorted(by_family.items()):
+        counts = Counter(r.verdict for r in members)
+        other = sum(n for v, n in counts.items() if v not in FAMILY_VERDICTS)
+        tasks = ", ".join(sorted({r.task for r in members if r.task}))
+        met = "yes" if any(meets_fp32_target(r) for r in members) else "no"
+        cells = [family, tasks, str(len(members)), *(str(counts[v]) for v in FAMILY_VERDICTS), str(other), met]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown_table(rows: list[ZooResult], title: str = "Model-zoo coverage") -> str:
     verdicts = ", ".join(f"{n} {v}" for v, n in Counter(r.verdict for r in rows).most_common())
     families = families_meeting_target(rows)
     lines = [f"# {title}", "", f"{len(rows)} configs: {verdicts or 'none'}. "
              f"{len(families)} of {len({r.family for r in rows})} families have a config exported to PT2 and ONNX "
-             "with ONNX Runtime parity.", "",
+             "with ONNX Runtime parity (fp32 target: yes in the family table).", "",
+             *family_table(rows), "",
              "| config | family | PT2 | ONNX | ORT parity | IREE parity | method | reason |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -609,6 +640,9 @@ def zoo_parser() -> argparse.ArgumentParser:
                    help=f"exports, logs and {RESULTS_FILE} (default {DEFAULT_OUTPUT})")
     p.add_argument("--backend", action="append", default=[], metavar="KIND[:TARGET]",
                    help="also lower and check each export for this backend (e.g. iree), as `autoexport --backend`")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="OMP_NUM_THREADS of each export, recorded in its row (default: OMP_NUM_THREADS if set, "
+                        "else the cores divided by --jobs); a rerun with the same count reproduces near-tie verdicts")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                    help=f"seconds per export before it is killed (default {DEFAULT_TIMEOUT_S:g})")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -630,10 +664,12 @@ def options_from_args(args: argparse.Namespace) -> ZooOptions:
         raise UserInputError("--jobs must be at least 1")
     if args.timeout <= 0:
         raise UserInputError("--timeout must be positive")
+    if args.threads is not None and args.threads < 1:
+        raise UserInputError("--threads must be at least 1")
     return ZooOptions(output=args.output.expanduser().resolve(), backends=tuple(args.backend),
                       timeout_s=args.timeout, jobs=args.jobs, resume=args.resume, keep=args.keep,
                       coverage_json=args.coverage_json, markdown=args.markdown,
-                      replace_coverage=args.replace_coverage)
+                      replace_coverage=args.replace_coverage, threads=args.threads)
 
 
 def run_zoo(args: argparse.Namespace) -> int:

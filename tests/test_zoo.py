@@ -117,6 +117,37 @@ def test_a_failed_split_chain_fails_onnxruntime_parity():
     assert not zoo.meets_fp32_target(row)
 
 
+def test_family_table_counts_verdicts_and_the_fp32_target():
+    def row(config: str, family: str, verdict: str, ort: str) -> zoo.ZooResult:
+        return zoo.ZooResult(config, family, "3D Object Detection", verdict, "pass", "pass", ort, "-", "patched",
+                             0, 1.0, "")
+
+    rows = [row("a1", "alpha", "pass", "pass"), row("a2", "alpha", "parity failed", "fail"),
+            row("a3", "alpha", "timeout", "not reached"),
+            # An IREE failure does not take the family off the target: ONNX Runtime passed.
+            row("b1", "beta", "parity failed", "pass"), row("c1", "gamma", "parity failed", "fail")]
+    lines = zoo.family_table(rows)
+    assert lines[0] == "| family | task | configs | pass | parity failed | bad input | config not shipped | other " \
+                       "| fp32 target |"
+    assert lines[2:] == ["| alpha | 3D Object Detection | 3 | 1 | 1 | 0 | 0 | 1 | yes |",
+                         "| beta | 3D Object Detection | 1 | 0 | 1 | 0 | 0 | 0 | yes |",
+                         "| gamma | 3D Object Detection | 1 | 0 | 1 | 0 | 0 | 0 | no |"]
+    markdown = zoo.markdown_table(rows)
+    assert "2 of 3 families" in markdown and markdown.index("| alpha |") < markdown.index("| a1 |")
+
+
+def test_every_export_gets_a_thread_count(monkeypatch: pytest.MonkeyPatch):
+    def omp(threads: int | None, jobs: int) -> str:
+        sweep = zoo.Sweep(zoo.ZooOptions(jobs=jobs, threads=threads), zoo.load_zoo(), 0)
+        return sweep._env()["OMP_NUM_THREADS"]
+
+    monkeypatch.setattr(zoo.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert (omp(None, 1), omp(None, 3), omp(None, 16), omp(5, 1)) == ("8", "2", "1", "5")
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the caller's choice stands, unless --threads overrides it
+    assert (omp(None, 2), omp(1, 2)) == ("6", "1")
+
+
 # ---- a real sweep ---------------------------------------------------------------------------------------------------
 
 def _rows(path: Path) -> list[dict]:
@@ -137,6 +168,7 @@ def test_sweep_records_verdicts_resumes_and_tabulates(tmp_path: Path, caplog: py
         ("pass", "pass", "pass", "pass", "-", 0)
     assert pp["method"].startswith("patched") and "PointPillarsScatter.forward" in pp["patches"]
     assert pp["reason"] == "" and pp["family"] == "pointpillars" and pp["task"] == "3D Object Detection"
+    assert pp["threads"] == mink["threads"] and pp["threads"] >= 1
     assert (mink["verdict"], mink["exit_code"], mink["pt2"], mink["onnx"], mink["ort_parity"]) == \
         ("bad input", 2, "not reached", "not reached", "not reached")
     assert "install Torchsparse" in mink["reason"] and "\n" not in mink["reason"]
@@ -153,6 +185,8 @@ def test_sweep_records_verdicts_resumes_and_tabulates(tmp_path: Path, caplog: py
     markdown = table.read_text()
     assert "| config | family | PT2 | ONNX | ORT parity | IREE parity | method | reason |" in markdown
     assert f"| {KITTI_PP} | pointpillars | pass | pass | pass | - | patched" in markdown
+    assert "| pointpillars | 3D Object Detection | 1 | 1 | 0 | 0 | 0 | 0 | yes |" in markdown
+    assert "| minkunet | 3D Semantic Segmentation | 1 | 0 | 0 | 1 | 0 | 0 | no |" in markdown
     assert f"| {MINKUNET} | minkunet | not reached | not reached | not reached | - | - | the config's model" \
         in markdown
 
