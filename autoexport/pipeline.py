@@ -147,6 +147,8 @@ def _metadata(options: ExportOptions, config_path: Path, analysis: Analysis, par
                    **{k: v for k, v in parity.to_json().items() if k in ("summary", "skipped", "not_built")}},
         "timings_s": timings,
         "versions": library_versions(),
+        # The eager reference's float sums can depend on it (a near-tie flipped between 1 and 2 threads).
+        "torch_threads": torch.get_num_threads(),
         "manifest": analysis.manifest.to_json(),
     }
 

@@ -51,6 +51,7 @@ def test_metadata_lists_every_flat_input_with_dynamic_dims(kitti_export: Path):
     assert meta["preprocess"]["data_preprocessor"]["voxel_layer"]["max_num_points"] == 32
     assert meta["postprocess"]["head_types"] == ["Anchor3DHead"]
     assert meta["versions"]["torch"].startswith("2.")
+    assert meta["torch_threads"] == torch.get_num_threads()
     roles = [s["role"] for s in meta["samples"]]
     assert roles.count("export") == 2 and roles.count("heldout") >= 1
 
