@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten
 from . import camera
 from . import samples as sample_data
 from .boundaries import TensorBoundary, boundary_for, heads_of, host_inputs_for, output_namer_for, predict_forward
-from .errors import ExportFailedError, UserInputError
+from .errors import ExportFailedError, UserInputError, first_line
 from .export import innermost_model_frame
 from .manifest import (METAINFO_TENSOR_KEYS, DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
                        get_by_path, iter_tensors, metainfo_path, parse_metainfo_path, path_to_identifier,
@@ -76,6 +76,8 @@ class Analysis:
     manifest: Manifest
     metainfo: list[dict]  # data sample metainfo per batch item, as recorded from the first export sample
     preprocess: dict = field(default_factory=dict)
+    # Random weights: modules whose own init_weights() raised (init_random_weights), each with its error.
+    init_failures: list[str] = field(default_factory=list)
     postprocess: dict = field(default_factory=dict)
 
     @property
@@ -171,20 +173,48 @@ def _missing_library(err: Exception, where: str) -> UserInputError:
                           "do: install it; autoexport's op library has no substitute for it")
 
 
-def init_random_weights(model: torch.nn.Module) -> None:
+def init_random_weights(model: torch.nn.Module) -> list[str]:
     """The model's own init_cfg (Kaiming for convs, prior-probability bias for classifiers).
 
     PyTorch's default init shrinks activations ~3x per layer, so after a 20-layer backbone the raw
-    outputs are almost only head biases and a parity check would compare constants."""
+    outputs are almost only head biases and a parity check would compare constants. A module whose own
+    init_weights() raises (mmdet3d 1.4's MonoFlexHead reads layers it never builds) has its children initialised
+    one by one instead; returns those modules, each with its error."""
     from mmengine.logging import MMLogger
 
     mmengine_logger = MMLogger.get_current_instance()  # init_weights logs every parameter at INFO
     level = mmengine_logger.level
     mmengine_logger.setLevel(logging.WARNING)
+    failed: list[str] = []
     try:
-        model.init_weights()
+        _init_subtree(model, "", failed)
     finally:
         mmengine_logger.setLevel(level)
+        # mmengine's bookkeeping dict keyed by Parameters, which only a top-level call that returns deletes; left
+        # on the modules, torch.export compares it key by key (printing every parameter) and takes hours.
+        for module in model.modules():
+            module.__dict__.pop("_params_init_info", None)
+    for failure in failed:
+        log.info("  init_weights() of %s; its sub-modules were initialised one by one instead", failure)
+    return failed
+
+
+def _init_subtree(module: torch.nn.Module, path: str, failed: list[str]) -> None:
+    """module.init_weights(), or where it raises, its children's; records the deepest modules that raised (a
+    parent fails with its faulty child)."""
+    error = ""
+    if hasattr(module, "init_weights"):
+        try:
+            module.init_weights()
+            return
+        except Exception as err:  # noqa: BLE001 - a bug of that module's init: fall back to its children's
+            error = f"{path or 'the model'} ({type(module).__name__}) raised {type(err).__name__}: {first_line(str(err))}"
+    before = len(failed)
+    for name, child in module.named_children():
+        if not getattr(child, "is_init", False):  # mmengine's mark: the failed call had initialised it already
+            _init_subtree(child, f"{path}.{name}" if path else name, failed)
+    if error and len(failed) == before:
+        failed.append(error)
 
 
 def calibrate_batchnorm(model: torch.nn.Module, forward: Any, samples: list["PreparedSample"]) -> int:
@@ -633,10 +663,11 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
             seed: int = 0, verbose: bool = False) -> Analysis:
     cfg = load_config(config_path)
     model = build_model(cfg, device, seed)
+    init_failures: list[str] = []
     if checkpoint:
         load_checkpoint_strict(model, checkpoint)
     else:
-        init_random_weights(model)
+        init_failures = init_random_weights(model)
     log.info("  model %s: %.2f M parameters, %s weights", type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, "checkpoint" if checkpoint else "random")
     boundary, forward = boundary_for(model)
@@ -655,4 +686,4 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
     return Analysis(model=model, cfg=cfg, config_path=config_path, checkpoint=checkpoint,
                     model_type=type(model).__name__, device=device, boundary=boundary, samples=samples,
                     manifest=manifest, metainfo=metainfo, preprocess=preprocess,
-                    postprocess=postprocess_info(model, cfg, boundary))
+                    postprocess=postprocess_info(model, cfg, boundary), init_failures=init_failures)

@@ -45,6 +45,15 @@ def predict_forward(model: Any, inputs: dict, data_samples: list) -> Any:
     return model(inputs, data_samples, mode="predict")
 
 
+def mono3d_forward(model: Any, inputs: dict, data_samples: list) -> Any:
+    """SingleStageMono3DDetector's tensor path (its `_forward`: backbone, neck, head), except that a head whose
+    forward takes the image metas (HEADS_TAKING_METAS) gets them: mmdet3d's detectors never pass them."""
+    feats = model.extract_feat(inputs)
+    if HEADS_TAKING_METAS.lookup(model.bbox_head):
+        return model.bbox_head(feats, [sample.metainfo for sample in data_samples])
+    return model.bbox_head(feats)
+
+
 def mvx_two_stage_forward(model: Any, inputs: dict, data_samples: list) -> Any:
     """MVXTwoStageDetector (CenterPoint, MVX-Net) leaves `_forward` unimplemented; this is its tensor path."""
     metas = [sample.metainfo for sample in data_samples]
@@ -222,7 +231,13 @@ _SLIDE_HOST_SIDE = ("cut each cloud into patches with EncoderDecoder3D._sliding_
                     "hold it (scatter_add by patch index, divide by bincount), as slide_inference does")
 
 BOUNDARIES: ClassRegistry[TensorBoundary] = ClassRegistry("tensor boundary")
+# Dense heads whose forward takes the batch's image metas besides the features. MonoFlexHead reads pad_shape and
+# img_shape from them (its edge fusion samples the image border), so in the graph they are constants of the export
+# samples' image size.
+HEADS_TAKING_METAS: ClassRegistry[bool] = ClassRegistry("head taking image metas")
+HEADS_TAKING_METAS.register("MonoFlexHead", True)
 BOUNDARIES.register("Base3DDetector", TensorBoundary("tensor_mode_forward", ("bbox_head",)))
+BOUNDARIES.register("SingleStageMono3DDetector", TensorBoundary("mono3d_forward", ("bbox_head",)))
 BOUNDARIES.register("MVXTwoStageDetector", TensorBoundary("mvx_two_stage_forward", ("pts_bbox_head", "img_bbox_head")))
 BOUNDARIES.register("EncoderDecoder3D", TensorBoundary("segmentor_patch_forward", ("decode_head",),
                                                        host_inputs="sliding_patches", host_side=_SLIDE_HOST_SIDE))
@@ -323,6 +338,8 @@ def _level_suffixed(names: tuple[str, ...]) -> OutputNamer:
 OUTPUT_NAMERS.register("Anchor3DHead", _level_suffixed(("cls_score", "bbox_pred", "dir_cls_pred")))
 OUTPUT_NAMERS.register("FreeAnchor3DHead", _level_suffixed(("cls_score", "bbox_pred", "dir_cls_pred")))
 OUTPUT_NAMERS.register("ShapeAwareHead", _level_suffixed(("cls_score", "bbox_pred", "dir_cls_pred")))
+# Sigmoid heatmap (clamped to [1e-4, 1 - 1e-4]) and the 8 regression groups concatenated (50 channels).
+OUTPUT_NAMERS.register("MonoFlexHead", _level_suffixed(("cls_score", "bbox_pred")))
 
 
 def _dict_key_name(path: tuple) -> str:

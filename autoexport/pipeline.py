@@ -124,6 +124,8 @@ def _metadata(options: ExportOptions, config_path: Path, analysis: Analysis, par
         "checkpoint": str(Path(options.checkpoint).resolve()) if options.checkpoint else None,
         "weights": "checkpoint" if options.checkpoint else f"random (torch.manual_seed({options.seed}), the model's init_weights(), "
                                                              "BatchNorm statistics from the export samples)",
+        # Modules whose own init_weights() raised; their sub-modules were initialised one by one.
+        "init_weights_failed": analysis.init_failures,
         "model_type": analysis.model_type,
         "device": options.device,
         "formats": list(formats),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mmcv
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -21,6 +22,7 @@ from conftest import FUSION_SAMPLE, export_to
 SMOKE = "smoke_dla34_dlaneck_gn-all_4xb8-6x_kitti-mono3d"
 FCOS3D = "fcos3d_r101-caffe-dcn_fpn_head-gn_8xb2-1x_nus-mono3d"
 IMVOXELNET = "imvoxelnet_8xb4_kitti-3d-car"
+MONOFLEX_SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_configs" / "monoflex_dla34_kitti_mono3d.py")
 
 
 def test_kitti_mono_samples_come_from_the_dataset_parser(tmp_path: Path) -> None:
@@ -277,6 +279,66 @@ def test_detector_whose_train_returns_none_is_built_and_initialised() -> None:
     assert not model._is_init
     init_random_weights(model)  # raised AttributeError on None before
     assert model._is_init
+
+
+def test_monoflex_sample_config_exports_its_head_with_the_image_metas(tmp_path: Path) -> None:
+    """MonoFlexHead.forward takes the image metas, which mmdet3d's detectors never pass, and its init_weights fails;
+    the sample config (SMOKE's DLA-34 + DLANeck with MonoFlexHead) exports with parity all the same."""
+    out = tmp_path / "monoflex"
+    assert export_to(MONOFLEX_SAMPLE, out, "--format", "both") == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["model_type"] == "SingleStageMono3DDetector" and meta["tensor_boundary"] == "mono3d_forward"
+    assert meta["init_weights_failed"] == ["bbox_head (MonoFlexHead) raised AttributeError: 'MonoFlexHead' object "
+                                           "has no attribute 'cls_convs'"]
+    # KITTI's AffineResize gives 1280 x 384 images; the head's outputs are at a quarter of that.
+    assert [(o["name"], o["shape"]) for o in meta["outputs"]] == [("cls_score_0", [1, 3, 96, 320]),
+                                                                  ("bbox_pred_0", [1, 50, 96, 320])]
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and {c["runtime"] for c in parity["checks"]} == {"pt2", "onnxruntime"}
+    assert all(c["passed"] and c["max_abs"] <= 1e-4 for c in parity["checks"])
+    assert max(c["max_abs"] for c in parity["checks"] if c["runtime"] == "pt2") == 0.0
+    # The edge fusion, the part that reads the metas, is in the graph: a GridSample along the image border and a
+    # scatter back onto it, for the heatmap and for the 2D offsets.
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("GridSample") == 2 and ops.count("ScatterND") == 2
+
+
+def test_a_module_whose_init_weights_raises_has_its_children_initialised() -> None:
+    """mmdet3d 1.4's MonoFlexHead.init_weights reads layers it never builds (AttributeError): random weights then
+    come from its sub-modules' own init_weights, and the failure is reported, not raised."""
+    from mmengine.model import BaseModule
+
+    from autoexport.analyze import init_random_weights
+
+    class Branch(BaseModule):
+        def __init__(self) -> None:
+            super().__init__(init_cfg=dict(type="Constant", layer="Conv2d", val=0.25, bias=0.5))
+            self.conv = torch.nn.Conv2d(8, 8, 3)
+
+    class BrokenHead(BaseModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.branch = Branch()
+
+        def init_weights(self) -> None:
+            raise AttributeError("'BrokenHead' object has no attribute 'cls_convs'")
+
+    class Detector(BaseModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = Branch()
+            self.head = BrokenHead()
+
+    model = Detector()
+    assert not torch.all(model.head.branch.conv.bias == 0.5)  # PyTorch's default init until init_weights
+    failed = init_random_weights(model)
+    # Only the module at fault is named (the detector failed through it).
+    assert failed == ["head (BrokenHead) raised AttributeError: 'BrokenHead' object has no attribute 'cls_convs'"]
+    # mmengine's per-parameter bookkeeping is gone, as after a call that returns (torch.export chokes on it).
+    assert not any(hasattr(m, "_params_init_info") for m in model.modules())
+    # The branch's own init_cfg ran inside the broken head, and in the backbone.
+    for branch in (model.head.branch, model.backbone):
+        assert torch.all(branch.conv.weight == 0.25) and torch.all(branch.conv.bias == 0.5)
 
 
 def test_image_only_pipeline_on_a_lidar_dataset_gets_the_cloud_its_parser_reads(tmp_path: Path) -> None:
