@@ -46,12 +46,11 @@ def predict_forward(model: Any, inputs: dict, data_samples: list) -> Any:
 
 
 def mono3d_forward(model: Any, inputs: dict, data_samples: list) -> Any:
-    """SingleStageMono3DDetector's tensor path (its `_forward`: backbone, neck, head), except that a head whose
-    forward takes the image metas (HEADS_TAKING_METAS) gets them: mmdet3d's detectors never pass them."""
-    feats = model.extract_feat(inputs)
-    if HEADS_TAKING_METAS.lookup(model.bbox_head):
-        return model.bbox_head(feats, [sample.metainfo for sample in data_samples])
-    return model.bbox_head(feats)
+    """SingleStageMono3DDetector's tensor mode, except that a head whose forward takes the image metas
+    (HEADS_TAKING_METAS) gets them: mmdet3d's `_forward` calls `bbox_head(x)` and never passes them."""
+    if not HEADS_TAKING_METAS.lookup(model.bbox_head):
+        return tensor_mode_forward(model, inputs, data_samples)
+    return model.bbox_head(model.extract_feat(inputs), [sample.metainfo for sample in data_samples])
 
 
 def mvx_two_stage_forward(model: Any, inputs: dict, data_samples: list) -> Any:
