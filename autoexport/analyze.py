@@ -21,10 +21,12 @@ from torch.utils._pytree import tree_flatten
 
 from . import camera
 from . import samples as sample_data
-from .boundaries import TensorBoundary, boundary_for, heads_of, host_inputs_for, output_namer_for, predict_forward
+from .checkpoint import load_checkpoint_strict
+from .configs import load_config
+from .boundaries import BOUNDARIES, TensorBoundary, boundary_for, heads_of, host_inputs_for, output_namer_for, predict_forward
 from .errors import ExportFailedError, UserInputError, first_line
 from .export import innermost_model_frame
-from .manifest import (METAINFO_TENSOR_KEYS, DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
+from .manifest import (METAINFO_TENSOR_KEYS, identifier, DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
                        get_by_path, iter_tensors, metainfo_path, parse_metainfo_path, path_to_identifier,
                        path_to_str)
 
@@ -86,20 +88,6 @@ class Analysis:
 
 
 # ---- model ---------------------------------------------------------------------------------------
-
-def load_config(config_path: Path) -> Any:
-    from mmengine.config import Config
-
-    # `custom_imports` name modules relative to where the user keeps the project (e.g. projects.BEVFusion.bevfusion
-    # from mmdet3d's root): the config's folder and the working directory are importable, as with mmdet3d's tools.
-    for folder in (str(Path(config_path).resolve().parent), str(Path.cwd())):
-        if Path(config_path).is_file() and folder not in sys.path:
-            sys.path.insert(0, folder)
-    try:
-        return Config.fromfile(str(config_path))
-    except Exception as err:  # mmengine raises many types for syntax, missing bases, bad imports
-        raise UserInputError(f"config {config_path} could not be loaded: {type(err).__name__}: {err}") from None
-
 
 def drop_pretrained_init(node: Any, dropped: list[str], where: str = "model") -> Any:
     """Remove `init_cfg=dict(type='Pretrained', ...)` and `pretrained=...`: they download weights at
@@ -234,48 +222,6 @@ def calibrate_batchnorm(model: torch.nn.Module, forward: Any, samples: list["Pre
     return len(norms)
 
 
-def load_checkpoint_strict(model: torch.nn.Module, path: str) -> None:
-    """Load weights, refusing a checkpoint that does not fit: the user must not get a half-random model."""
-    ckpt_path = Path(path).expanduser()
-    if not ckpt_path.is_file():
-        raise UserInputError(f"checkpoint not found: {ckpt_path}")
-    try:
-        try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception:
-            # mmengine checkpoints pickle their `meta` (dataset info, config text); this is the user's own file.
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise UserInputError(f"checkpoint {ckpt_path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserInputError(f"checkpoint {ckpt_path} holds no state_dict of tensors")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or mismatched:
-        def some(keys: list[str]) -> str:
-            return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-        details = []
-        if missing:
-            details.append(f"{len(missing)} missing keys ({some(missing)})")
-        if unexpected:
-            details.append(f"{len(unexpected)} unexpected keys ({some(unexpected)})")
-        if mismatched:
-            k = mismatched[0]
-            details.append(f"{len(mismatched)} shape mismatches (e.g. {k}: checkpoint {tuple(state[k].shape)}, "
-                           f"model {tuple(expected[k].shape)})")
-        raise UserInputError(f"checkpoint {ckpt_path} does not fit {type(model).__name__} "
-                             f"({len(expected)} tensors expected): " + "; ".join(details)
-                             + ". Is it the checkpoint for this config?")
-    model.load_state_dict(state, strict=True)
-    meta = checkpoint.get("meta", {}) if isinstance(checkpoint, dict) else {}
-    if isinstance(meta, dict) and "dataset_meta" in meta:
-        model.dataset_meta = meta["dataset_meta"]
-
-
 # ---- samples -------------------------------------------------------------------------------------
 
 @dataclass
@@ -355,6 +301,7 @@ def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict], sources: lis
             # One augmented view packed inside MultiScaleFlipAug3D (Waymo configs): no test-time augmentation,
             # the same unwrapping Pack3DDetInputs does for a one-view list.
             packed = packed[0]
+        _check_points_left(packed, source, pipeline_cfg)
         try:
             with torch.no_grad():
                 batch = model.data_preprocessor(pseudo_collate([packed]), False)
@@ -385,6 +332,19 @@ def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict], sources: lis
             what += [f"{len(images)} image{'s' if len(images) > 1 else ''}"] if images else []
             log.info("  %s: %s (%s)", source.name, " + ".join(what), source.origin)
     return prepared
+
+
+def _check_points_left(packed: Any, source: sample_data.SampleSource, pipeline_cfg: list[dict]) -> None:
+    """A cloud the test pipeline filtered down to nothing (every point outside PointsRangeFilter's range) is the
+    user's input, not a model failure: say so before the model meets zero points."""
+    points = packed.get("inputs", {}).get("points") if isinstance(packed, dict) else None
+    if points is None or len(points) > 0:
+        return
+    ranges = [t.get("point_cloud_range") for t in sample_data.iter_pipeline_transforms(pipeline_cfg)
+              if t.get("type") == "PointsRangeFilter"]
+    where = f"the test pipeline's point_cloud_range {list(ranges[0])}" if ranges else "the test pipeline's filters"
+    raise UserInputError(f"sample {source.origin}: no point of its {source.num_points} lies inside {where}; pass a "
+                         "cloud in the dataset's coordinate frame with points in that range")
 
 
 def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], workdir: Path,
@@ -483,8 +443,9 @@ def _find_dynamic_dims(per_sample: list[dict[str, torch.Tensor]]) -> dict[tuple[
 
 
 @contextmanager
-def explain_eager_failures(model: torch.nn.Module, device: str, verbose: bool) -> Iterator[None]:
-    """Around the analyzer's own eager runs: a failure there is not an export problem; name the module and op."""
+def explain_eager_failures(model: torch.nn.Module, device: str, verbose: bool, context: str = "") -> Iterator[None]:
+    """Around the analyzer's own eager runs: a failure there is not an export problem; name the module and op, and
+    (`context`) the registry entry whose tensor path ran."""
     from .export import ModuleTracker, describe_export_failure
 
     tracker = ModuleTracker(model)
@@ -494,7 +455,7 @@ def explain_eager_failures(model: torch.nn.Module, device: str, verbose: bool) -
         raise
     except Exception as err:
         raise ExportFailedError(describe_export_failure(f"the eager PyTorch run on {device}", err, tracker.stack,
-                                                        verbose)) from err
+                                                        verbose, context)) from err
     finally:
         tracker.remove()
 
@@ -596,8 +557,8 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
         for dim in range(tensor.dim()):
             values = (int(tensor.shape[dim]), int(other.shape[dim]))
             if values[0] != values[1]:
-                dynamic[dim] = by_values.get(values) or f"{namer(path)}_dim{dim}"
-        out_specs.append(OutputSpec(name=namer(path), index_path=list(path), shape=list(tensor.shape),
+                dynamic[dim] = by_values.get(values) or f"{identifier(namer(path))}_dim{dim}"
+        out_specs.append(OutputSpec(name=identifier(namer(path)), index_path=list(path), shape=list(tensor.shape),
                                     dtype=dtype_name(tensor.dtype), dynamic_dims=dynamic))
     if len({o.name for o in out_specs}) != len(out_specs):
         raise RuntimeError(f"output names collide: {[o.name for o in out_specs]}")
@@ -660,12 +621,12 @@ def postprocess_info(model: torch.nn.Module, cfg: Any, boundary: TensorBoundary)
 
 
 def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files: list[Path],
-            seed: int = 0, verbose: bool = False) -> Analysis:
+            seed: int = 0, verbose: bool = False, trust_checkpoint: bool = False) -> Analysis:
     cfg = load_config(config_path)
     model = build_model(cfg, device, seed)
     init_failures: list[str] = []
     if checkpoint:
-        load_checkpoint_strict(model, checkpoint)
+        load_checkpoint_strict(model, checkpoint, trust_checkpoint)
     else:
         init_failures = init_random_weights(model)
     log.info("  model %s: %.2f M parameters, %s weights", type(model).__name__,
@@ -673,7 +634,10 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
     boundary, forward = boundary_for(model)
     with tempfile.TemporaryDirectory(prefix="autoexport-samples-") as workdir:
         samples, preprocess = prepare_samples(model, cfg, sample_files, Path(workdir), seed)
-    with explain_eager_failures(model, device, verbose):
+    found = BOUNDARIES.lookup(model)
+    context = (f"{type(model).__name__} (tensor path {boundary.forward_name}"
+               + (f", registered for {found[0]})" if found else ", mmengine's tensor mode)"))
+    with explain_eager_failures(model, device, verbose, context):
         if not checkpoint:
             # A two-stage detector's one graph is its first stage; its RoI head's BatchNorms see the samples only
             # through the whole model (mmdet3d's predict, host NMS included).

@@ -5,18 +5,29 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PARITY_FAILED, AutoExportError
+from .errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_OK, EXIT_PARITY_FAILED, AutoExportError, first_line
 
 log = logging.getLogger("autoexport")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2 through the CLI's error path, like any bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        from .errors import UserInputError
+
+        raise UserInputError(f"{message}; see {self.prog} --help")
+
+
 def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="autoexport",
         description="Export an MMDetection3D model to torch.export (model.pt2) and ONNX, with numeric parity "
                     "against eager PyTorch. `autoexport verify OUT_DIR` re-checks an existing export.",
@@ -25,11 +36,16 @@ def _export_parser() -> argparse.ArgumentParser:
                    help="config file, or the name of a config shipped with mmdet3d (e.g. "
                         "pointpillars_hv_secfpn_8xb6-160e_kitti-3d-3class)")
     p.add_argument("--checkpoint", help="weights (.pth); random weights when omitted")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint fully, which can run code stored in it: only for files you trust. "
+                        "Without it, checkpoints load with torch.load(weights_only=True) and the globals mmengine and "
+                        "mmdet3d checkpoints carry")
     p.add_argument("--output-dir", type=Path, help="where to write the export (default: exported_models/<config>)")
     p.add_argument("--format", choices=["pt2", "onnx", "both"], default="both")
     p.add_argument("--device", default="cpu", help="torch device for the model and eager/PT2 runs (default cpu)")
-    p.add_argument("--sample", action="append", type=Path, default=[], metavar="FILE",
-                   help="your own sample file in the dataset's format (repeatable); synthesized when omitted")
+    p.add_argument("--sample", nargs="+", action="extend", type=Path, default=[], metavar="FILE",
+                   help="your own sample files in the dataset's format (--sample a.bin b.bin, or the flag repeated); "
+                        "synthesized when omitted")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and synthesized samples")
     p.add_argument("--backend", action="append", default=[], metavar="KIND[:TARGET]",
@@ -94,6 +110,11 @@ def _tolerances(args: argparse.Namespace, base: dict) -> dict:
         if precision not in merged:
             raise UserInputError(f"--tolerance {text!r}: unknown precision; choose from {', '.join(merged)}")
         merged[precision] = Tolerance(atol, rtol, precision, merged[precision].min_cosine)
+    for name, value in (("--atol", args.atol), ("--rtol", args.rtol)):
+        if value is not None and not value >= 0:
+            raise UserInputError(f"{name} {value}: a tolerance must be a number >= 0")
+    if any(not (t.atol >= 0 and t.rtol >= 0) for t in merged.values()):
+        raise UserInputError("--tolerance: ATOL and RTOL must be numbers >= 0")
     fp32 = merged["fp32"]
     merged["fp32"] = Tolerance(args.atol if args.atol is not None else fp32.atol,
                                args.rtol if args.rtol is not None else fp32.rtol, "fp32", fp32.min_cosine)
@@ -101,7 +122,7 @@ def _tolerances(args: argparse.Namespace, base: dict) -> dict:
 
 
 def _verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autoexport verify",
+    p = _Parser(prog="autoexport verify",
                                 description="Re-run every parity check of an export from its stored inputs.")
     p.add_argument("output_dir", type=Path)
     p.add_argument("--backend", action="append", default=None, metavar="NAME",
@@ -137,6 +158,7 @@ def _run_export(argv: list[str]) -> int:
         config=args.config,
         output_dir=args.output_dir or Path("exported_models") / config_name,
         checkpoint=args.checkpoint,
+        trust_checkpoint=args.trust_checkpoint,
         formats=("pt2", "onnx") if args.format == "both" else (args.format,),
         device=args.device,
         samples=args.sample,
@@ -184,8 +206,18 @@ def _run_zoo(argv: list[str]) -> int:
     return run_zoo(args)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that the staging directory is cleaned up as for Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _in_main_thread() else None
     try:
         if argv and argv[0] == "verify":
             return _run_verify(argv[1:])
@@ -196,10 +228,28 @@ def main(argv: list[str] | None = None) -> int:
         return _run_export(argv)
     except AutoExportError as err:
         log.error("autoexport: error: %s", err)
+        if verbose and err.__cause__ is not None:
+            log.error("%s", "".join(traceback.format_exception(err.__cause__)))
         return err.exit_code
-    except KeyboardInterrupt:
-        log.error("autoexport: interrupted; nothing was written to the output directory")
-        return 130
+    except (KeyboardInterrupt, Terminated) as err:
+        log.error("autoexport: %s; the output directory was not written (its staging directory was removed)",
+                  "terminated" if isinstance(err, Terminated) else "interrupted")
+        return 143 if isinstance(err, Terminated) else 130
+    except Exception as err:  # noqa: BLE001 - never a bare traceback: one line, the trace behind --verbose
+        log.error("autoexport: error: unexpected %s outside the export stages: %s; this is a bug of autoexport: "
+                  "rerun with --verbose for the trace and report it", type(err).__name__, first_line(str(err))[:300])
+        if verbose:
+            log.error("%s", "".join(traceback.format_exception(err)))
+        return EXIT_EXPORT_FAILED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def entry() -> None:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+import re
+import sys
+import traceback
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from .errors import UserInputError
 
@@ -46,3 +51,86 @@ def resolve_config(spec: str) -> Path:
     raise UserInputError(
         f"unknown config: {where} ({len(known)} bundled configs under {bundled_config_root()}).{hint}"
     )
+
+
+def load_config(config_path: Path) -> Any:
+    """The mmengine Config of a config file, with its custom_imports imported; errors as UserInputError."""
+    from mmengine.config import Config
+
+    # `custom_imports` name modules relative to where the user keeps the project (e.g. projects.BEVFusion.bevfusion
+    # from mmdet3d's root): the config's folder and the working directory are importable, as with mmdet3d's tools.
+    for folder in (str(Path(config_path).resolve().parent), str(Path.cwd())):
+        if Path(config_path).is_file() and folder not in sys.path:
+            sys.path.insert(0, folder)
+    try:
+        cfg = Config.fromfile(str(config_path), import_custom_modules=False)
+    except Exception as err:  # noqa: BLE001 - mmengine raises many types for syntax, missing bases, bad imports
+        raise UserInputError(f"config {config_path} could not be loaded: {type(err).__name__}: "
+                             f"{_one_line(str(err))}; fix the config file") from None
+    import_custom_modules(cfg.get("custom_imports"), config_path)
+    return cfg
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def import_custom_modules(custom_imports: Any, config_path: Path) -> None:
+    """Import the config's custom_imports; a module that cannot be imported is named with why: a compiled
+    extension that is not built, a library that is not installed, or a module not found on the path."""
+    if not custom_imports:
+        return
+    imports = custom_imports.get("imports", []) if isinstance(custom_imports, dict) else custom_imports
+    allow_failed = bool(custom_imports.get("allow_failed_imports", False)) if isinstance(custom_imports, dict) else False
+    for name in [imports] if isinstance(imports, str) else list(imports):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            if allow_failed:
+                continue
+            raise UserInputError(describe_import_failure(name, err, config_path)) from None
+
+
+def _importing_frame(err: ImportError) -> traceback.FrameSummary | None:
+    """The innermost frame of the user's code (not importlib's) on the failed import's traceback."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "importlib" not in f.filename
+              and not f.filename.startswith("<")]
+    return frames[-1] if frames else None
+
+
+def compiled_extension_sources(missing: str, importer: Path | None) -> list[Path]:
+    """C++/CUDA sources that build the extension `missing` (a module name's last part), found beside the module
+    that imports it or named in a setup.py above it: evidence that it is a compiled extension."""
+    if importer is None:
+        return []
+    short = missing.rsplit(".", 1)[-1]
+    found = [p for p in importer.parent.rglob("*") if p.suffix in (".cpp", ".cu", ".cc") and p.is_file()][:3]
+    for folder in list(importer.parents)[:6]:
+        setup = folder / "setup.py"
+        if setup.is_file() and short in setup.read_text(errors="replace"):
+            found.append(setup)
+            break
+    return found
+
+
+def describe_import_failure(module: str, err: ImportError, config_path: Path) -> str:
+    """One line: which custom_imports module failed, on which import, and what to do."""
+    missing = err.name or _one_line(str(err), 80)
+    imported = re.match(r"cannot import name '([^']+)' from '([^']+)'", str(err))
+    if imported:  # `from . import ext`: the package is there, the extension module in it is not
+        missing = f"{imported.group(2)}.{imported.group(1)}"
+    frame = _importing_frame(err)
+    importer = Path(frame.filename) if frame else None
+    where = f" ({frame.filename}:{frame.lineno}: {(frame.line or '').strip()})" if frame else ""
+    head = f"config {config_path.name}: custom_imports module {module} could not be imported"
+    if missing == module or (err.name and module.startswith(err.name + ".")) or (err.name and module == err.name):
+        return (f"{head}: no module {missing} on the path; run autoexport from the folder that holds it (the "
+                "config's folder and the working directory are searched) or add that folder to PYTHONPATH")
+    sources = compiled_extension_sources(missing, importer)
+    if sources or missing.rsplit(".", 1)[-1].endswith(("_ext", "_cuda", "_layer")):
+        built_from = f", built from {', '.join(str(p) for p in sources)}" if sources else ""
+        return (f"{head}: it imports the compiled extension {missing}{where}, which is not built here{built_from}; "
+                "autoexport's op library has no substitute for it. What to do: build the project's extensions "
+                "(e.g. `python setup.py develop` in the project), or export on a machine where they are built")
+    return (f"{head}: it imports {missing}{where}, which is not installed here ({type(err).__name__}: "
+            f"{_one_line(str(err), 160)}); install it")

@@ -105,18 +105,17 @@ def _classify(err: BaseException, stage: str = "torch.export") -> tuple[str, str
             "export-hostile, register an export patch for its class in autoexport/patches.py")
 
 
-def describe_export_failure(stage: str, err: BaseException, module_stack: list[tuple[str, str]], verbose: bool) -> str:
+def describe_export_failure(stage: str, err: BaseException, module_stack: list[tuple[str, str]], verbose: bool,
+                            context: str = "") -> str:
+    """One line: what failed where (module, source line), the error, and what to do. The trace stays the
+    exception's cause, which the CLI prints with --verbose."""
     what, todo = _classify(err, stage)
-    message = first_line(str(err))
+    message = " ".join(first_line(str(err)).split())
     where = f" in module `{module_stack[-1][0]}` ({module_stack[-1][1]})" if module_stack else ""
-    lines = [f"{stage} failed{where}: {what}.", f"  error: {type(err).__name__}: {message[:400]}"]
     frame = innermost_model_frame(err)
-    if frame:
-        lines.append(f"  at {frame}")
-    lines.append(f"  what to do: {todo}.")
-    if verbose:
-        lines.append("".join(traceback.format_exception(err)))
-    return "\n".join(lines)
+    at = f" at {frame}" if frame else ""
+    of = f" of {context}" if context else ""
+    return (f"{stage} failed{where}{of}: {what}: {type(err).__name__}: {message[:400]}{at}; what to do: {todo}")
 
 
 def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: Manifest,

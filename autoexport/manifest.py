@@ -5,6 +5,7 @@ Dataclasses only, plus the helpers that flatten nested structures into (path, te
 
 from __future__ import annotations
 
+import keyword
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
@@ -111,8 +112,15 @@ def path_to_identifier(path: str) -> str:
         path = path[len("inputs."):]
     elif (meta := parse_metainfo_path(path)) and meta[0] == 0:  # first batch item: just the key, e.g. lidar2img
         path = meta[1]
-    name = re.sub(r"[^0-9a-zA-Z_]+", "_", path).strip("_")
-    return name if name and not name[0].isdigit() else f"t_{name}"
+    return identifier(path)
+
+
+def identifier(text: str) -> str:
+    """A valid Python/ONNX name from any text: other characters become '_', and a leading digit, an empty result
+    or a Python keyword gets a prefix or suffix (the generated wrapper uses these names as parameters)."""
+    name = re.sub(r"[^0-9a-zA-Z_]+", "_", str(text)).strip("_")
+    name = name if name and not name[0].isdigit() else f"t_{name}"
+    return f"{name}_" if keyword.iskeyword(name) or name in ("Tensor", "torch", "self") else name
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -21,12 +21,13 @@ from . import __version__
 from .analyze import Analysis, PreparedSample, analyze, prepare_more_samples
 from .split import SplitResult, export_split, split_plan_for
 from .configs import resolve_config
-from .errors import ExportFailedError, ParityFailedError, UserInputError, first_line
+from .errors import AutoExportError, ExportFailedError, ParityFailedError, UserInputError, first_line
 from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
 from .fidelity import DetectionDecoder, FidelityReport, compare_outputs, detection_agreement
 from .patches import OpFunctionSubstitution, eager_substitutions
 from .export import export_onnx, export_program, quiet_export_logs, save_pt2
 from .manifest import Manifest
+from .output_dir import OutputDirectory
 from .padding import PaddedInputs, PaddingPlan, plan_padding
 from .report import export_info, library_versions, outputs_info, save_npz, write_json
 from .result import ExportResult, export_runners, write_reports
@@ -48,6 +49,7 @@ class ExportOptions:
     config: str
     output_dir: Path
     checkpoint: str | None = None
+    trust_checkpoint: bool = False  # full unpickle of the checkpoint (may run code): the user's explicit opt-in
     formats: tuple[str, ...] = FORMATS
     device: str = "cpu"
     samples: list[Path] = field(default_factory=list)
@@ -70,48 +72,45 @@ class ExportOptions:
 
 
 class StageLog:
-    """Per-stage log lines with timings; the timings also go into metadata.json."""
+    """Per-stage log lines with timings; the timings also go into metadata.json. An unexpected exception inside a
+    stage (a bug, not bad input) becomes an ExportFailedError naming the stage and what was being exported."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.index = 0
         self.timings: dict[str, float] = {}
+        self.subject = ""  # the model class and the registry entries used, once known
 
     @contextmanager
     def stage(self, name: str, what: str) -> Iterator[None]:
         self.index += 1
         log.info("[%d/%d] %s: %s", self.index, self.total, name, what)
         start = time.perf_counter()
-        yield
+        try:
+            yield
+        except AutoExportError:
+            raise
+        except Exception as err:  # noqa: BLE001 - anything else is a bug: say where, keep the trace as the cause
+            subject = f" of {self.subject}" if self.subject else ""
+            raise ExportFailedError(f"unexpected {type(err).__name__} in stage {name}{subject}: "
+                                    f"{first_line(str(err))[:300]}; this is a bug of autoexport or of that registry "
+                                    "entry: rerun with --verbose for the trace and report it") from err
         self.timings[name] = round(time.perf_counter() - start, 3)
         log.info("[%d/%d] %s done in %.1f s", self.index, self.total, name, self.timings[name])
+
+
+def describe_subject(analysis: Analysis) -> str:
+    """The model class and the tensor path registry entry it was exported with, for error messages."""
+    from .boundaries import BOUNDARIES
+
+    found = BOUNDARIES.lookup(analysis.model)
+    entry = f", registered for {found[0]}" if found else ", mmengine's tensor mode (no registry entry)"
+    return f"{analysis.model_type} (tensor path {analysis.boundary.forward_name}{entry})"
 
 
 def _feed(manifest: Manifest, sample: PreparedSample) -> dict[str, np.ndarray]:
     by_path = sample.tensors()
     return {spec.name: by_path[spec.path].detach().cpu().numpy() for spec in manifest.inputs}
-
-
-def _prepare_output_dir(output_dir: Path, overwrite: bool) -> Path:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserInputError(f"output path {output_dir} exists and is not a directory")
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise UserInputError(f"output directory {output_dir} already exists; pass --overwrite to replace it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    return staging
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def _metadata(options: ExportOptions, config_path: Path, analysis: Analysis, parity: ParityReport,
@@ -158,12 +157,12 @@ def _metadata(options: ExportOptions, config_path: Path, analysis: Analysis, par
 def _check_backends(options: ExportOptions, formats: tuple[str, ...]) -> list[BackendSpec]:
     """Parse --backend values and fail before any work when a backend cannot be used here."""
     specs = list(dict.fromkeys(parse_backend(b) for b in options.backends))
+    if any(s.kind == "tensorrt" for s in specs) and "onnx" not in formats:
+        raise UserInputError("--backend tensorrt builds from model.onnx: use --format onnx or --format both")
     for spec in specs:
         reason = BACKENDS[spec.kind].missing_dependency(spec)
         if reason:
             raise UserInputError(f"--backend {spec}: {reason}")
-    if any(s.kind == "tensorrt" for s in specs) and "onnx" not in formats:
-        raise UserInputError("--backend tensorrt builds from model.onnx: use --format onnx or --format both")
     if options.capacity not in ("auto", "dynamic") and not (options.capacity.isdigit() and int(options.capacity) > 0):
         raise UserInputError(f"--capacity must be auto, dynamic or a positive integer, not {options.capacity!r}")
     return specs
@@ -416,7 +415,8 @@ def _run_export(options: ExportOptions, eager_substituted: list,
         _check_split_options(options.precision, formats, "--split")
     config_path = resolve_config(options.config)
     output_dir = options.output_dir.resolve()
-    staging = _prepare_output_dir(output_dir, options.overwrite)
+    destination = OutputDirectory(output_dir, options.overwrite)
+    staging = destination.claim()
     stages = StageLog(5 + bool(specs) + 2 * reduced_precision + options.split)
     split_result: SplitResult | None = None
     reduced: QuantizationResult | HalfResult | None = None
@@ -427,8 +427,9 @@ def _run_export(options: ExportOptions, eager_substituted: list,
     try:
         with stages.stage("analyze", f"build {config_path.stem}, run its test pipeline and data preprocessor"):
             analysis = analyze(config_path, options.checkpoint, options.device, options.samples, options.seed,
-                               options.verbose)
+                               options.verbose, trust_checkpoint=options.trust_checkpoint)
             manifest = analysis.manifest
+            stages.subject = describe_subject(analysis)
             split = options.split or bool(analysis.boundary.split_required)
             if split and not options.split:
                 # The one graph is only the first stage; the split export carries the rest of the model.
@@ -588,15 +589,12 @@ def _run_export(options: ExportOptions, eager_substituted: list,
             write_json(staging / "metadata.json", metadata)
             write_reports(parity, staging, f"Parity of {config_path.stem}")
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        destination.abandon()
         raise
 
     if not parity.passed or (fidelity is not None and not fidelity.passed) or \
             (split_result is not None and not split_result.passed):
-        failed_dir = output_dir.parent / f"{output_dir.name}.failed"
-        if failed_dir.exists():
-            shutil.rmtree(failed_dir)
-        staging.rename(failed_dir)
+        failed_dir = destination.commit(output_dir.parent / f"{output_dir.name}.failed")
         if not_built:
             verdicts = ", ".join(f"{rt} {'passed' if ok else 'FAILED'}" for rt, ok in parity.runtime_verdicts().items())
             raise ExportFailedError("lowering failed: " + "; ".join(f"{b.runtime}: {b.reason}" for b in not_built)
@@ -625,7 +623,7 @@ def _run_export(options: ExportOptions, eager_substituted: list,
                                     f"artifacts and quant_report.md were kept in {failed_dir}, not in {output_dir}")
         raise ParityFailedError("parity failed:\n" + "\n".join(lines) + f"\n{parity.table()}\n"
                                 f"the artifacts were kept for inspection in {failed_dir}, not in {output_dir}")
-    _move_into_place(staging, output_dir)
+    destination.commit()
     log.info("parity:\n%s", parity.table())
     return ExportResult(output_dir, manifest, metadata, parity)
 

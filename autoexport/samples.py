@@ -366,36 +366,57 @@ def add_annotation_stand_ins(sources: list[SampleSource], pipeline: list[dict], 
 _ACCEPTED = (".bin", ".npy")
 
 
+def in_point_cloud_range(cloud: np.ndarray, pc_range: list[float]) -> np.ndarray:
+    """Which points the test pipeline's PointsRangeFilter keeps (mmdet3d's in_range_3d: strictly inside)."""
+    lower, upper = np.asarray(pc_range[:3]), np.asarray(pc_range[3:6])
+    return ((cloud[:, :3] > lower) & (cloud[:, :3] < upper)).all(axis=1)
+
+
+def describe_point_format(fmt: PointCloudFormat) -> str:
+    return (f"{fmt.dataset_type or 'this dataset'}-style point cloud: float32 rows of {fmt.load_dim} values "
+            f"(x, y, z, intensity{', ...' if fmt.load_dim > 4 else ''})")
+
+
+def _read_cloud(path: Path, fmt: PointCloudFormat, expect: str) -> np.ndarray:
+    if path.suffix == ".bin":
+        size = path.stat().st_size
+        row = 4 * fmt.load_dim
+        if size % row:
+            raise UserInputError(f"sample {path}: {size} bytes is not a whole number of {row}-byte rows; expected a "
+                                 f"{expect}")
+        return np.fromfile(path, dtype=np.float32).reshape(-1, fmt.load_dim)
+    try:
+        cloud = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - numpy raises several types for corrupt files and oversized headers
+        raise UserInputError(f"sample {path}: not a readable .npy file ({' '.join(str(err).split())[:160]}); "
+                             f"expected a {expect}") from None
+    if cloud.ndim != 2 or cloud.shape[1] != fmt.load_dim or cloud.dtype.kind != "f":
+        raise UserInputError(f"sample {path}: array of shape {cloud.shape} and dtype {cloud.dtype}; expected a {expect}")
+    return cloud.astype(np.float32)
+
+
 def read_point_file(path: Path, fmt: PointCloudFormat) -> np.ndarray:
     """Load and check a user point cloud; raise UserInputError saying what is wrong with it."""
-    expect = (f"{fmt.dataset_type or 'this dataset'}-style point cloud: float32 rows of {fmt.load_dim} values "
-              f"(x, y, z, intensity{', ...' if fmt.load_dim > 4 else ''})")
+    expect = describe_point_format(fmt)
+    if path.is_dir():
+        raise UserInputError(f"sample {path} is a directory; pass point cloud files ({' or '.join(_ACCEPTED)}), "
+                             "e.g. --sample DIR/*.bin")
     if not path.is_file():
         raise UserInputError(f"sample file not found: {path}")
     if path.suffix not in _ACCEPTED:
         raise UserInputError(f"sample {path}: unsupported file type '{path.suffix}'; expected {' or '.join(_ACCEPTED)} "
                              f"holding a {expect}")
-    if path.suffix == ".bin":
-        size = path.stat().st_size
-        row = 4 * fmt.load_dim
-        if size == 0 or size % row:
-            raise UserInputError(f"sample {path}: {size} bytes is not a whole number of {row}-byte rows; expected a {expect}")
-        cloud = np.fromfile(path, dtype=np.float32).reshape(-1, fmt.load_dim)
-    else:
-        try:
-            cloud = np.load(path, allow_pickle=False)
-        except Exception as err:  # numpy raises several types for corrupt files
-            raise UserInputError(f"sample {path}: not a readable .npy file ({err})") from None
-        if cloud.ndim != 2 or cloud.shape[1] != fmt.load_dim or cloud.dtype.kind != "f":
-            raise UserInputError(f"sample {path}: array of shape {cloud.shape} and dtype {cloud.dtype}; expected a {expect}")
-        cloud = cloud.astype(np.float32)
+    cloud = _read_cloud(path, fmt, expect)
+    if len(cloud) == 0:
+        raise UserInputError(f"sample {path} holds 0 points; an export sample needs points inside the model's point "
+                             f"cloud range {fmt.point_cloud_range}")
     bad = int((~np.isfinite(cloud)).any(axis=1).sum())
     if bad:
-        raise UserInputError(f"sample {path}: {bad} of {len(cloud)} points contain NaN or inf")
-    inside = int(_in_range_xy(cloud[:, :2], fmt.point_cloud_range).sum())
-    if inside == 0:
+        raise UserInputError(f"sample {path}: {bad} of {len(cloud)} points contain NaN or inf; drop or fix those rows")
+    if not in_point_cloud_range(cloud, fmt.point_cloud_range).any():
         raise UserInputError(f"sample {path}: none of its {len(cloud)} points lies inside the model's point cloud range "
-                             f"{fmt.point_cloud_range}; wrong file format, load_dim or coordinate frame?")
+                             f"{fmt.point_cloud_range} (x, y, z min, then max); wrong file format, load_dim or "
+                             "coordinate frame?")
     return cloud
 
 
