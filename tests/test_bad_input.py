@@ -398,6 +398,11 @@ def test_interrupted_exports_leave_nothing_that_looks_complete(tmp_path: Path):
 HOSTILE = 'pp """; import os; os.system("touch MARKER") #\\ \n é\'q'
 
 
+def _env_with_this_checkout() -> dict:
+    """Run from another directory but import this checkout's autoexport, installed or not."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def test_hostile_config_name_gives_an_inert_wrapper(tmp_path: Path):
     import ast
 
@@ -405,12 +410,12 @@ def test_hostile_config_name_gives_an_inert_wrapper(tmp_path: Path):
     config.write_text(f"_base_ = [{PP_SAMPLE!r}]\n")
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "autoexport", "--config", str(config), "--output-dir", str(out),
-                           "--format", "pt2"], capture_output=True, text=True, cwd=tmp_path)
+                           "--format", "pt2"], capture_output=True, text=True, cwd=tmp_path, env=_env_with_this_checkout())
     assert done.returncode == 0, done.stderr[-2000:]
     source = (out / "wrapper.py").read_text()
     module = ast.parse(source)
     assert HOSTILE in ast.get_docstring(module)  # the name, intact, as text
-    subprocess.run([sys.executable, str(out / "wrapper.py")], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, str(out / "wrapper.py")], cwd=tmp_path, check=True, env=_env_with_this_checkout())
     assert not (tmp_path / "MARKER").exists()
 
 
