@@ -1,0 +1,117 @@
+"""What autoexport knows about mmdet3d classes, by class name.
+
+Each module of `autoexport.models` registers what it knows about one mmdet3d class (or one component family):
+its tensor path, output names, export patches, split plan, static padding rule, detection decoder, FP16
+sections, ... as one `ClassKnowledge` entry. Lookups walk the class's MRO, so an entry for `Anchor3DHead` also
+covers its subclasses unless a subclass sets the same field itself. The pipeline never branches on model names.
+
+Adding support for a class means adding one module under autoexport/models/ (docs/contributing/add-a-model.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Iterator
+
+# A split plan entry that says "this class has no plan", so that a base class's plan is not inherited
+# (DynamicMVXFasterRCNN's dynamic voxels do not fit MVXTwoStageDetector's hard-voxel plan).
+NO_SPLIT_PLAN = "no split plan"
+
+
+@dataclass(frozen=True)
+class ClassKnowledge:
+    """Everything autoexport knows about one class. Fields left at their default say nothing (the MRO decides)."""
+
+    # Detectors: where the exported graph starts and ends (boundaries.TensorBoundary).
+    boundary: Any = None
+    # Heads: how the flat outputs are named, path -> name (boundaries.OutputNamer).
+    output_namer: Callable[[tuple], str] | None = None
+    # Dense heads whose forward takes the batch's image metas besides the features.
+    takes_image_metas: bool | None = None
+    # Methods replaced while exporting (patching.ExportPatch), restored afterwards.
+    patches: tuple[Any, ...] = ()
+    # Detectors: the stages of a split export (plan.SplitPlan, a function of the model giving one, or NO_SPLIT_PLAN).
+    split_plan: Any = None
+    # Modules consuming padded rows: how rows past the count are made inert (padding.PaddingRule).
+    padding: Any = None
+    # Heads: raw outputs -> boxes with the head's own decoding, and the test_cfg key of its score threshold.
+    decoder: Callable[[Any, Any, list[dict]], list[Any]] | None = None
+    score_threshold_key: str | None = None
+    # Detectors: the dense sections (attribute names, in forward order) that --precision fp16 converts.
+    fp16_sections: tuple[str, ...] | None = None
+    # Modules holding a layer followed by its norm: module -> (layer attribute, norm attribute) or None.
+    batchnorm_pair: Callable[[Any], tuple[str, str] | None] | None = None
+    # Dataset classes: the camera rig of synthesized camera samples (camera.CameraRig).
+    camera_rig: Any = None
+    # Heads: the points-in, boxes-out detection graph (detections.DetectionHead).
+    detection_head: Any = None
+
+    def merged(self, other: "ClassKnowledge", class_name: str) -> "ClassKnowledge":
+        """Both entries' fields; a field set by both is an error, except patches, which add up."""
+        changes = {}
+        for field in fields(self):
+            mine, theirs = getattr(self, field.name), getattr(other, field.name)
+            if field.name == "patches":
+                changes["patches"] = mine + theirs
+            elif _is_set(theirs):
+                if _is_set(mine):
+                    raise ValueError(f"{class_name}: {field.name} registered twice")
+                changes[field.name] = theirs
+        return replace(self, **changes)
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value != ()
+
+
+class KnowledgeRegistry:
+    def __init__(self) -> None:
+        self._entries: dict[str, ClassKnowledge] = {}
+        self._loaded = False
+
+    def register(self, class_name: str, **knowledge: Any) -> ClassKnowledge:
+        entry = ClassKnowledge(**knowledge)
+        existing = self._entries.get(class_name)
+        self._entries[class_name] = existing.merged(entry, class_name) if existing else entry
+        return self._entries[class_name]
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            importlib.import_module("autoexport.models")  # each module registers its classes on import
+
+    def lookup(self, obj_or_cls: object, field: str) -> tuple[str, Any] | None:
+        """(class name, value) of `field` for the nearest class in the MRO that sets it, or None."""
+        self._load()
+        cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
+        for klass in cls.__mro__:
+            entry = self._entries.get(klass.__name__)
+            if entry is not None and _is_set(getattr(entry, field)):
+                return klass.__name__, getattr(entry, field)
+        return None
+
+    def value(self, obj_or_cls: object, field: str, default: Any = None) -> Any:
+        found = self.lookup(obj_or_cls, field)
+        return found[1] if found else default
+
+    def get(self, class_name: str) -> ClassKnowledge | None:
+        self._load()
+        return self._entries.get(class_name)
+
+    def with_field(self, field: str) -> Iterator[tuple[str, Any]]:
+        """(class name, value) of every class that sets `field`."""
+        self._load()
+        for name, entry in list(self._entries.items()):
+            if _is_set(getattr(entry, field)):
+                yield name, getattr(entry, field)
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._entries)
+
+
+KNOWLEDGE = KnowledgeRegistry()
+register = KNOWLEDGE.register
+
+__all__ = ["ClassKnowledge", "KNOWLEDGE", "KnowledgeRegistry", "NO_SPLIT_PLAN", "register"]
