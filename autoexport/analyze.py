@@ -23,7 +23,8 @@ from . import camera
 from . import samples as sample_data
 from .checkpoint import load_checkpoint_strict
 from .configs import load_config
-from .boundaries import BOUNDARIES, TensorBoundary, boundary_for, heads_of, host_inputs_for, output_namer_for, predict_forward
+from .boundaries import (TensorBoundary, boundary_for, describe_boundary, heads_of, host_inputs_for, output_namer_for,
+                         predict_forward)
 from .errors import ExportFailedError, UserInputError, first_line
 from .export import innermost_model_frame
 from .manifest import (METAINFO_TENSOR_KEYS, identifier, DynamicDim, Manifest, OutputSpec, TensorSpec, describe_input, dim_name_for, dtype_name,
@@ -634,9 +635,7 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
     boundary, forward = boundary_for(model)
     with tempfile.TemporaryDirectory(prefix="autoexport-samples-") as workdir:
         samples, preprocess = prepare_samples(model, cfg, sample_files, Path(workdir), seed)
-    found = BOUNDARIES.lookup(model)
-    context = (f"{type(model).__name__} (tensor path {boundary.forward_name}"
-               + (f", registered for {found[0]})" if found else ", mmengine's tensor mode)"))
+    context = describe_boundary(model)
     with explain_eager_failures(model, device, verbose, context):
         if not checkpoint:
             # A two-stage detector's one graph is its first stage; its RoI head's BatchNorms see the samples only

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserInputError
-from .registry import ClassRegistry
+from .knowledge import KNOWLEDGE
 
 
 @dataclass(frozen=True)
@@ -60,24 +60,11 @@ class CameraRig:
     point_frame: str = "lidar"
 
 
-# Rigs keyed by dataset class. Nominal values of each dataset's sensor setup: KITTI's CAM2 (P2 of a
-# typical drive), nuScenes' six 1600x900 cameras at their mounting yaws, SUN RGB-D's Kinect v2 frame
-# (730x530; depth frame x right, y forward, z up, so the camera looks along +y).
-CAMERA_RIGS: ClassRegistry[CameraRig] = ClassRegistry("camera rig")
-CAMERA_RIGS.register("KittiDataset", CameraRig((
-    CameraSpec("CAM2", 1242, 375, 721.54, (609.56, 172.85), 0.0, (0.27, 0.0, -0.08)),)))
-CAMERA_RIGS.register("NuScenesDataset", CameraRig(tuple(
-    CameraSpec(name, 1600, 900, 1266.4, (816.3, 491.5), yaw, (0.5, 0.0, -0.3))
-    for name, yaw in (("CAM_FRONT", 0.0), ("CAM_FRONT_RIGHT", -55.0), ("CAM_FRONT_LEFT", 55.0),
-                      ("CAM_BACK", 180.0), ("CAM_BACK_LEFT", 110.0), ("CAM_BACK_RIGHT", -110.0))), ".jpg"))
-CAMERA_RIGS.register("SUNRGBDDataset", CameraRig((
-    CameraSpec("CAM0", 730, 530, 529.5, (365.0, 265.0), 90.0),), ".jpg", point_frame="depth"))
-
-
 def rig_for(dataset_type: str) -> CameraRig:
-    rig = CAMERA_RIGS.get(dataset_type)
+    entry = KNOWLEDGE.get(dataset_type)
+    rig = entry.camera_rig if entry is not None else None
     if rig is None:
-        known = ", ".join(name for name, _ in CAMERA_RIGS.items())
+        known = ", ".join(name for name, _ in KNOWLEDGE.with_field("camera_rig"))
         raise UserInputError(f"no camera rig is known for dataset type '{dataset_type}' (known: {known}); "
                              "camera samples cannot be synthesized for it")
     return rig
@@ -166,5 +153,5 @@ def parse_info(dataset: Any, raw: dict) -> list[dict]:
     return records
 
 
-__all__ = ["CameraSpec", "CameraRig", "CAMERA_RIGS", "rig_for", "render_image", "write_images",
+__all__ = ["CameraSpec", "CameraRig", "rig_for", "render_image", "write_images",
            "dataset_for_parsing", "parse_info"]

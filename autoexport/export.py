@@ -67,7 +67,7 @@ class ModuleTracker:
             handle.remove()
 
 
-_SOURCE_MARKERS = ("/mmdet3d/", "/mmcv/", "/mmdet/", "/mmengine/", "wrapper.py", "/autoexport/patches.py")
+_SOURCE_MARKERS = ("/mmdet3d/", "/mmcv/", "/mmdet/", "/mmengine/", "wrapper.py", "/autoexport/models/")
 
 
 def innermost_model_frame(err: BaseException) -> str | None:
@@ -84,13 +84,13 @@ def _classify(err: BaseException, stage: str = "torch.export") -> tuple[str, str
     text = f"{type(err).__name__}: {err}"
     if "DataDependent" in text or "data-dependent" in text or "GuardOnDataDependentSymNode" in text:
         return ("data-dependent control flow or shape (a Python branch, loop or .item() on tensor values)",
-                "register an export patch for this class in autoexport/patches.py that computes the same result "
-                "with static shapes (see the PointPillarsScatter patch)")
+                "register an export patch for this class in its module under autoexport/models/ that computes the "
+                "same result with static shapes (see autoexport/models/pillar_scatter.py)")
     if "not implemented on CPU" in text or "not compiled with GPU" in text or "compiled with CUDA enabled" in text:
         return ("an mmcv op with no CPU kernel in this mmcv build",
                 "run with --device cuda on a machine with a GPU, or substitute the op library's implementation "
                 "(autoexport.ops.OP_LIBRARY) through an export patch with eager_devices=('cpu',) in "
-                "autoexport/patches.py, as for sparse convolution")
+                "autoexport/models/mmcv_ops.py, as for sparse convolution")
     if "data pointer" in text or "_ext" in text or "FakeTensor" in text:
         return ("a C++/CUDA extension op (mmcv._ext) that torch.export cannot see into",
                 "substitute an exportable implementation of the op (pure PyTorch or a torch.library custom op) "
@@ -98,11 +98,11 @@ def _classify(err: BaseException, stage: str = "torch.export") -> tuple[str, str
     if stage.startswith("the eager"):
         # Not an export problem: mmdet3d's own forward failed before torch.export was involved.
         return ("the model's own forward failed in eager PyTorch",
-                "run with --verbose for the full trace; a detector family without an entry in "
-                "boundaries.BOUNDARIES (e.g. a two-stage detector, whose RoI head waits for a host-side NMS) may "
-                "need its own tensor path and a split plan (split.SPLITS)")
+                "run with --verbose for the full trace; a detector family without a module in autoexport/models/ "
+                "(e.g. a two-stage detector, whose RoI head waits for a host-side NMS) may need its own tensor path "
+                "and a split plan there")
     return ("an operation torch.export could not trace", "run with --verbose for the full trace; if the module is "
-            "export-hostile, register an export patch for its class in autoexport/patches.py")
+            "export-hostile, register an export patch in its class's module under autoexport/models/")
 
 
 def describe_export_failure(stage: str, err: BaseException, module_stack: list[tuple[str, str]], verbose: bool,

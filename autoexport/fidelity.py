@@ -13,20 +13,13 @@ import numpy as np
 import torch
 
 from .manifest import Manifest
-from .registry import ClassRegistry
+from .knowledge import KNOWLEDGE
 
 # ---- decoding ------------------------------------------------------------------------------------
 
-# How a head turns its raw forward outputs (the exported graph's outputs, nested back) into boxes.
+# How a head turns its raw forward outputs (the exported graph's outputs, nested back) into boxes, and where it keeps
+# its score threshold: ClassKnowledge.decoder and .score_threshold_key, registered in autoexport/models/.
 Decoder = Callable[[Any, Any, list[dict]], list[Any]]
-DECODERS: ClassRegistry[Decoder] = ClassRegistry("detection decoder")
-DECODERS.register("Anchor3DHead", lambda head, outs, metas: head.predict_by_feat(*outs, batch_input_metas=metas))
-DECODERS.register("CenterHead", lambda head, outs, metas: head.predict_by_feat(outs, metas))
-
-# Where each head keeps its score threshold (test_cfg key), for an explicit --agreement-score-thr.
-SCORE_THRESHOLD_KEYS: ClassRegistry[str] = ClassRegistry("score threshold key")
-SCORE_THRESHOLD_KEYS.register("Anchor3DHead", "score_thr")
-SCORE_THRESHOLD_KEYS.register("CenterHead", "score_threshold")
 
 
 @dataclass
@@ -60,7 +53,7 @@ def _score_threshold(head: Any, value: float | None) -> Iterator[None]:
     if value is None:
         yield
         return
-    key = SCORE_THRESHOLD_KEYS.lookup(head)
+    key = KNOWLEDGE.lookup(head, "score_threshold_key")
     if key is None:
         raise ValueError(f"no score threshold key known for {type(head).__name__}")
     saved = copy.deepcopy(head.test_cfg)
@@ -75,11 +68,11 @@ class DetectionDecoder:
     """Runs the model's own head decoding (anchors/heatmaps, score threshold, NMS) on exported outputs."""
 
     def __init__(self, head: Any, manifest: Manifest, score_thr: float | None = None) -> None:
-        found = DECODERS.lookup(head)
+        found = KNOWLEDGE.lookup(head, "decoder")
         if found is None:
             raise LookupError(f"no detection decoder registered for {type(head).__name__}")
         self.head, self.decode_fn, self.manifest, self.score_thr = head, found[1], manifest, score_thr
-        key = SCORE_THRESHOLD_KEYS.lookup(head)
+        key = KNOWLEDGE.lookup(head, "score_threshold_key")
         self.effective_score_thr = score_thr if score_thr is not None else (
             head.test_cfg.get(key[1]) if key else None)
 

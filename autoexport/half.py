@@ -1,6 +1,6 @@
 """Stage 2b for --precision fp16: a copy of the model whose dense sections (backbone, neck, head) run in FP16.
 
-Sections are listed per detector class in FP16_SECTIONS. Their parameters become FP16; FP32 tensors entering a
+Sections are registered per detector class in autoexport/models/ (ClassKnowledge.fp16_sections). Their parameters become FP16; FP32 tensors entering a
 section are cast to FP16 and the last section's outputs back to FP32, so the exported graph
 keeps FP32 inputs and outputs and the casts are explicit ops in it. Voxel/pillar encoders stay in FP32: they
 subtract pillar centres from coordinates of tens of metres, where FP16 keeps only ~3 cm steps.
@@ -15,13 +15,7 @@ from typing import Any
 import torch
 
 from .errors import UserInputError
-from .registry import ClassRegistry
-
-FP16_SECTIONS: ClassRegistry[tuple[str, ...]] = ClassRegistry("fp16 sections")
-FP16_SECTIONS.register("Base3DDetector", ("backbone", "neck", "bbox_head"))
-FP16_SECTIONS.register("MVXTwoStageDetector", ("img_backbone", "img_neck", "pts_backbone", "pts_neck",
-                                               "pts_bbox_head"))
-
+from .knowledge import KNOWLEDGE
 
 @dataclass
 class HalfResult:
@@ -56,11 +50,11 @@ def _cast_around_forward(module: torch.nn.Module, cast_outputs: bool) -> None:
 
 
 def to_fp16(model: torch.nn.Module) -> HalfResult:
-    found = FP16_SECTIONS.lookup(model)
+    found = KNOWLEDGE.lookup(model, "fp16_sections")
     sections = [name for name in (found[1] if found else ()) if getattr(model, name, None) is not None]
     if not sections:
         raise UserInputError(f"no FP16 sections are registered for {type(model).__name__} "
-                             "(autoexport.half.FP16_SECTIONS); --precision fp16 does not know what to convert")
+                             "(ClassKnowledge.fp16_sections in autoexport/models/); --precision fp16 does not know what to convert")
     half = copy.deepcopy(model)
     for index, name in enumerate(sections):
         module = getattr(half, name)

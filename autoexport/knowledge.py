@@ -11,6 +11,7 @@ Adding support for a class means adding one module under autoexport/models/ (doc
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator
 
@@ -40,6 +41,8 @@ class ClassKnowledge:
     score_threshold_key: str | None = None
     # Detectors: the dense sections (attribute names, in forward order) that --precision fp16 converts.
     fp16_sections: tuple[str, ...] | None = None
+    # Modules whose layers stay float under --precision int8 unless the user says otherwise: why.
+    keep_float_in_int8: str | None = None
     # Modules holding a layer followed by its norm: module -> (layer attribute, norm attribute) or None.
     batchnorm_pair: Callable[[Any], tuple[str, str] | None] | None = None
     # Dataset classes: the camera rig of synthesized camera samples (camera.CameraRig).
@@ -76,14 +79,18 @@ class KnowledgeRegistry:
         self._entries[class_name] = existing.merged(entry, class_name) if existing else entry
         return self._entries[class_name]
 
-    def _load(self) -> None:
+    def load(self) -> None:
         if not self._loaded:
-            self._loaded = True
-            importlib.import_module("autoexport.models")  # each module registers its classes on import
+            self._loaded = True  # set first: the modules' own imports may look things up
+            try:
+                importlib.import_module("autoexport.models")  # each module registers its classes on import
+            except BaseException:
+                self._loaded = False
+                raise
 
     def lookup(self, obj_or_cls: object, field: str) -> tuple[str, Any] | None:
         """(class name, value) of `field` for the nearest class in the MRO that sets it, or None."""
-        self._load()
+        self.load()
         cls = obj_or_cls if isinstance(obj_or_cls, type) else type(obj_or_cls)
         for klass in cls.__mro__:
             entry = self._entries.get(klass.__name__)
@@ -95,19 +102,34 @@ class KnowledgeRegistry:
         found = self.lookup(obj_or_cls, field)
         return found[1] if found else default
 
+    @contextmanager
+    def overridden(self, class_name: str, entry: ClassKnowledge | None = None, **knowledge: Any) -> Iterator[None]:
+        """Within the block, `class_name` has exactly this knowledge (an empty entry when none is given); the
+        previous entry comes back after. For tests, and for trying a registration before adding a module."""
+        self.load()
+        previous = self._entries.get(class_name)
+        self._entries[class_name] = entry if entry is not None else ClassKnowledge(**knowledge)
+        try:
+            yield
+        finally:
+            if previous is None:
+                del self._entries[class_name]
+            else:
+                self._entries[class_name] = previous
+
     def get(self, class_name: str) -> ClassKnowledge | None:
-        self._load()
+        self.load()
         return self._entries.get(class_name)
 
     def with_field(self, field: str) -> Iterator[tuple[str, Any]]:
         """(class name, value) of every class that sets `field`."""
-        self._load()
+        self.load()
         for name, entry in list(self._entries.items()):
             if _is_set(getattr(entry, field)):
                 yield name, getattr(entry, field)
 
     def names(self) -> list[str]:
-        self._load()
+        self.load()
         return sorted(self._entries)
 
 

@@ -2,8 +2,8 @@
 
 A padded artifact takes every input that carries the padded dimension at a fixed capacity, plus one count
 input saying how many leading rows are real. Rows at and after the count are made inert inside the graph,
-so a caller may leave anything in them. What "inert" means depends on the model, so the fill values live
-in a registry keyed by the mmdet3d class that consumes the padded rows.
+so a caller may leave anything in them. What "inert" means depends on the model, so the fill values are
+registered by the module of the mmdet3d class that consumes the padded rows (ClassKnowledge.padding).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .manifest import Manifest
-from .registry import ClassRegistry
+from .knowledge import KNOWLEDGE
 
 
 @dataclass(frozen=True)
@@ -25,31 +25,6 @@ class PaddingRule:
     capacity_from: Callable[[torch.nn.Module], int | None]  # the model's own upper bound for the dimension
     spare_batch_row: bool  # export patches must give padded rows a canvas row of their own
     reason: str
-
-
-STATIC_PADDING: ClassRegistry[PaddingRule] = ClassRegistry("static padding rules")
-
-
-def _test_max_voxels(model: torch.nn.Module) -> int | None:
-    # Hard voxelization never produces more voxels per sample than its test-time max_voxels.
-    layer = getattr(getattr(model, "data_preprocessor", None), "voxel_layer", None)
-    max_voxels = getattr(layer, "max_voxels", None)
-    if isinstance(max_voxels, (tuple, list)) and len(max_voxels) == 2:
-        return int(max_voxels[1])
-    return int(max_voxels) if isinstance(max_voxels, int) else None
-
-
-# Pillar models: the voxel encoder works row by row, so a padded row only matters where the scatter writes it.
-# num_points=1 keeps the cluster mean finite (0 would give NaN), and batch index == batch_size sends the row to
-# a spare canvas row that the patched scatter drops before the backbone.
-STATIC_PADDING.register("PointPillarsScatter", PaddingRule(
-    dim="num_voxels",
-    fills={"voxels.voxels": lambda b: 0.0, "voxels.num_points": lambda b: 1, "voxels.coors": lambda b: [b, 0, 0, 0]},
-    capacity_from=_test_max_voxels,
-    spare_batch_row=True,
-    reason="rows >= num_voxels get num_points=1, zero points and batch index = batch size, so they land in a "
-           "spare canvas row that is dropped before the backbone",
-))
 
 
 @dataclass
@@ -93,7 +68,7 @@ class PaddingPlan:
 def plan_padding(model: torch.nn.Module, manifest: Manifest, capacity: int | None = None) -> PaddingPlan | None:
     """A plan when the model has a registered rule covering every padded input, else None (stay dynamic)."""
     for module in model.modules():
-        found = STATIC_PADDING.lookup(module)
+        found = KNOWLEDGE.lookup(module, "padding")
         if found is None:
             continue
         class_name, rule = found

@@ -101,11 +101,9 @@ class StageLog:
 
 def describe_subject(analysis: Analysis) -> str:
     """The model class and the tensor path registry entry it was exported with, for error messages."""
-    from .boundaries import BOUNDARIES
+    from .boundaries import describe_boundary
 
-    found = BOUNDARIES.lookup(analysis.model)
-    entry = f", registered for {found[0]}" if found else ", mmengine's tensor mode (no registry entry)"
-    return f"{analysis.model_type} (tensor path {analysis.boundary.forward_name}{entry})"
+    return describe_boundary(analysis.model)
 
 
 def _feed(manifest: Manifest, sample: PreparedSample) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .errors import UserInputError
+from .knowledge import KNOWLEDGE
 from .registry import ClassRegistry
 
 log = logging.getLogger("autoexport")
@@ -104,12 +105,8 @@ def _fold_into(layer: torch.nn.Module, norm: torch.nn.modules.batchnorm._BatchNo
     return True
 
 
-# Where a class keeps a layer followed by its norm, keyed by class name: (layer attribute, norm attribute).
+# Where a class keeps a layer followed by its norm: ClassKnowledge.batchnorm_pair (ConvModule, PFNLayer, ...).
 # nn.Sequential (conv, bn, relu blocks of SECOND/SECONDFPN) is handled generically below.
-BATCHNORM_PAIRS: ClassRegistry[Callable[[Any], tuple[str, str] | None]] = ClassRegistry("batchnorm folding")
-BATCHNORM_PAIRS.register("ConvModule", lambda m: ("conv", m.norm_name)
-                         if m.with_norm and m.order.index("conv") < m.order.index("norm") else None)
-BATCHNORM_PAIRS.register("PFNLayer", lambda m: ("linear", "norm"))
 
 
 def fold_batchnorms(model: torch.nn.Module) -> list[str]:
@@ -121,7 +118,7 @@ def fold_batchnorms(model: torch.nn.Module) -> list[str]:
             names = list(module._modules)
             pairs = [(a, b) for a, b in zip(names, names[1:])
                      if isinstance(module._modules[b], torch.nn.modules.batchnorm._BatchNorm)]
-        elif (entry := BATCHNORM_PAIRS.lookup(module)) is not None and (pair := entry[1](module)) is not None:
+        elif (pairing := KNOWLEDGE.value(module, "batchnorm_pair")) is not None and (pair := pairing(module)) is not None:
             pairs = [pair]
         for layer_name, norm_name in pairs:
             layer, norm = getattr(module, layer_name), getattr(module, norm_name)
@@ -187,10 +184,7 @@ QUANT_MODULES.register("ConvTranspose2d", _conv_factory("QuantConvTranspose2d", 
 QUANT_MODULES.register("ConvTranspose3d", _conv_factory("QuantConvTranspose3d", True))
 QUANT_MODULES.register("Linear", _linear_factory)
 
-# Layers kept in float unless the user lists them nowhere else: class name of the owner -> why.
-FLOAT_BY_DEFAULT: ClassRegistry[str] = ClassRegistry("float by default")
-FLOAT_BY_DEFAULT.register("PFNLayer", "reads raw point coordinates and offsets in metres (range tens of metres, "
-                                      "centimetre detail): one int8 scale for all of them loses the detail")
+# Layers kept in float unless the user lists them nowhere else: ClassKnowledge.keep_float_in_int8 of their owner.
 
 
 def quantizable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -202,8 +196,8 @@ def quantizable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def default_float_layers(model: torch.nn.Module, candidates: Iterable[str]) -> dict[str, str]:
-    """Layers under a FLOAT_BY_DEFAULT owner: path -> reason."""
-    owners = {path: FLOAT_BY_DEFAULT.lookup(m) for path, m in model.named_modules() if path}
+    """Layers under an owner whose class keeps them float (ClassKnowledge.keep_float_in_int8): path -> reason."""
+    owners = {path: KNOWLEDGE.lookup(m, "keep_float_in_int8") for path, m in model.named_modules() if path}
     reasons = {}
     for layer_path in candidates:
         for owner_path, found in owners.items():

@@ -1,6 +1,7 @@
 """Split export (`--split`): the model as named stages, each its own model.pt2/model.onnx, plus `stages.json`
 saying how tensors flow between them, the way CUDA-BEVFusion and CUDA-PointPillars deploy a detector as separate
-graphs (voxel encoder + scatter, BEV backbone, head). Stages are registered per detector class in SPLITS.
+graphs (voxel encoder + scatter, BEV backbone, head). Each detector class's module in autoexport.models registers
+its plan (ClassKnowledge.split_plan); the builders below are shared by those plans.
 
 Every stage is checked on its own (eager stage vs its PT2 and ONNX Runtime graphs, on the tensors the eager model
 passes across that boundary) and chained (the ONNX Runtime stages run one after the other from the model's inputs,
@@ -17,11 +18,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .boundaries import imvotenet_first_stage, part_a2_first_stage, point_rcnn_rpn_forward, pv_rcnn_first_stage
 from .errors import UserInputError
 from .export import export_onnx, export_program, save_pt2
 from .manifest import DynamicDim, Manifest, OutputSpec, TensorSpec, dtype_name, get_by_path
-from .registry import ClassRegistry
+from .knowledge import KNOWLEDGE, NO_SPLIT_PLAN
 from .runners import OnnxRuntimeRunner, PT2Runner
 from .verify import Comparator, ParityReport, Tolerance, compare_arrays, compare_row_set
 
@@ -88,7 +88,7 @@ class SplitPlan:
         return stage.name == self.model_outputs_stage if self.model_outputs_stage else stage is self.stages[-1]
 
 
-# ---- stage forwards per family -------------------------------------------------------------------
+# ---- stage builders shared by the plans -------------------------------------------------------------------
 
 def _lidar_encoder(prefix: str, extra_args: bool) -> StageForward:
     def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
@@ -126,7 +126,7 @@ def _dense_head(head_attr: str) -> StageForward:
     return forward
 
 
-def _voxel_bev_plan(prefix: str, head_attr: str, extra_args: bool) -> SplitPlan:
+def voxel_bev_plan(prefix: str, head_attr: str, extra_args: bool) -> SplitPlan:
     return SplitPlan((
         StageDef("lidar.encoder", _lidar_encoder(prefix, extra_args),
                  "voxel/pillar encoder and BEV scatter (or sparse encoder)",
@@ -169,342 +169,43 @@ def camera_lidar_fusion_plan(vtransform: StageForward, vtransform_modules: tuple
     ), covers_camera=True)
 
 
-def _boundary_stage(tensor_forward: Callable[[Any, dict, list], Any], inputs_key: str) -> StageForward:
-    """A one-graph tensor path of boundaries.py as a stage; its model inputs are `inputs_key`_0, _1, ..."""
+def boundary_stage(tensor_forward: Callable[[Any, dict, list], Any], inputs_key: str) -> StageForward:
+    """A one-graph tensor path (TensorBoundary.forward) as a stage; its model inputs are `inputs_key`_0, _1, ..."""
     def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
         return {"head_outputs": tensor_forward(model, {inputs_key: list(t.values())}, [])}
 
     return forward
 
 
-def _numbered(t: Tensors, prefix: str) -> list[torch.Tensor]:
+def numbered(t: Tensors, prefix: str) -> list[torch.Tensor]:
     """prefix0, prefix1, ... in order (StageDef.input_names sorts numbered inputs)."""
     return [tensor for name, tensor in t.items() if name.startswith(prefix)]
 
 
-def _per_sample(t: Tensors, name: str, rois: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def per_sample(t: Tensors, name: str, rois: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """A per-RoI tensor cut into the per-sample list mmdet3d's heads take (RoIs are grouped by sample)."""
     return list(torch.split(t[name], torch.bincount(rois[:, 0].long(), minlength=batch_size).tolist()))
 
 
-def _detections(results: list) -> Tensors:
+def detections_of(results: list) -> Tensors:
     """A bbox head's per-sample results (InstanceData) as the detections stage's flat tensors, samples in order."""
     return {"bboxes_3d": torch.cat([r.bboxes_3d.tensor for r in results]),
             "scores_3d": torch.cat([r.scores_3d for r in results]),
             "labels_3d": torch.cat([r.labels_3d for r in results])}
 
 
-def _point_rcnn_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """PointRPNHead.predict_by_feat (box decoding, class-agnostic NMS) on the raw points, as in its predict."""
-    from mmdet3d.structures import bbox3d2roi
-
-    points = torch.stack(_numbered(t, "points_"))
-    results = model.rpn_head.predict_by_feat(points, t["bbox_preds"], t["cls_preds"], list(context.metas),
-                                             cfg=model.rpn_head.test_cfg)
-    return {"rois": bbox3d2roi([r.bboxes_3d.tensor for r in results]),
-            "roi_labels": torch.cat([r.labels_3d for r in results])}
-
-
-def _point_rcnn_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """PointRCNNRoIHead.predict up to its bbox head: point scores and depths joined to the features, RoI point
-    pooling, the bbox head's raw class score and box residuals per RoI."""
-    roi_head = model.roi_head
-    point_scores = t["cls_preds"].sigmoid().max(-1)[0]
-    depths = t["fp_points"].norm(dim=2) / roi_head.depth_normalizer - 0.5
-    features = torch.cat([point_scores.unsqueeze(2), depths.unsqueeze(2), t["fp_features"].transpose(1, 2)], dim=2)
-    outputs = roi_head._bbox_forward(features, t["fp_points"], context.batch_size, t["rois"])
-    return {"cls_score": outputs["cls_score"], "bbox_pred": outputs["bbox_pred"]}
-
-
-def _point_rcnn_detections(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """PointRCNNBboxHead.get_results: residuals decoded on the proposals, per-class NMS, as predict returns them."""
-    roi_head = model.roi_head
-    labels = _per_sample(t, "roi_labels", t["rois"], context.batch_size)
-    results = roi_head.bbox_head.get_results(t["rois"], t["cls_score"].sigmoid(), t["bbox_pred"], labels,
-                                             list(context.metas), cfg=roi_head.test_cfg)
-    return _detections(results)
-
-
-POINT_RCNN_PLAN = SplitPlan((
-    StageDef("rpn", _boundary_stage(point_rcnn_rpn_forward, "points"), "PointNet++ backbone, FP neck and point RPN head (the one-graph export)",
-             ("backbone", "neck", "rpn_head"), ("points_*",)),
-    StageDef("proposals", _point_rcnn_proposals, "host: decode each point's box, class-agnostic NMS -> RoIs",
-             (), ("points_*", "bbox_preds", "cls_preds"), host=True, row_sets=(("rois", "roi_labels"),)),
-    StageDef("roi", _point_rcnn_roi, "RoI point pooling and the PointNet++ bbox head on each RoI", ("roi_head",),
-             ("fp_features", "fp_points", "cls_preds", "rois"), dims=(("rois", 0, "num_rois"),),
-             row_sets=(("cls_score", "bbox_pred"),)),
-    StageDef("detections", _point_rcnn_detections, "host: decode the refined boxes, per-class NMS -> detections",
-             (), ("rois", "roi_labels", "cls_score", "bbox_pred"), host=True,
-             row_sets=(("bboxes_3d", "scores_3d", "labels_3d"),)),
-), model_outputs_stage="rpn")
-
-
-def _hard_voxels(t: Tensors) -> Tensors:
+def hard_voxels(t: Tensors) -> Tensors:
     """The data preprocessor's hard voxels, as the first stage's inputs name them, in the dict mmdet3d passes."""
     return {"voxels": t["voxels_voxels"], "num_points": t["voxels_num_points"], "coors": t["voxels_coors"]}
 
 
-def _part_a2_rpn(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    return {"head_outputs": part_a2_first_stage(model, _hard_voxels(t), context.batch_size)}
-
-
-def _anchor_rpn_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """PartA2RPNHead.predict_by_feat (anchor decoding, score threshold, NMS) as PartA2RPNHead.predict runs it
-    (PartA2's RPN head, and PV-RCNN's)."""
-    from mmdet3d.structures import bbox3d2roi
-
-    head = model.rpn_head
-    results = head.predict_by_feat(_numbered(t, "cls_score_"), _numbered(t, "bbox_pred_"),
-                                   _numbered(t, "dir_cls_pred_"),
-                                   batch_input_metas=list(context.metas), cfg=head.test_cfg)
-    return {"rois": bbox3d2roi([r.bboxes_3d.tensor for r in results]),
-            "roi_labels": torch.cat([r.labels_3d for r in results]),
-            "roi_class_scores": torch.cat([r.cls_preds for r in results])}
-
-
-# The host step after PartA2RPNHead, PartA2's and PV-RCNN's RPN head.
-_ANCHOR_RPN_PROPOSALS = StageDef(
-    "proposals", _anchor_rpn_proposals, "host: decode the anchors' boxes, score threshold, NMS -> RoIs",
-    (), ("cls_score_*", "bbox_pred_*", "dir_cls_pred_*"), host=True,
-    row_sets=(("rois", "roi_labels", "roi_class_scores"),))
-
-
-def _rois_up_to_nms_post(model: Any, context: StageContext) -> dict[str, int]:
-    """The RoI count's bound: the RPN's NMS keeps at most test_cfg.nms_post boxes per sample."""
-    return {"num_rois": model.rpn_head.test_cfg.nms_post * context.batch_size}
-
-
-def _part_a2_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """PartAggregationROIHead.predict_bbox up to its bbox head: the semantic head's part features, RoI-aware
-    pooling of them and of seg_features, PartA2BboxHead's raw class score and box residuals per RoI."""
-    roi_head = model.roi_head
-    feats = {"seg_features": t["seg_features"], **roi_head.semantic_head(t["seg_features"])}
-    coors = t["voxels_coors"]
-    # The data preprocessor's voxel centers (it computes them per sample from the same coordinates); they are
-    # not a graph input because the first stage never reads them.
-    layer = model.data_preprocessor.voxel_layer
-    centers = ((coors[:, [3, 2, 1]] + 0.5) * coors.new_tensor(layer.voxel_size, dtype=torch.float32)
-               + coors.new_tensor(layer.point_cloud_range[0:3], dtype=torch.float32))
-    outputs = roi_head._bbox_forward(feats, {"voxel_centers": centers, "coors": coors}, t["rois"])
-    return {"cls_score": outputs["cls_score"], "bbox_pred": outputs["bbox_pred"]}
-
-
-def _part_a2_detections(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """PartA2BboxHead.get_results: residuals decoded on the proposals, per-class NMS, as predict_bbox runs it."""
-    roi_head = model.roi_head
-    rois = t["rois"]
-    results = roi_head.bbox_head.get_results(
-        rois, t["cls_score"], t["bbox_pred"], _per_sample(t, "roi_labels", rois, context.batch_size),
-        _per_sample(t, "roi_class_scores", rois, context.batch_size), list(context.metas), roi_head.test_cfg)
-    return _detections(results)
-
-
-PART_A2_PLAN = SplitPlan((
-    StageDef("rpn", _part_a2_rpn, "voxel encoder, SparseUNet, BEV backbone and neck, anchor RPN head (the one-graph "
-             "export)", ("voxel_encoder", "middle_encoder", "backbone", "neck", "rpn_head"),
-             ("voxels_voxels", "voxels_num_points", "voxels_coors")),
-    _ANCHOR_RPN_PROPOSALS,
-    StageDef("roi", _part_a2_roi, "semantic head, RoI-aware pooling of part and segmentation features, the sparse "
-             "conv bbox head on each RoI", ("roi_head", "data_preprocessor"), ("seg_features", "voxels_coors", "rois"),
-             dims=(("rois", 0, "num_rois"),), row_sets=(("cls_score", "bbox_pred"),),
-             dim_bounds=_rois_up_to_nms_post),
-    StageDef("detections", _part_a2_detections, "host: decode the refined boxes, per-class NMS -> detections",
-             (), ("rois", "roi_labels", "roi_class_scores", "cls_score", "bbox_pred"), host=True,
-             row_sets=(("bboxes_3d", "scores_3d", "labels_3d"),)),
-), model_outputs_stage="rpn")
-
-
-def _pv_rcnn_rpn(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    return {"head_outputs": pv_rcnn_first_stage(model, _hard_voxels(t), _numbered(t, "points_"), context.batch_size)}
-
-
-def _pv_rcnn_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """PVRCNNRoiHead.predict up to its bbox head: keypoint features weighted by the semantic head's foreground
-    score, RoI grid pooling of them around each proposal, PVRCNNBBoxHead's raw class score and box residuals."""
-    roi_head = model.roi_head
-    seg_preds = roi_head.semantic_head(t["keypoint_features"])["seg_preds"]
-    features = t["fusion_keypoint_features"] * seg_preds.sigmoid().max(dim=-1, keepdim=True).values
-    outputs = roi_head._bbox_forward(features, t["keypoints"], t["rois"])
-    return {"cls_score": outputs["bbox_scores"], "bbox_pred": outputs["bbox_reg"]}
-
-
-def _pv_rcnn_detections(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """PVRCNNBBoxHead.get_results: residuals decoded on the proposals, NMS, as PVRCNNRoiHead.predict runs it."""
-    roi_head = model.roi_head
-    rois = t["rois"]
-    results = roi_head.bbox_head.get_results(rois, t["cls_score"], t["bbox_pred"],
-                                             _per_sample(t, "roi_labels", rois, context.batch_size),
-                                             list(context.metas), roi_head.test_cfg)
-    return _detections(results)
-
-
-PV_RCNN_PLAN = SplitPlan((
-    StageDef("rpn", _pv_rcnn_rpn, "voxel encoder, sparse encoder, BEV backbone and neck, anchor RPN head, and the "
-             "voxel set abstraction of keypoints (the one-graph export)",
-             ("voxel_encoder", "middle_encoder", "backbone", "neck", "rpn_head", "points_encoder"),
-             ("voxels_voxels", "voxels_num_points", "voxels_coors", "points_*")),
-    _ANCHOR_RPN_PROPOSALS,
-    StageDef("roi", _pv_rcnn_roi, "foreground-weighted keypoint features, RoI grid pooling around each proposal, "
-             "the bbox head's MLPs on each RoI", ("roi_head",),
-             ("keypoint_features", "fusion_keypoint_features", "keypoints", "rois"),
-             dims=(("rois", 0, "num_rois"),), row_sets=(("cls_score", "bbox_pred"),),
-             dim_bounds=_rois_up_to_nms_post),
-    StageDef("detections", _pv_rcnn_detections, "host: decode the refined boxes, NMS -> detections",
-             (), ("rois", "roi_labels", "cls_score", "bbox_pred"), host=True,
-             row_sets=(("bboxes_3d", "scores_3d", "labels_3d"),)),
-), model_outputs_stage="rpn")
-
-
-def _imvotenet_backbones(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    return {"head_outputs": imvotenet_first_stage(model, t["imgs"], _numbered(t, "points_") or None)}
-
-
-def _image_proposals(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """RPNHead.predict_by_feat (anchor decoding, NMS) as ImVoteNet.predict_img_only runs it (no rescale)."""
-    from mmdet.structures.bbox import bbox2roi
-
-    head = model.img_rpn_head
-    results = head.predict_by_feat(_numbered(t, "rpn_cls_score_"), _numbered(t, "rpn_bbox_pred_"),
-                                   batch_img_metas=list(context.metas), cfg=head.test_cfg, rescale=False)
-    return {"image_rois": bbox2roi([r.bboxes for r in results])}
-
-
-def _image_roi(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """StandardRoIHead._bbox_forward: RoIAlign of each proposal from its FPN level, the shared-FC bbox head."""
-    outputs = model.img_roi_head._bbox_forward(_numbered(t, "img_feature_"), t["image_rois"])
-    return {"image_cls_score": outputs["cls_score"], "image_bbox_pred": outputs["bbox_pred"]}
-
-
-def _image_detections(rescale: bool) -> StageForward:
-    def forward(model: Any, t: Tensors, context: StageContext) -> Tensors:
-        """BBoxHead.predict_by_feat (box decoding, per-class NMS) as StandardRoIHead.predict_bbox runs it."""
-        roi_head = model.img_roi_head
-
-        def per_image(name: str) -> list[torch.Tensor]:
-            return _per_sample(t, name, t["image_rois"], context.batch_size)
-
-        results = roi_head.bbox_head.predict_by_feat(per_image("image_rois"), per_image("image_cls_score"),
-                                                     per_image("image_bbox_pred"), list(context.metas),
-                                                     rcnn_test_cfg=roi_head.test_cfg, rescale=rescale)
-        return {"bboxes_2d": torch.cat([r.bboxes for r in results]),
-                "scores_2d": torch.cat([r.scores for r in results]),
-                "labels_2d": torch.cat([r.labels for r in results]),
-                "image_index_2d": torch.cat([torch.full_like(r.labels, i) for i, r in enumerate(results)])}
-
-    return forward
-
-
-# The seed sampler draws with torch.randperm; the host step draws from a fixed seed so that a deployment, the
-# eager chain and the exported chain pick the same seeds (mmdet3d's predict draws from the global generator).
-IMVOTE_SAMPLING_SEED = 0
-
-
-def _imvotes(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """ImVoteNet.predict between its image and point branches: each image's 2D detections sorted by score,
-    VoteFusion's geometric, semantic and texture cues for every seed and box (no weights; it branches on the box
-    count), and sample_valid_seeds' choice of num_sampled_seed image votes."""
-    from mmdet3d.models.detectors.imvotenet import sample_valid_seeds
-
-    boxes_with_labels = []
-    for image in range(context.batch_size):
-        rows = t["image_index_2d"] == image
-        rows_of_image = torch.cat([t["bboxes_2d"][rows], t["scores_2d"][rows, None],
-                                   t["labels_2d"][rows, None].to(t["bboxes_2d"].dtype)], dim=-1)
-        boxes_with_labels.append(rows_of_image[torch.argsort(rows_of_image[:, 4], descending=True)])
-    features, masks = model.fusion_layer(t["imgs"], boxes_with_labels, t["seeds_3d"], list(context.metas))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(IMVOTE_SAMPLING_SEED)
-        chosen = sample_valid_seeds(masks, model.num_sampled_seed)
-    return {"imvote_features": features, "imvote_indices": chosen}
-
-
-# What VoteHead.predict_by_feat reads of the head's outputs (its bbox coder's decode and the two scores).
-_VOTE_DECODE_KEYS = ("center", "dir_class", "dir_res", "size_class", "size_res", "obj_scores", "sem_scores")
-
-
-def _imvotenet_joint_head(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """ImVoteNet.predict after the seed sampling: the chosen image votes and their seeds gathered, img_mlp, the
-    fused features into the joint VoteHead."""
-    chosen = t["imvote_indices"]
-    batch, image_channels = t["imvote_features"].shape[:2]
-    features = t["imvote_features"].gather(-1, chosen.view(batch, 1, -1).expand(-1, image_channels, -1))
-    # VoteFusion lays the votes out rank-major (every seed's first vote, then every second one ...): modulo the
-    # seed count (num_sampled_seed here, as mmdet3d writes it) is the vote's seed.
-    seeds = chosen % chosen.shape[1]
-    seed_points = t["seeds_3d"].gather(1, seeds.view(batch, -1, 1).expand(-1, -1, 3))
-    point_channels = t["seed_3d_features"].shape[1]
-    seed_features = t["seed_3d_features"].gather(-1, seeds.view(batch, 1, -1).expand(-1, point_channels, -1))
-    fused = torch.cat([seed_features, model.img_mlp(features)], dim=1)
-    outputs = model.pts_bbox_head_joint({"seed_points": seed_points, "seed_features": fused,
-                                         "seed_indices": t["seed_indices_3d"].gather(1, seeds)})
-    return {key: outputs[key] for key in _VOTE_DECODE_KEYS if key in outputs}
-
-
-def _imvotenet_detections(model: Any, t: Tensors, context: StageContext) -> Tensors:
-    """VoteHead.predict_by_feat: box decoding and per-class 3D NMS, as the joint head's predict runs it."""
-    results = model.pts_bbox_head_joint.predict_by_feat(_numbered(t, "points_"), t, list(context.metas))
-    return _detections(results)
-
-
-def _image_rois_up_to_max_per_img(model: Any, context: StageContext) -> dict[str, int]:
-    return {"num_image_rois": model.img_rpn_head.test_cfg.max_per_img * context.batch_size}
-
-
-_IMAGE_DETECTIONS = ("bboxes_2d", "scores_2d", "labels_2d", "image_index_2d")
-
-
-def imvotenet_plan(model: Any) -> SplitPlan:
-    """ImVoteNet's stages: its image branch (a Faster R-CNN), and for stage-2 configs (with a point branch) the
-    image votes and the joint vote head. Stage-1 configs (image branch only) end with 2D detections in the
-    original image's pixels, as ImVoteNet.predict returns them."""
-    with_points = getattr(model, "pts_backbone", None) is not None
-    image_stages = (
-        StageDef("backbones", _imvotenet_backbones,
-                 "image backbone, FPN and RPN head" + (", PointNet++ seeds" if with_points else "")
-                 + " (the one-graph export)",
-                 ("img_backbone", "img_neck", "img_rpn_head") + (("pts_backbone", "pts_neck") if with_points else ()),
-                 ("imgs", "points_*")),
-        StageDef("image_proposals", _image_proposals, "host: decode the anchors' boxes, NMS -> 2D RoIs", (),
-                 ("rpn_cls_score_*", "rpn_bbox_pred_*"), host=True, row_sets=(("image_rois",),)),
-        StageDef("image_roi", _image_roi, "RoIAlign of each proposal from its FPN level, the shared-FC bbox head",
-                 ("img_roi_head",), ("img_feature_*", "image_rois"), dims=(("image_rois", 0, "num_image_rois"),),
-                 dim_bounds=_image_rois_up_to_max_per_img, row_sets=(("image_cls_score", "image_bbox_pred"),)),
-        StageDef("image_detections", _image_detections(rescale=not with_points),
-                 "host: decode the refined 2D boxes, per-class NMS -> 2D detections", (),
-                 ("image_rois", "image_cls_score", "image_bbox_pred"), host=True, row_sets=(_IMAGE_DETECTIONS,)),
-    )
-    if not with_points:
-        return SplitPlan(image_stages, covers_camera=True, model_outputs_stage="backbones")
-    return SplitPlan(image_stages + (
-        StageDef("imvotes", _imvotes, "host: VoteFusion's cues per seed and 2D box, seeded sampling of "
-                 "num_sampled_seed image votes", (), ("imgs", "seeds_3d") + _IMAGE_DETECTIONS, host=True),
-        StageDef("joint_head", _imvotenet_joint_head, "the chosen votes' seeds and image cues, img_mlp, the joint "
-                 "VoteHead", ("img_mlp", "pts_bbox_head_joint"),
-                 ("seeds_3d", "seed_3d_features", "seed_indices_3d", "imvote_features", "imvote_indices")),
-        StageDef("detections", _imvotenet_detections, "host: decode the vote head's boxes, 3D NMS -> detections",
-                 (), ("points_*",) + _VOTE_DECODE_KEYS, host=True, row_sets=(("bboxes_3d", "scores_3d", "labels_3d"),)),
-    ), covers_camera=True, model_outputs_stage="backbones")
-
-
-# A plan, a function of the model giving one (where the stages depend on the config), or None (no plan).
-SPLITS: ClassRegistry[SplitPlan | Callable[[Any], SplitPlan] | None] = ClassRegistry("split plan")
-SPLITS.register("VoxelNet", _voxel_bev_plan("", "bbox_head", extra_args=False))
-SPLITS.register("MVXTwoStageDetector", _voxel_bev_plan("pts_", "pts_bbox_head", extra_args=True))
-# Registered as unsupported so the MVX entry (hard voxels, no image branch) is not used for them by inheritance.
-SPLITS.register("DynamicMVXFasterRCNN", None)
-SPLITS.register("PointRCNN", POINT_RCNN_PLAN)
-SPLITS.register("PartA2", PART_A2_PLAN)
-SPLITS.register("PointVoxelRCNN", PV_RCNN_PLAN)
-SPLITS.register("ImVoteNet", imvotenet_plan)  # a function: its stages depend on whether it has a point branch
-
-
 def split_plan_for(model: Any) -> SplitPlan:
-    found = SPLITS.lookup(model)
-    if found is None or found[1] is None:
-        known = ", ".join(name for name, plan in SPLITS.items() if plan is not None)
+    found = KNOWLEDGE.lookup(model, "split_plan")
+    if found is None or found[1] == NO_SPLIT_PLAN:
+        known = ", ".join(name for name, plan in KNOWLEDGE.with_field("split_plan") if plan != NO_SPLIT_PLAN)
         raise UserInputError(f"--split: no split plan is registered for {type(model).__name__} (plans exist for "
-                             f"{known}); register its stages in autoexport/split.py's SPLITS, or from the model's own project as "
-                             "sample_configs/custom_modules/tiny_fusion.py does")
+                             f"{known}); register its stages in its module under autoexport/models/, or from the "
+                             "model's own project as sample_configs/custom_modules/tiny_fusion.py does")
     plan = found[1] if isinstance(found[1], SplitPlan) else found[1](model)
     if not plan.covers_camera and (getattr(model, "with_img_bbox", False)
                                    or getattr(model, "img_backbone", None) is not None):
@@ -792,5 +493,5 @@ def _chained_parity(output_dir: Path, stage_io: list, feeds: dict, expected: dic
             "tolerance": tolerance.describe()}
 
 
-__all__ = ["SPLITS", "SplitPlan", "StageContext", "StageDef", "camera_lidar_fusion_plan", "export_split",
-           "split_plan_for", "SplitResult"]
+__all__ = ["SplitPlan", "StageContext", "StageDef", "boundary_stage", "camera_lidar_fusion_plan", "detections_of",
+           "export_split", "hard_voxels", "numbered", "per_sample", "split_plan_for", "SplitResult", "voxel_bev_plan"]

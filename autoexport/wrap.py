@@ -165,7 +165,7 @@ from torch import Tensor
 
 {chr(10).join(imports)}
 
-from autoexport.boundaries import {forward_name} as model_tensor_forward
+from autoexport.runtime import tensor_forward
 
 INPUT_NAMES = {tuple(manifest.input_names)!r}
 OUTPUT_NAMES = {tuple(manifest.output_names)!r}
@@ -183,7 +183,7 @@ class Wrapper(torch.nn.Module):
 
     def forward(self, {signature}) -> tuple[Tensor, ...]:
 {copies}{meta_sets}        inputs = {_render_structure(manifest.structure["inputs"] if "inputs" in manifest.structure else manifest.structure, 8)}
-        outputs = model_tensor_forward(self.model, inputs, self.data_samples)
+        outputs = tensor_forward(self.model, inputs, self.data_samples)  # {forward_name}, for {inert_text(model_type)}
         return (
 {returns}        )
 '''

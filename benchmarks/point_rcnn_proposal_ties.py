@@ -9,7 +9,8 @@ from pathlib import Path
 from autoexport.patches import eager_substitutions
 from autoexport import analyze as A
 from autoexport.configs import resolve_config
-from autoexport.split import POINT_RCNN_PLAN, StageContext
+from autoexport.models.point_rcnn import POINT_RCNN_PLAN
+from autoexport.split import StageContext
 from mmdet3d.structures import LiDARInstance3DBoxes
 
 folder = Path(sys.argv[1])

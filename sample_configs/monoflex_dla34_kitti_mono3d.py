@@ -5,7 +5,7 @@
 # (tests/test_models/test_dense_heads/test_monoflex_head.py): 8 regression groups (2D box, 2D offset, 10 keypoints,
 # 3 dimensions, 3 orientations' worth of bins, 8 + 8 direction bins and residuals, depth, depth uncertainty) and edge
 # fusion on the 2D offsets. MonoFlexHead.forward needs the image metas, which mmdet3d's detectors never pass it
-# (its `predict` fails in mmdet3d itself); autoexport's tensor path passes them (boundaries.HEAD_FORWARD_METAS).
+# (its `predict` fails in mmdet3d itself); autoexport's tensor path passes them (autoexport/models/monoflex_head.py: takes_image_metas).
 PI = 3.141592653589793  # a config with imports is parsed in mmengine's lazy mode, which `_base_` cannot mix with
 
 _base_ = ["mmdet3d::smoke/smoke_dla34_dlaneck_gn-all_4xb8-6x_kitti-mono3d.py"]

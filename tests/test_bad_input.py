@@ -334,14 +334,22 @@ def test_unexpected_fault_in_a_registered_tensor_path_names_stage_model_and_entr
         tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch):
     """A KeyError inside the tensor path registered for the detector (as when a model's inputs are not what that
     path expects): exit 3, one line naming the stage, the model class and the registry entry."""
-    from autoexport import boundaries
+    import dataclasses
+    import functools
 
+    from autoexport import boundaries
+    from autoexport.knowledge import KNOWLEDGE
+
+    @functools.wraps(boundaries.tensor_mode_forward)  # the registered path, failing inside
     def expects_other_inputs(model: object, inputs: dict, data_samples: list) -> object:
         return inputs["img_features"]
 
-    monkeypatch.setitem(boundaries.__dict__, "tensor_mode_forward", expects_other_inputs)
+    entry = KNOWLEDGE.get("Base3DDetector")
+    faulty = dataclasses.replace(entry, boundary=dataclasses.replace(entry.boundary, forward=expects_other_inputs))
     out = tmp_path / "out"
-    assert_clean_refusal(export_to(KITTI_PP, out), 3, caplog, out, "KeyError", "VoxelNet",
+    with KNOWLEDGE.overridden("Base3DDetector", faulty):
+        code = export_to(KITTI_PP, out)
+    assert_clean_refusal(code, 3, caplog, out, "KeyError", "VoxelNet",
                          "tensor_mode_forward", "registered for Base3DDetector")
 
 

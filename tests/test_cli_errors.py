@@ -132,11 +132,11 @@ def test_data_preprocessor_moving_tensors_to_cuda_gets_the_device_hint(tmp_path:
                                                                        caplog: pytest.LogCaptureFixture):
     """mmdet3d's minkunet voxelization calls .cuda() itself. autoexport's registered patch keeps it on the CPU;
     without it (as for any preprocessor written that way) the error says to run on a CUDA machine."""
-    from autoexport.patches import EXPORT_PATCHES
+    from autoexport.knowledge import KNOWLEDGE
 
-    monkeypatch.setitem(EXPORT_PATCHES._entries, "Det3DDataPreprocessor", [])
     out = tmp_path / "out"
-    assert export_to("minkunet34_w32_spconv_8xb2-laser-polar-mix-3x_semantickitti", out) == 3
+    with KNOWLEDGE.overridden("Det3DDataPreprocessor"):  # no patches for it
+        assert export_to("minkunet34_w32_spconv_8xb2-laser-polar-mix-3x_semantickitti", out) == 3
     assert "the data preprocessor (Det3DDataPreprocessor) failed on sample sample_0 (synthesized) on cpu" in caplog.text
     assert "data_preprocessor.py:" in caplog.text and ".cuda()" in caplog.text
     assert "run on a CUDA machine (--device cuda)" in caplog.text and "Traceback" not in caplog.text

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from autoexport.patches import PatchContext, _make_single_roi_extractor_forward
+from autoexport.models.single_roi_extractor import _make_single_roi_extractor_forward
+from autoexport.patches import PatchContext
 
 IMVOTENET_IMAGE = "imvotenet_faster-rcnn-r50_fpn_4xb2_sunrgbd-3d"
 IMVOTENET_STAGE2 = "imvotenet_stage2_8xb16_sunrgbd-3d"
@@ -89,7 +90,8 @@ def test_split_plan_run_eagerly_gives_imvotenets_own_predictions(config: str) ->
     from autoexport.configs import resolve_config
     from autoexport.patches import eager_substitutions
     from autoexport.pipeline import _feed
-    from autoexport.split import IMVOTE_SAMPLING_SEED, StageContext, run_stage, split_plan_for
+    from autoexport.models.imvotenet import IMVOTE_SAMPLING_SEED
+    from autoexport.split import StageContext, run_stage, split_plan_for
 
     with eager_substitutions("cpu"):  # mmcv's point sampling ops are CUDA-only
         analysis = analyze(resolve_config(config), None, "cpu", [], seed=0)

@@ -142,7 +142,8 @@ def _tiny_plan():  # noqa: ANN202
 
 def _tiny_split(out: Path, chain_mode: str = "same"):  # noqa: ANN202
     from autoexport.manifest import DynamicDim, Manifest, OutputSpec, TensorSpec
-    from autoexport.split import SPLITS, export_split
+    from autoexport.knowledge import KNOWLEDGE
+    from autoexport.split import export_split
     from autoexport.verify import Tolerance
 
     model = TinyTwoStage().eval()
@@ -158,12 +159,9 @@ def _tiny_split(out: Path, chain_mode: str = "same"):  # noqa: ANN202
                  OutputSpec("features", ["features"], [60, 8], "float32", {0: "num_points"})],
         dims={"num_points": DynamicDim("num_points", [60, 80])}, structure={})
     _host_calls[:] = [chain_mode]
-    SPLITS.register("TinyTwoStage", _tiny_plan())
-    try:
+    with KNOWLEDGE.overridden("TinyTwoStage", split_plan=_tiny_plan()):
         return export_split(model, manifest, feeds, ["sample_0", "sample_1"], expected, out,
                             Tolerance(1e-4, 1e-4, "fp32"), "cpu")
-    finally:
-        SPLITS._entries.pop("TinyTwoStage")
 
 
 def test_split_runs_host_steps_between_graphs_and_chains_them(tmp_path: Path) -> None:

@@ -8,7 +8,33 @@ from __future__ import annotations
 
 import importlib
 
-MODULES: tuple[str, ...] = ()
+MODULES: tuple[str, ...] = (
+    "base3d_detector",
+    "mono3d",
+    "monoflex_head",
+    "mvx_two_stage",
+    "voxelnet",
+    "pillar_feature_net",
+    "pillar_scatter",
+    "anchor3d_head",
+    "center_head",
+    "segmentors",
+    "cylinder3d",
+    "minkunet",
+    "h3dnet",
+    "part_a2_rpn_head",
+    "point_rcnn",
+    "part_a2",
+    "pv_rcnn",
+    "imvotenet",
+    "single_roi_extractor",
+    "mmcv_ops",
+    "torch_functions",
+    "conv_transpose",
+    "tensor_quantizer",
+    "conv_module",
+    "datasets",
+)
 
 for _name in MODULES:
     importlib.import_module(f"{__name__}.{_name}")

@@ -115,8 +115,9 @@ def _camera_to_bev(model: Any, tensors: dict[str, Tensor], context: Any) -> dict
 
 
 try:  # This project's deployment split for `autoexport --split`, registered by the project as BEVFusion's would be.
-    from autoexport.split import SPLITS, camera_lidar_fusion_plan
+    from autoexport.knowledge import register
+    from autoexport.split import camera_lidar_fusion_plan
 except ImportError:  # autoexport is not installed: training and testing with mmdet3d do not need it
     pass
 else:
-    SPLITS.register("TinyFusionDetector", camera_lidar_fusion_plan(_camera_to_bev, ("camera_lift",)))
+    register("TinyFusionDetector", split_plan=camera_lidar_fusion_plan(_camera_to_bev, ("camera_lift",)))
