@@ -465,13 +465,43 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
                    samples: list[PreparedSample]) -> Manifest:
     export_samples = [s for s in samples if s.role == "export"]
     flat = [{path_to_str(("inputs",) + p): t for p, t in iter_tensors(s.inputs)} for s in export_samples]
+    _check_same_structure(export_samples, flat)
+    first = export_samples[0]
+    probe = _probe_inputs(model, forward, export_samples)
+    unused = _confirmed_unused(model, forward, first, [p for p in flat[0] if p not in probe.used], probe.used)
+    # Dynamic dims: a dim that differs between export samples; dims with identical values share a name.
+    varying = _find_dynamic_dims([{k: v for k, v in f.items() if k not in unused} for f in flat])
+    dims: dict[str, DynamicDim] = {}
+    by_values: dict[tuple[int, ...], str] = {}
+    specs = _input_specs(flat[0], unused, varying, probe, boundary, dims, by_values)
+    out_specs = _output_specs(model, boundary, forward, probe.outputs, export_samples[1], by_values)
+    structure = _structure_of(first.inputs, ("inputs",), {s.path: s.name for s in specs})
+    return Manifest(inputs=specs, outputs=out_specs, dims=dims, structure=structure, unused_inputs=unused,
+                    batch_size=len(first.data_samples))
+
+
+def _check_same_structure(export_samples: list[PreparedSample], flat: list[dict[str, torch.Tensor]]) -> None:
     for sample, tensors in zip(export_samples[1:], flat[1:]):
         if list(tensors) != list(flat[0]) or any(tensors[k].dtype != flat[0][k].dtype or tensors[k].dim() != flat[0][k].dim()
                                                 for k in tensors):
             raise UserInputError(f"sample {sample.name} produced a different input structure than {export_samples[0].name}; "
                                  "samples must come from the same dataset format")
 
-    # Which inputs the model reads, and which it writes into (e.g. PillarFeatureNet's legacy mode).
+
+@dataclass
+class _Probe:
+    """What one eager run of the tensor path showed: its outputs, the inputs it read and wrote into, and the
+    metainfo matrices it computed with."""
+
+    outputs: Any
+    used: set[str]
+    mutated: set[str]
+    meta_tensors: dict[str, torch.Tensor]
+    meta_used: list[str]
+
+
+def _probe_inputs(model: torch.nn.Module, forward: Any, export_samples: list[PreparedSample]) -> _Probe:
+    """Which inputs the model reads, and which it writes into (e.g. PillarFeatureNet's legacy mode)."""
     first = export_samples[0]
     inputs = _clone_nested(first.inputs)
     before = {path_to_str(("inputs",) + p): t.clone() for p, t in iter_tensors(inputs)}
@@ -494,34 +524,43 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
     mutated = {k for k in before if not torch.equal(before[k], after[k])}
     for path in sorted(mutated):
         log.warning("  input mutation: the model writes into %s in place; every run gets a fresh copy", path)
-    used = recorder.used - set(meta_tensors)
-    unused = [p for p in flat[0] if p not in used]
-    if unused:
-        # Confirm the model gives identical outputs without them before leaving them out.
-        pruned = prune_nested(_clone_nested(first.inputs), {p[len("inputs."):] for p in used}) or {}
-        try:
-            with torch.no_grad():
-                same = _outputs_equal(forward(model, pruned, first.data_samples), forward(model, _clone_nested(first.inputs), first.data_samples))
-        except Exception:
-            same = False
-        if not same:
-            unused = []
-    if unused:
-        log.info("  inputs the model never reads (left out of the signature): %s", ", ".join(unused))
+    return _Probe(outputs, recorder.used - set(meta_tensors), mutated, meta_tensors, meta_used)
 
-    # Dynamic dims: a dim that differs between export samples; dims with identical values share a name.
-    varying = _find_dynamic_dims([{k: v for k, v in f.items() if k not in unused} for f in flat])
-    dims: dict[str, DynamicDim] = {}
-    by_values: dict[tuple[int, ...], str] = {}
+
+def _confirmed_unused(model: torch.nn.Module, forward: Any, first: PreparedSample, unused: list[str],
+                      used: set[str]) -> list[str]:
+    """Inputs left out of the signature: only where the model gives identical outputs without them."""
+    if not unused:
+        return []
+    pruned = prune_nested(_clone_nested(first.inputs), {p[len("inputs."):] for p in used}) or {}
+    try:
+        with torch.no_grad():
+            same = _outputs_equal(forward(model, pruned, first.data_samples),
+                                  forward(model, _clone_nested(first.inputs), first.data_samples))
+    except Exception:  # noqa: BLE001 - the model needs them after all
+        same = False
+    if not same:
+        return []
+    log.info("  inputs the model never reads (left out of the signature): %s", ", ".join(unused))
+    return unused
+
+
+def _unique_name(name: str, names: set[str]) -> str:
+    while name in names:
+        name += "_"
+    names.add(name)
+    return name
+
+
+def _input_specs(tensors: dict[str, torch.Tensor], unused: list[str], varying: dict, probe: _Probe,
+                 boundary: TensorBoundary, dims: dict[str, DynamicDim], by_values: dict) -> list[TensorSpec]:
+    """One spec per input the model reads, then the metainfo matrices it computes with; fills dims/by_values."""
     specs: list[TensorSpec] = []
     names: set[str] = set()
-    for path, tensor in flat[0].items():
+    for path, tensor in tensors.items():
         if path in unused:
             continue
-        name = path_to_identifier(path)
-        while name in names:
-            name += "_"
-        names.add(name)
+        name = _unique_name(path_to_identifier(path), names)
         dynamic: dict[int, str] = {}
         for dim in range(tensor.dim()):
             values = varying.get((path, dim))
@@ -537,20 +576,22 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
         specs.append(TensorSpec(name=name, path=path, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype),
                                 dynamic_dims=dynamic,
                                 description=describe_input(path, tensor.dim(), boundary.input_meanings),
-                                mutated_by_model=path in mutated))
-    for path in meta_used:
-        name = path_to_identifier(path)
-        while name in names:
-            name += "_"
-        names.add(name)
-        tensor = meta_tensors[path]
-        specs.append(TensorSpec(name=name, path=path, shape=list(tensor.shape), dtype=dtype_name(tensor.dtype),
+                                mutated_by_model=path in probe.mutated))
+    for path in probe.meta_used:
+        tensor = probe.meta_tensors[path]
+        specs.append(TensorSpec(name=_unique_name(path_to_identifier(path), names), path=path,
+                                shape=list(tensor.shape), dtype=dtype_name(tensor.dtype),
                                 description=describe_input(path)))
+    return specs
 
-    # Outputs: flatten the raw head outputs and name them through the head's registry entry.
+
+def _output_specs(model: torch.nn.Module, boundary: TensorBoundary, forward: Any, outputs: Any,
+                  second: PreparedSample, by_values: dict) -> list[OutputSpec]:
+    """The raw head outputs flattened and named through the head's output namer; dynamic where the second export
+    sample's differ."""
     namer = output_namer_for(model, boundary)
     with torch.no_grad():
-        second_outputs = forward(model, _clone_nested(export_samples[1].inputs), export_samples[1].data_samples)
+        second_outputs = forward(model, _clone_nested(second.inputs), second.data_samples)
     out_specs = []
     for path, tensor in iter_tensors(outputs):
         other = get_by_path(second_outputs, path)
@@ -565,10 +606,7 @@ def build_manifest(model: torch.nn.Module, boundary: TensorBoundary, forward: An
         raise RuntimeError(f"output names collide: {[o.name for o in out_specs]}")
     if not out_specs:
         raise UserInputError(f"{type(model).__name__}'s tensor forward returned no tensors; nothing to export")
-
-    structure = _structure_of(first.inputs, ("inputs",), {s.path: s.name for s in specs})
-    return Manifest(inputs=specs, outputs=out_specs, dims=dims, structure=structure, unused_inputs=unused,
-                    batch_size=len(first.data_samples))
+    return out_specs
 
 
 def with_metainfo_tensors(data_samples: list, tensors: dict[str, torch.Tensor]) -> list:

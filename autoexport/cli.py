@@ -41,7 +41,8 @@ def _export_parser() -> argparse.ArgumentParser:
                         "Without it, checkpoints load with torch.load(weights_only=True) and the globals mmengine and "
                         "mmdet3d checkpoints carry")
     p.add_argument("--output-dir", type=Path, help="where to write the export (default: exported_models/<config>)")
-    p.add_argument("--format", choices=["pt2", "onnx", "both"], default="both")
+    p.add_argument("--format", choices=["pt2", "onnx", "both"], default="both",
+                   help="which formats to write: model.pt2, model.onnx or both")
     p.add_argument("--device", default="cpu", help="torch device for the model and eager/PT2 runs (default cpu)")
     p.add_argument("--sample", nargs="+", action="extend", type=Path, default=[], metavar="FILE",
                    help="your own sample files in the dataset's format (--sample a.bin b.bin, or the flag repeated); "
@@ -67,7 +68,8 @@ def _export_parser() -> argparse.ArgumentParser:
 def _precision_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("reduced precision", "INT8 post-training quantization (pytorch-quantization) or FP16, "
                                                   "with a fidelity report (quant_report.json/.md) against FP32")
-    g.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32")
+    g.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32",
+                   help="the precision of the exported model")
     g.add_argument("--calib-samples", type=int, default=16, metavar="N",
                    help="int8: calibration samples through the real test pipeline (default 16)")
     g.add_argument("--calib-data", type=Path, metavar="DIR",
@@ -132,7 +134,7 @@ def _verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", type=Path,
                    help="write parity.json/.md/.xml here (default: print only, the stored reports stay as exported)")
     _tolerance_args(p)
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="debug logs")
     return p
 
 

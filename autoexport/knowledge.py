@@ -11,6 +11,7 @@ Adding support for a class means adding one module under autoexport/models/ (doc
 from __future__ import annotations
 
 import importlib
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator
@@ -71,9 +72,14 @@ def _is_set(value: Any) -> bool:
 class KnowledgeRegistry:
     def __init__(self) -> None:
         self._entries: dict[str, ClassKnowledge] = {}
+        self._homes: dict[str, list[str]] = {}  # class name -> the modules that registered it
         self._loaded = False
 
-    def register(self, class_name: str, **knowledge: Any) -> ClassKnowledge:
+    def register(self, class_name: str, *, home: str | None = None, **knowledge: Any) -> ClassKnowledge:
+        """Adds knowledge about `class_name`; `home` is the registering module (the caller's, by default)."""
+        home = home or sys._getframe(1).f_globals.get("__name__", "?")
+        if home not in self._homes.setdefault(class_name, []):
+            self._homes[class_name].append(home)
         entry = ClassKnowledge(**knowledge)
         existing = self._entries.get(class_name)
         self._entries[class_name] = existing.merged(entry, class_name) if existing else entry
@@ -116,6 +122,11 @@ class KnowledgeRegistry:
                 del self._entries[class_name]
             else:
                 self._entries[class_name] = previous
+
+    def homes(self, class_name: str) -> list[str]:
+        """The modules that registered knowledge about `class_name`: one, in autoexport/models/, for mmdet3d's."""
+        self.load()
+        return list(self._homes.get(class_name, []))
 
     def get(self, class_name: str) -> ClassKnowledge | None:
         self.load()

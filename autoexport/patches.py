@@ -55,7 +55,7 @@ class ExportPatch:
 
 def register_patch(patch: ExportPatch) -> ExportPatch:
     """Adds the patch to its target class's knowledge (called by the modules of autoexport.models)."""
-    KNOWLEDGE.register(patch.target, patches=(patch,))
+    KNOWLEDGE.register(patch.target, home=sys._getframe(1).f_globals.get("__name__"), patches=(patch,))
     return patch
 
 

@@ -1,18 +1,17 @@
-"""The export pipeline: analyze -> wrap -> export -> verify -> report, writing into a temporary
-directory that is moved into place only when everything succeeded."""
+"""The export pipeline: a list of stages (analyze, wrap, quantize/fp16, export, lower, verify, split, fidelity,
+report) over one typed record of the run, writing into a staging directory that is moved into place only when
+everything succeeded."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
-import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,8 +24,9 @@ from .errors import AutoExportError, ExportFailedError, ParityFailedError, UserI
 from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
 from .fidelity import DetectionDecoder, FidelityReport, compare_outputs, detection_agreement
 from .patches import OpFunctionSubstitution, eager_substitutions
-from .export import export_onnx, export_program, quiet_export_logs, save_pt2
+from .export import ExportedArtifacts, export_onnx, export_program, quiet_export_logs, save_pt2
 from .manifest import Manifest
+from .metadata import ExportMetadata
 from .output_dir import OutputDirectory
 from .padding import PaddedInputs, PaddingPlan, plan_padding
 from .report import export_info, library_versions, outputs_info, save_npz, write_json
@@ -109,47 +109,6 @@ def describe_subject(analysis: Analysis) -> str:
 def _feed(manifest: Manifest, sample: PreparedSample) -> dict[str, np.ndarray]:
     by_path = sample.tensors()
     return {spec.name: by_path[spec.path].detach().cpu().numpy() for spec in manifest.inputs}
-
-
-def _metadata(options: ExportOptions, config_path: Path, analysis: Analysis, parity: ParityReport,
-              exported: object, timings: dict, formats: tuple[str, ...], artifacts: list[LoweredArtifact],
-              variants: dict[str, dict]) -> dict:
-    return {
-        "status": "ok" if parity.passed else "parity_failed",
-        "model_config": str(config_path),
-        "config_name": config_path.stem,
-        "checkpoint": str(Path(options.checkpoint).resolve()) if options.checkpoint else None,
-        "weights": "checkpoint" if options.checkpoint else f"random (torch.manual_seed({options.seed}), the model's init_weights(), "
-                                                             "BatchNorm statistics from the export samples)",
-        # Modules whose own init_weights() raised; their sub-modules were initialised one by one.
-        "init_weights_failed": analysis.init_failures,
-        "model_type": analysis.model_type,
-        "device": options.device,
-        "formats": list(formats),
-        "artifacts": {"pt2": "model.pt2" if "pt2" in formats else None,
-                      "onnx": "model.onnx" if "onnx" in formats else None, "wrapper": "wrapper.py"},
-        "export_info": export_info(analysis.manifest),
-        "outputs": outputs_info(analysis.manifest),
-        "samples": [{"name": s.name, "role": s.role, "origin": s.origin, "num_points": s.num_points,
-                     "inputs": f"inputs/{s.name}.npz", "reference_outputs": f"reference/{s.name}.npz"}
-                    for s in analysis.samples],
-        "export_patches": [{"target": p.target, "method": p.method, "reason": p.reason,
-                            "module_paths": list(p.module_paths)} for p in getattr(exported, "patches", [])],
-        "preprocess": analysis.preprocess,
-        "postprocess": analysis.postprocess,
-        "tensor_boundary": analysis.boundary.forward_name,
-        # What each compiled artifact accepts (shapes, padding) and how it was built.
-        "backends": [a.to_json() for a in artifacts],
-        "export_variants": variants,
-        "parity": {"passed": parity.passed, "tolerance": parity.tolerance.to_json(),
-                   "tolerances": {p: t.to_json() for p, t in parity.used_tolerances().items()},
-                   **{k: v for k, v in parity.to_json().items() if k in ("summary", "skipped", "not_built")}},
-        "timings_s": timings,
-        "versions": library_versions(),
-        # The eager reference's float sums can depend on it (a near-tie flipped between 1 and 2 threads).
-        "torch_threads": torch.get_num_threads(),
-        "manifest": analysis.manifest.to_json(),
-    }
 
 
 def _check_backends(options: ExportOptions, formats: tuple[str, ...]) -> list[BackendSpec]:
@@ -384,6 +343,278 @@ def _check_split_options(precision: str, formats: tuple[str, ...], who: str) -> 
         raise UserInputError(f"{who} checks the stages chained in ONNX Runtime: use --format onnx or both")
 
 
+@dataclass
+class ExportRun:
+    """What the stages of one export hand on to each other. Filled in stage order; a stage reads only what the
+    stages before it set."""
+
+    options: ExportOptions
+    formats: tuple[str, ...]
+    specs: list[BackendSpec]
+    calib_files: list[Path]
+    config_path: Path
+    staging: Path
+    eager_substituted: list  # patches the eager reference runs too (mmcv has no kernel for them on this device)
+    host_calls: dict[str, OpFunctionSubstitution]
+    analysis: Analysis | None = None
+    split: bool = False  # --split, or a model whose one graph is only its first stage
+    wrapper_path: Path | None = None
+    fp32_wrapper: torch.nn.Module | None = None
+    wrapper: torch.nn.Module | None = None  # what is exported: the FP32 wrapper or the reduced-precision one
+    export_model: torch.nn.Module | None = None
+    reduced: QuantizationResult | HalfResult | None = None
+    feeds: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    expected: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    exported: ExportedArtifacts | None = None  # the program and the patches applied
+    artifacts: list[LoweredArtifact] = field(default_factory=list)
+    not_built: list[SkippedRunner] = field(default_factory=list)  # backends whose lowering failed
+    variants: dict[str, dict] = field(default_factory=dict)
+    runners: list = field(default_factory=list)
+    parity: ParityReport | None = None
+    split_result: SplitResult | None = None
+    fidelity: FidelityReport | None = None
+    metadata: ExportMetadata | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.analysis.manifest
+
+    @property
+    def in_eager(self) -> set[tuple[str, str]]:
+        return {(e.target, e.method) for e in self.eager_substituted}
+
+    @property
+    def quantized_reference(self) -> bool:
+        """INT8 artifacts are checked against the quantized model in eager PyTorch (its fake quantization): INT8
+        error itself is the fidelity report's subject."""
+        return self.options.precision == "int8"
+
+    @property
+    def passed(self) -> bool:
+        return (self.parity.passed and (self.fidelity is None or self.fidelity.passed)
+                and (self.split_result is None or self.split_result.passed))
+
+    def run_factory(self, model: torch.nn.Module):  # noqa: ANN201
+        """An eager runner's infer over another copy of the model (quantization calibrates and profiles with it)."""
+        return EagerRunner(build_wrapper(self.wrapper_path, model), self.manifest.input_names,
+                           self.manifest.output_names, self.options.device).infer
+
+
+def _stage_analyze(run: ExportRun) -> str:
+    options = run.options
+    run.analysis = analysis = analyze(run.config_path, options.checkpoint, options.device, options.samples,
+                                      options.seed, options.verbose, trust_checkpoint=options.trust_checkpoint)
+    run.split = options.split or bool(analysis.boundary.split_required)
+    if run.split and not options.split:
+        # The one graph is only the first stage; the split export carries the rest of the model.
+        log.info("  %s: one graph covers its first stage only (%s); the split export runs as with --split",
+                 analysis.model_type, analysis.boundary.split_required)
+        _check_split_options(options.precision, run.formats, f"{analysis.model_type}'s split export (its one graph "
+                             "is only its first stage)")
+    if run.split:
+        split_plan_for(analysis.model)  # a clear error before any export work when no plan is registered
+    for spec in run.manifest.inputs:
+        log.info("  input %-20s %-8s %s dynamic %s", spec.name, spec.dtype, spec.shape, spec.dynamic_dims or "-")
+    return describe_subject(analysis)
+
+
+def _stage_wrap(run: ExportRun) -> None:
+    analysis = run.analysis
+    run.wrapper_path = run.staging / "wrapper.py"
+    write_wrapper(run.wrapper_path, generate_wrapper_source(run.manifest, analysis.metainfo,
+                                                            analysis.boundary.forward_name, analysis.model_type,
+                                                            run.config_path.stem))
+    run.wrapper = run.fp32_wrapper = build_wrapper(run.wrapper_path, analysis.model)
+    run.export_model = analysis.model
+
+
+def _stage_reduce_precision(run: ExportRun) -> None:
+    run.reduced = _reduce_precision(run.options, run.analysis, run.run_factory, run.calib_files)
+    run.export_model = run.reduced.model
+    if isinstance(run.reduced, QuantizationResult):
+        freeze_for_export(run.export_model)
+    run.wrapper = build_wrapper(run.wrapper_path, run.export_model)
+
+
+def _reference_outputs(run: ExportRun) -> None:
+    """The stored inputs and the eager reference's outputs on them. The reference runs the original mmdet3d code
+    (no export patches) through the generated wrapper; INT8 artifacts are checked against the quantized model
+    (run.quantized_reference). FP16 artifacts are checked against FP32 with the fp16 tolerance, as TensorRT FP16
+    engines are; FP16 eager on CPU is no better defined reference."""
+    run.feeds = {s.name: _feed(run.manifest, s) for s in run.analysis.samples}
+    for name, feed in run.feeds.items():
+        save_npz(run.staging / "inputs" / f"{name}.npz", feed)
+    eager = EagerRunner(run.wrapper if run.quantized_reference else run.fp32_wrapper, run.manifest.input_names,
+                        run.manifest.output_names, run.options.device)
+    with frozen_quantizers() if run.quantized_reference else contextlib.nullcontext():
+        run.expected = {name: eager.infer(feed) for name, feed in run.feeds.items()}
+    for name, outputs in run.expected.items():
+        save_npz(run.staging / "reference" / f"{name}.npz", outputs)
+
+
+def _stage_export(run: ExportRun, timings: dict[str, float]) -> None:
+    _reference_outputs(run)
+    manifest, options = run.manifest, run.options
+    with quiet_export_logs(options.verbose):
+        example = tuple(torch.from_numpy(run.feeds[run.analysis.export_samples[0].name][n].copy()).to(options.device)
+                        for n in manifest.input_names)
+        t0 = time.perf_counter()
+        run.exported = export_program(run.wrapper, run.export_model, manifest, example, options.verbose)
+        save_pt2(run.exported.program, run.staging / "model.pt2")  # also the source of PT2 parity for ONNX only
+        timings["torch_export_s"] = round(time.perf_counter() - t0, 3)
+        if "onnx" in run.formats:
+            t0 = time.perf_counter()
+            export_onnx(run.exported.program, manifest.input_names, manifest.output_names,
+                        run.staging / "model.onnx", options.verbose)
+            timings["onnx_s"] = round(time.perf_counter() - t0, 3)
+
+
+def _stage_lower(run: ExportRun, timings: dict[str, float]) -> None:
+    options = run.options
+    with quiet_export_logs(options.verbose):
+        source = LoweringSource(
+            staging=run.staging, manifest=run.manifest, program=run.exported.program,
+            onnx_path=run.staging / "model.onnx" if "onnx" in run.formats else None,
+            padding=_padding_plan(run.analysis.model, run.manifest, options.capacity),
+            export_variant=_variant_exporter(run.wrapper, run.export_model, run.analysis,
+                                             run.feeds[run.analysis.export_samples[0].name], run.staging,
+                                             run.variants, options.verbose),
+            verbose=options.verbose)
+        for spec in run.specs:
+            try:
+                artifact = BACKENDS[spec.kind].lower(spec, source)
+            except ExportFailedError as err:
+                # One backend's compiler failing says nothing about the others: record it, check the rest.
+                log.info("  %s: lowering failed: %s", spec.name, first_line(str(err)))
+                run.not_built.append(SkippedRunner(spec.name, str(err)))
+                continue
+            run.artifacts.append(artifact)
+            timings[f"lower_{spec.name}_s"] = artifact.compile_s
+        for variant in run.variants.values():
+            Path(variant.pop("onnx")).unlink(missing_ok=True)  # intermediate: the artifacts are what ship
+
+
+def _stage_verify(run: ExportRun) -> None:
+    options = run.options
+    run.runners, skipped = export_runners(run.staging, run.manifest, run.artifacts, options.device,
+                                          precision=options.precision)
+    for item in skipped:
+        log.info("  %s: not run (%s)", item.runtime, item.reason)
+    reference_name = (_eager_reference_name(run.exported.patches, run.in_eager) if not run.quantized_reference
+                      else "eager PyTorch of the INT8 model (its frozen quantize/dequantize ops, wrapper.py)")
+    comparator = Comparator(options.tolerances)
+    run.parity = comparator.compare(run.runners, run.feeds, run.expected,
+                                    ParityReport(reference_name, options.tolerances, skipped=skipped,
+                                                 not_built=run.not_built))
+    if not run.quantized_reference and any(c.precision == "fp32" for c in run.parity.failures()):
+        _diagnose_with_float64(run.parity, comparator, run.analysis.model, run.wrapper_path, run.manifest,
+                               run.feeds, run.expected, options.device)
+
+
+def _stage_split(run: ExportRun) -> None:
+    analysis, options = run.analysis, run.options
+    with quiet_export_logs(options.verbose):
+        run.split_result = export_split(analysis.model, run.manifest, run.feeds,
+                                        [s.name for s in analysis.export_samples], run.expected, run.staging,
+                                        options.tolerances["fp32"], options.device, options.verbose,
+                                        metainfo={s.name: [dict(d.metainfo) for d in s.data_samples]
+                                                  for s in analysis.samples})
+    write_json(run.staging / "stages.json", run.split_result.to_json())
+
+
+def _stage_fidelity(run: ExportRun) -> None:
+    options, manifest = run.options, run.manifest
+    fp32 = EagerRunner(run.fp32_wrapper, manifest.input_names, manifest.output_names, options.device)
+    eval_files = run.calib_files[options.quant.calib_samples:]
+    run.fidelity = fidelity = _fidelity(options, run.analysis, fp32, run.runners, run.reduced, eval_files,
+                                        run.staging, run.run_factory)
+    write_json(run.staging / "quant_report.json", fidelity.to_json())
+    (run.staging / "quant_report.md").write_text(fidelity.to_markdown(
+        f"{options.precision.upper()} fidelity of {run.config_path.stem}"))
+    log.info("  fidelity: %s", ", ".join(f"{o.output} cos {o.min_cosine:.5f}" for o in fidelity.outputs[:4])
+             + (" ..." if len(fidelity.outputs) > 4 else ""))
+    if fidelity.detection:
+        d = fidelity.detection
+        log.info("  detections: %d FP32 / %d %s boxes, %d matched (precision %s, recall %s)", d["reference_boxes"],
+                 d["candidate_boxes"], options.precision.upper(), d["matched"], d["precision"], d["recall"])
+
+
+def _stage_report(run: ExportRun, timings: dict[str, float]) -> None:
+    if "pt2" not in run.formats:
+        (run.staging / "model.pt2").unlink()
+    run.metadata = _metadata(run, timings)
+    write_json(run.staging / "metadata.json", run.metadata.to_json())
+    write_reports(run.parity, run.staging, f"Parity of {run.config_path.stem}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One numbered step of an export: `run` does it, `describe` is its log line, `applies` says whether this
+    export has it (the stage count follows from the list)."""
+
+    name: str
+    run: Callable[..., object]
+    describe: Callable[[ExportRun], str]
+    applies: Callable[[ExportRun], bool] = lambda run: True
+    timed: bool = False  # `run` takes the timings dict too, for its sub-steps
+
+
+def _verify_line(run: ExportRun) -> str:
+    runtimes = " vs ".join(run.formats + tuple(a.backend for a in run.artifacts))
+    return f"eager vs {runtimes} on {len(run.feeds)} samples ({run.options.tolerances[run.options.precision].describe()})"
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("analyze", _stage_analyze,
+          lambda run: f"build {run.config_path.stem}, run its test pipeline and data preprocessor"),
+    Stage("wrap", _stage_wrap, lambda run: "generate wrapper.py"),
+    Stage("quantize", _stage_reduce_precision, lambda run: "quantize to INT8 with pytorch-quantization",
+          applies=lambda run: run.options.precision == "int8"),
+    Stage("fp16", _stage_reduce_precision, lambda run: "convert the dense sections to FP16",
+          applies=lambda run: run.options.precision == "fp16"),
+    Stage("export", _stage_export, lambda run: f"torch.export{' + ONNX' if 'onnx' in run.formats else ''}",
+          timed=True),
+    Stage("lower", _stage_lower, lambda run: ", ".join(str(s) for s in run.specs),
+          applies=lambda run: bool(run.specs), timed=True),
+    Stage("verify", _stage_verify, _verify_line),
+    Stage("split", _stage_split, lambda run: "export named stages, check each alone and chained",
+          applies=lambda run: run.split),
+    Stage("fidelity", _stage_fidelity,
+          lambda run: f"{run.options.precision.upper()} against FP32 on {run.options.eval_samples} held-out samples, "
+                      "outputs and decoded detections",
+          applies=lambda run: run.options.precision != "fp32"),
+    Stage("report", _stage_report, lambda run: "write metadata.json and parity.json/.md/.xml", timed=True),
+)
+
+
+def _run_stages(run: ExportRun, stages: StageLog) -> None:
+    for stage in STAGES:
+        if not stage.applies(run):
+            continue
+        with stages.stage(stage.name, stage.describe(run)):
+            subject = stage.run(run, stages.timings) if stage.timed else stage.run(run)
+        if stage.name == "analyze":
+            stages.subject = subject
+            stages.total = sum(1 for s in STAGES if s.applies(run))  # a model may need its split export
+
+
+def _prepare(options: ExportOptions, eager_substituted: list, host_calls: dict) -> tuple[ExportRun, OutputDirectory]:
+    """Every check on the options that needs no model, then the claimed output directory."""
+    formats = tuple(f for f in FORMATS if f in options.formats)
+    if not formats:
+        raise UserInputError(f"--format must name at least one of {FORMATS}")
+    specs = _check_backends(options, formats)
+    calib_files = _check_precision(options)
+    if options.split:
+        _check_split_options(options.precision, formats, "--split")
+    config_path = resolve_config(options.config)
+    destination = OutputDirectory(options.output_dir.resolve(), options.overwrite)
+    staging = destination.claim()
+    run = ExportRun(options, formats, specs, calib_files, config_path, staging, eager_substituted, host_calls,
+                    split=options.split)
+    return run, destination
+
+
 def run_export(options: ExportOptions) -> ExportResult:
     # Where mmcv has no kernel for an op on this device (sparse convolution on CPU), the eager reference runs the
     # op library's substitute, which tests/test_ops.py checks against mmcv or a dense reference.
@@ -402,228 +633,123 @@ def run_export(options: ExportOptions) -> ExportResult:
 
 def _run_export(options: ExportOptions, eager_substituted: list,
                 host_calls: dict[str, OpFunctionSubstitution]) -> ExportResult:
-    formats = tuple(f for f in FORMATS if f in options.formats)
-    if not formats:
-        raise UserInputError(f"--format must name at least one of {FORMATS}")
-    specs = _check_backends(options, formats)
-    in_eager = {(e.target, e.method) for e in eager_substituted}  # patches the eager reference runs too
-    calib_files = _check_precision(options)
-    reduced_precision = options.precision != "fp32"
-    if options.split:
-        _check_split_options(options.precision, formats, "--split")
-    config_path = resolve_config(options.config)
-    output_dir = options.output_dir.resolve()
-    destination = OutputDirectory(output_dir, options.overwrite)
-    staging = destination.claim()
-    stages = StageLog(5 + bool(specs) + 2 * reduced_precision + options.split)
-    split_result: SplitResult | None = None
-    reduced: QuantizationResult | HalfResult | None = None
-    fidelity: FidelityReport | None = None
-    artifacts: list[LoweredArtifact] = []
-    not_built: list[SkippedRunner] = []  # backends whose lowering failed; the others are still verified
-    variants: dict[str, dict] = {}
+    run, destination = _prepare(options, eager_substituted, host_calls)
+    stages = StageLog(0)
+    stages.total = sum(1 for s in STAGES if s.applies(run))
     try:
-        with stages.stage("analyze", f"build {config_path.stem}, run its test pipeline and data preprocessor"):
-            analysis = analyze(config_path, options.checkpoint, options.device, options.samples, options.seed,
-                               options.verbose, trust_checkpoint=options.trust_checkpoint)
-            manifest = analysis.manifest
-            stages.subject = describe_subject(analysis)
-            split = options.split or bool(analysis.boundary.split_required)
-            if split and not options.split:
-                # The one graph is only the first stage; the split export carries the rest of the model.
-                log.info("  %s: one graph covers its first stage only (%s); the split export runs as with --split",
-                         analysis.model_type, analysis.boundary.split_required)
-                _check_split_options(options.precision, formats, f"{analysis.model_type}'s split export (its one "
-                                     "graph is only its first stage)")
-                stages.total += 1
-            if split:
-                split_plan_for(analysis.model)  # a clear error before any export work when no plan is registered
-            for spec in manifest.inputs:
-                dyn = {i: n for i, n in spec.dynamic_dims.items()}
-                log.info("  input %-20s %-8s %s dynamic %s", spec.name, spec.dtype, spec.shape, dyn or "-")
-        with stages.stage("wrap", "generate wrapper.py"):
-            wrapper_path = staging / "wrapper.py"
-            write_wrapper(wrapper_path, generate_wrapper_source(manifest, analysis.metainfo,
-                                                                analysis.boundary.forward_name,
-                                                                analysis.model_type, config_path.stem))
-            wrapper = fp32_wrapper = build_wrapper(wrapper_path, analysis.model)
-
-        def run_factory(model: torch.nn.Module):  # noqa: ANN202
-            return EagerRunner(build_wrapper(wrapper_path, model), manifest.input_names, manifest.output_names,
-                               options.device).infer
-
-        export_model = analysis.model
-        if reduced_precision:
-            what = ("quantize to INT8 with pytorch-quantization" if options.precision == "int8"
-                    else "convert the dense sections to FP16")
-            with stages.stage("quantize" if options.precision == "int8" else "fp16", what):
-                reduced = _reduce_precision(options, analysis, run_factory, calib_files)
-                export_model = reduced.model
-                if isinstance(reduced, QuantizationResult):
-                    freeze_for_export(export_model)
-                wrapper = build_wrapper(wrapper_path, export_model)
-        feeds = {s.name: _feed(manifest, s) for s in analysis.samples}
-        for name, feed in feeds.items():
-            save_npz(staging / "inputs" / f"{name}.npz", feed)
-        # The reference runs the original mmdet3d code (no export patches) through the generated wrapper. INT8
-        # artifacts are checked against the quantized model in eager PyTorch (pytorch-quantization's fake
-        # quantization): INT8 error itself is the fidelity report's subject. FP16 artifacts are checked against FP32
-        # with the fp16 tolerance, as TensorRT FP16 engines are; FP16 eager on CPU is no better defined reference.
-        quantized_reference = options.precision == "int8"
-        eager = EagerRunner(wrapper if quantized_reference else fp32_wrapper, manifest.input_names,
-                            manifest.output_names, options.device)
-        with frozen_quantizers() if quantized_reference else contextlib.nullcontext():
-            expected = {name: eager.infer(feed) for name, feed in feeds.items()}
-        for name, outputs in expected.items():
-            save_npz(staging / "reference" / f"{name}.npz", outputs)
-
-        with stages.stage("export", f"torch.export{' + ONNX' if 'onnx' in formats else ''}"), \
-                quiet_export_logs(options.verbose):
-            example = tuple(torch.from_numpy(feeds[analysis.export_samples[0].name][n].copy()).to(options.device)
-                            for n in manifest.input_names)
-            t0 = time.perf_counter()
-            exported = export_program(wrapper, export_model, manifest, example, options.verbose)
-            pt2_path = staging / "model.pt2"
-            save_pt2(exported.program, pt2_path)  # also the source of PT2 parity when only ONNX is asked for
-            stages.timings["torch_export_s"] = round(time.perf_counter() - t0, 3)
-            if "onnx" in formats:
-                t0 = time.perf_counter()
-                export_onnx(exported.program, manifest.input_names, manifest.output_names, staging / "model.onnx",
-                            options.verbose)
-                stages.timings["onnx_s"] = round(time.perf_counter() - t0, 3)
-
-        if specs:
-            with stages.stage("lower", ", ".join(str(s) for s in specs)), quiet_export_logs(options.verbose):
-                plan = _padding_plan(analysis.model, manifest, options.capacity)
-                source = LoweringSource(
-                    staging=staging, manifest=manifest, program=exported.program,
-                    onnx_path=staging / "model.onnx" if "onnx" in formats else None, padding=plan,
-                    export_variant=_variant_exporter(wrapper, export_model, analysis, feeds[analysis.export_samples[0].name],
-                                                     staging, variants, options.verbose),
-                    verbose=options.verbose)
-                for spec in specs:
-                    try:
-                        artifact = BACKENDS[spec.kind].lower(spec, source)
-                    except ExportFailedError as err:
-                        # One backend's compiler failing says nothing about the others: record it, check the rest.
-                        log.info("  %s: lowering failed: %s", spec.name, first_line(str(err)))
-                        not_built.append(SkippedRunner(spec.name, str(err)))
-                        continue
-                    artifacts.append(artifact)
-                    stages.timings[f"lower_{spec.name}_s"] = artifact.compile_s
-                for variant in variants.values():
-                    Path(variant.pop("onnx")).unlink(missing_ok=True)  # intermediate: the artifacts are what ship
-
-        rule = options.tolerances[options.precision]
-        with stages.stage("verify", f"eager vs {' vs '.join(formats + tuple(a.backend for a in artifacts))} on "
-                                    f"{len(feeds)} samples ({rule.describe()})"):
-            runners, skipped = export_runners(staging, manifest, artifacts, options.device, precision=options.precision)
-            for item in skipped:
-                log.info("  %s: not run (%s)", item.runtime, item.reason)
-            reference_name = (_eager_reference_name(exported.patches, in_eager) if not quantized_reference
-                              else "eager PyTorch of the INT8 model (its frozen quantize/dequantize ops, wrapper.py)")
-            comparator = Comparator(options.tolerances)
-            parity = comparator.compare(
-                runners, feeds, expected, ParityReport(reference_name, options.tolerances, skipped=skipped,
-                                                       not_built=not_built))
-            if not quantized_reference and any(c.precision == "fp32" for c in parity.failures()):
-                _diagnose_with_float64(parity, comparator, analysis.model, wrapper_path, manifest, feeds, expected,
-                                       options.device)
-        if split:
-            with stages.stage("split", "export named stages, check each alone and chained"), \
-                    quiet_export_logs(options.verbose):
-                split_result = export_split(analysis.model, manifest, feeds,
-                                            [s.name for s in analysis.export_samples], expected, staging,
-                                            options.tolerances["fp32"], options.device, options.verbose,
-                                            metainfo={s.name: [dict(d.metainfo) for d in s.data_samples]
-                                                      for s in analysis.samples})
-                write_json(staging / "stages.json", split_result.to_json())
-        if reduced_precision:
-            with stages.stage("fidelity", f"{options.precision.upper()} against FP32 on {options.eval_samples} "
-                                          "held-out samples, outputs and decoded detections"):
-                eval_files = calib_files[options.quant.calib_samples:]
-                fidelity = _fidelity(options, analysis, EagerRunner(fp32_wrapper, manifest.input_names,
-                                                                    manifest.output_names, options.device),
-                                     runners, reduced, eval_files, staging, run_factory)
-                write_json(staging / "quant_report.json", fidelity.to_json())
-                (staging / "quant_report.md").write_text(fidelity.to_markdown(
-                    f"{options.precision.upper()} fidelity of {config_path.stem}"))
-                log.info("  fidelity: %s", ", ".join(f"{o.output} cos {o.min_cosine:.5f}" for o in fidelity.outputs[:4])
-                         + (" ..." if len(fidelity.outputs) > 4 else ""))
-                if fidelity.detection:
-                    d = fidelity.detection
-                    log.info("  detections: %d FP32 / %d %s boxes, %d matched (precision %s, recall %s)",
-                             d["reference_boxes"], d["candidate_boxes"], options.precision.upper(), d["matched"],
-                             d["precision"], d["recall"])
-        if "pt2" not in formats:
-            pt2_path.unlink()
-
-        with stages.stage("report", "write metadata.json and parity.json/.md/.xml"):
-            metadata = _metadata(options, config_path, analysis, parity, exported, stages.timings, formats,
-                                 artifacts, variants)
-            metadata["precision"] = options.precision
-            if split_result is not None:
-                metadata["split"] = {"manifest": "stages.json", "passed": split_result.passed,
-                                     "stages": [st.name for st in split_result.stages]}
-            for entry in metadata["export_patches"]:
-                entry["in_eager_reference"] = (entry["target"], entry["method"]) in in_eager
-            metadata["substitutions"] = [
-                {"op": p.substitutes, "by": f"{p.target}.{p.method} (autoexport.ops)" if p.method else p.target,
-                 "module_paths": list(p.module_paths), "in_eager_reference": (p.target, p.method) in in_eager}
-                for p in exported.patches if p.substitutes]
-            # Substituted op functions that only host-side code called (Cylinder3D's data preprocessor maps points
-            # to voxels with mmdet3d's binding of a CUDA-only kernel): not in the graph, but in what was run.
-            in_graph = {p.substitutes for p in exported.patches}
-            metadata["substitutions"] += [
-                {"op": path, "by": f"autoexport.ops.{sub.library_module}.{sub.library_function} (autoexport.ops)",
-                 "module_paths": [], "in_eager_reference": True, "host_side": True, "reason": sub.reason}
-                for path, sub in sorted(host_calls.items()) if path not in in_graph]
-            if reduced is not None:
-                metadata["reduced_precision"] = reduced.to_json()
-                metadata["fidelity"] = {"report": "quant_report.json", "passed": fidelity.passed,
-                                        "min_cosine": min(o.min_cosine for o in fidelity.outputs),
-                                        "detection_agreement": {k: v for k, v in (fidelity.detection or {}).items()
-                                                                if k != "per_sample"} or None}
-            write_json(staging / "metadata.json", metadata)
-            write_reports(parity, staging, f"Parity of {config_path.stem}")
+        _run_stages(run, stages)
     except BaseException:
         destination.abandon()
         raise
-
-    if not parity.passed or (fidelity is not None and not fidelity.passed) or \
-            (split_result is not None and not split_result.passed):
-        failed_dir = destination.commit(output_dir.parent / f"{output_dir.name}.failed")
-        if not_built:
-            verdicts = ", ".join(f"{rt} {'passed' if ok else 'FAILED'}" for rt, ok in parity.runtime_verdicts().items())
-            raise ExportFailedError("lowering failed: " + "; ".join(f"{b.runtime}: {b.reason}" for b in not_built)
-                                    + f"\nthe other artifacts were checked ({verdicts or 'none'}); they and the "
-                                    f"parity reports were kept in {failed_dir}, not in {output_dir}")
-        worst = sorted(parity.failures(), key=lambda c: -c.mismatched)[:5]
-        # A check without output (missing, or the runtime crashed) gives its note; a crash fails every output alike,
-        # so one line per runtime and sample.
-        lines = list(dict.fromkeys(
-            f"  {c.runtime} on {c.sample}: {c.note}" if c.max_abs == float("inf") and c.note.startswith(c.runtime)
-            else f"  {c.runtime} {c.output} on {c.sample}: {c.mismatched}/{c.total} elements outside "
-            f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}"
-            for c in worst))
-        if parity.passed and split_result is not None and not split_result.passed:
-            bad = [f"  stage {st.name}: max abs {st.worst_max_abs:.3g}" for st in split_result.stages if not st.parity_passed]
-            bad += [f"  chained: {note}" for note in split_result.chained.get("failures", [])[:4]]
-            bad += [f"  chained stages: max abs {split_result.chained.get('max_abs', float('nan')):.3g}"]
-            raise ParityFailedError("split export parity failed:\n" + "\n".join(bad) + f"\nstages.json and the stage "
-                                    f"graphs were kept in {failed_dir}, not in {output_dir}")
-        if parity.passed:
-            low = [o for o in fidelity.outputs if o.min_cosine < fidelity.min_cosine_target]
-            lines = [f"  {o.output}: min cosine {o.min_cosine:.5f} (max abs err {o.max_abs:.3g})" for o in low[:8]]
-            raise ParityFailedError(f"{options.precision.upper()} fidelity below cosine {fidelity.min_cosine_target:g} "
-                                    "against FP32 on held-out samples:\n" + "\n".join(lines) + "\nkeep sensitive "
-                                    "layers in float (--sensitivity lists them, --skip-layers keeps them); the "
-                                    f"artifacts and quant_report.md were kept in {failed_dir}, not in {output_dir}")
-        raise ParityFailedError("parity failed:\n" + "\n".join(lines) + f"\n{parity.table()}\n"
-                                f"the artifacts were kept for inspection in {failed_dir}, not in {output_dir}")
+    output_dir = destination.target
+    if not run.passed:
+        _raise_failure(run, destination.commit(output_dir.parent / f"{output_dir.name}.failed"), output_dir)
     destination.commit()
-    log.info("parity:\n%s", parity.table())
-    return ExportResult(output_dir, manifest, metadata, parity)
+    log.info("parity:\n%s", run.parity.table())
+    return ExportResult(output_dir, run.manifest, run.metadata.to_json(), run.parity)
 
 
-__all__ = ["ExportOptions", "ExportResult", "run_export", "__version__"]
+def _raise_failure(run: ExportRun, failed_dir: Path, output_dir: Path) -> None:
+    """The one-paragraph verdict of a failed export, whose artifacts were kept in failed_dir."""
+    parity, kept = run.parity, f"were kept in {failed_dir}, not in {output_dir}"
+    if run.not_built:
+        verdicts = ", ".join(f"{rt} {'passed' if ok else 'FAILED'}" for rt, ok in parity.runtime_verdicts().items())
+        raise ExportFailedError("lowering failed: " + "; ".join(f"{b.runtime}: {b.reason}" for b in run.not_built)
+                                + f"\nthe other artifacts were checked ({verdicts or 'none'}); they and the "
+                                f"parity reports {kept}")
+    if parity.passed and run.split_result is not None and not run.split_result.passed:
+        result = run.split_result
+        bad = [f"  stage {st.name}: max abs {st.worst_max_abs:.3g}" for st in result.stages if not st.parity_passed]
+        bad += [f"  chained: {note}" for note in result.chained.get("failures", [])[:4]]
+        bad += [f"  chained stages: max abs {result.chained.get('max_abs', float('nan')):.3g}"]
+        raise ParityFailedError("split export parity failed:\n" + "\n".join(bad) + f"\nstages.json and the stage "
+                                f"graphs {kept}")
+    if parity.passed:
+        fidelity = run.fidelity
+        low = [o for o in fidelity.outputs if o.min_cosine < fidelity.min_cosine_target]
+        lines = [f"  {o.output}: min cosine {o.min_cosine:.5f} (max abs err {o.max_abs:.3g})" for o in low[:8]]
+        raise ParityFailedError(f"{run.options.precision.upper()} fidelity below cosine "
+                                f"{fidelity.min_cosine_target:g} against FP32 on held-out samples:\n" + "\n".join(lines)
+                                + "\nkeep sensitive layers in float (--sensitivity lists them, --skip-layers keeps "
+                                f"them); the artifacts and quant_report.md {kept}")
+    raise ParityFailedError("parity failed:\n" + "\n".join(_worst_checks(parity)) + f"\n{parity.table()}\n"
+                            f"the artifacts {kept.replace('were kept', 'were kept for inspection')}")
+
+
+def _worst_checks(parity: ParityReport) -> list[str]:
+    """Up to five failed checks, worst first. A check without output (missing, or the runtime crashed) gives its
+    note; a crash fails every output alike, so one line per runtime and sample."""
+    worst = sorted(parity.failures(), key=lambda c: -c.mismatched)[:5]
+    return list(dict.fromkeys(
+        f"  {c.runtime} on {c.sample}: {c.note}" if c.max_abs == float("inf") and c.note.startswith(c.runtime)
+        else f"  {c.runtime} {c.output} on {c.sample}: {c.mismatched}/{c.total} elements outside "
+        f"{parity.tolerances[c.precision].describe()} (max abs {c.max_abs:.3g}, cosine {c.cosine:.6f}) {c.note}"
+        for c in worst))
+
+
+def _metadata(run: ExportRun, timings: dict[str, float]) -> ExportMetadata:
+    options, analysis, parity, formats = run.options, run.analysis, run.parity, run.formats
+    patches = run.exported.patches
+    return ExportMetadata(
+        status="ok" if parity.passed else "parity_failed",
+        model_config=str(run.config_path),
+        config_name=run.config_path.stem,
+        checkpoint=str(Path(options.checkpoint).resolve()) if options.checkpoint else None,
+        weights="checkpoint" if options.checkpoint else f"random (torch.manual_seed({options.seed}), the model's "
+                                                        "init_weights(), BatchNorm statistics from the export samples)",
+        init_weights_failed=analysis.init_failures,  # their sub-modules were initialised one by one
+        model_type=analysis.model_type,
+        device=options.device,
+        formats=list(formats),
+        artifacts={"pt2": "model.pt2" if "pt2" in formats else None,
+                   "onnx": "model.onnx" if "onnx" in formats else None, "wrapper": "wrapper.py"},
+        export_info=export_info(analysis.manifest),
+        outputs=outputs_info(analysis.manifest),
+        samples=[{"name": s.name, "role": s.role, "origin": s.origin, "num_points": s.num_points,
+                  "inputs": f"inputs/{s.name}.npz", "reference_outputs": f"reference/{s.name}.npz"}
+                 for s in analysis.samples],
+        export_patches=[{"target": p.target, "method": p.method, "reason": p.reason, "module_paths": list(p.module_paths),
+                         "in_eager_reference": (p.target, p.method) in run.in_eager} for p in patches],
+        preprocess=analysis.preprocess,
+        postprocess=analysis.postprocess,
+        tensor_boundary=analysis.boundary.forward_name,
+        backends=[a.to_json() for a in run.artifacts],  # what each artifact accepts and how it was built
+        export_variants=run.variants,
+        parity={"passed": parity.passed, "tolerance": parity.tolerance.to_json(),
+                "tolerances": {p: t.to_json() for p, t in parity.used_tolerances().items()},
+                **{k: v for k, v in parity.to_json().items() if k in ("summary", "skipped", "not_built")}},
+        timings_s=dict(timings),
+        versions=library_versions(),
+        # The eager reference's float sums can depend on it (a near-tie flipped between 1 and 2 threads).
+        torch_threads=torch.get_num_threads(),
+        manifest=analysis.manifest.to_json(),
+        precision=options.precision,
+        substitutions=_substitutions(run),
+        split={"manifest": "stages.json", "passed": run.split_result.passed,
+               "stages": [st.name for st in run.split_result.stages]} if run.split_result else None,
+        reduced_precision=run.reduced.to_json() if run.reduced is not None else None,
+        fidelity=_fidelity_summary(run.fidelity) if run.fidelity is not None else None,
+    )
+
+
+def _substitutions(run: ExportRun) -> list[dict]:
+    """mmcv ops the op library replaced: in the graph, and op functions only host-side code called (Cylinder3D's
+    data preprocessor maps points to voxels with mmdet3d's binding of a CUDA-only kernel)."""
+    patches = run.exported.patches
+    in_graph = [{"op": p.substitutes, "by": f"{p.target}.{p.method} (autoexport.ops)" if p.method else p.target,
+                 "module_paths": list(p.module_paths), "in_eager_reference": (p.target, p.method) in run.in_eager}
+                for p in patches if p.substitutes]
+    graph_ops = {p.substitutes for p in patches}
+    return in_graph + [
+        {"op": path, "by": f"autoexport.ops.{sub.library_module}.{sub.library_function} (autoexport.ops)",
+         "module_paths": [], "in_eager_reference": True, "host_side": True, "reason": sub.reason}
+        for path, sub in sorted(run.host_calls.items()) if path not in graph_ops]
+
+
+def _fidelity_summary(fidelity: FidelityReport) -> dict:
+    return {"report": "quant_report.json", "passed": fidelity.passed,
+            "min_cosine": min(o.min_cosine for o in fidelity.outputs),
+            "detection_agreement": {k: v for k, v in (fidelity.detection or {}).items() if k != "per_sample"} or None}
+
+
+__all__ = ["ExportOptions", "ExportResult", "ExportRun", "STAGES", "run_export", "__version__"]

@@ -655,7 +655,7 @@ def zoo_parser() -> argparse.ArgumentParser:
                    help="write only this output folder's results to the coverage JSON (default: configs it has not "
                         "recorded keep their rows from the existing coverage JSON)")
     p.add_argument("--list", action="store_true", help="list the selected model-zoo configs and exit")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="debug logs")
     return p
 
 

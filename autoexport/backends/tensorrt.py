@@ -136,6 +136,59 @@ def _parser_failure(parser: Any, model: onnx.ModelProto, path: Path) -> ExportFa
           "or use another backend (onnxruntime, iree, aoti)")
 
 
+def _check_onnx_for(spec: BackendSpec, version: str, source: LoweringSource) -> bool:
+    """Refuses what this TensorRT cannot build from this ONNX; returns whether its networks are strongly typed."""
+    if source.onnx_path is None:
+        raise UserInputError("the tensorrt backend builds from model.onnx: export with `--format onnx` or "
+                             "`--format both`")
+    major = trt_major(version)
+    if major < 10:
+        raise UserInputError(f"TensorRT {version} is too old: the tensorrt backend needs TensorRT 10 or 11")
+    strongly_typed = major >= 11
+    quantized, carries_fp16 = _onnx_quantized_and_fp16(source.onnx_path)
+    if spec.target == "int8" and not quantized:
+        raise UserInputError(
+            f"tensorrt:int8 needs an ONNX with Q/DQ (QuantizeLinear/DequantizeLinear) nodes, and "
+            f"{source.onnx_path.name} has none: export with `--precision int8`. TensorRT 10's implicit INT8 "
+            "calibration is deprecated and TensorRT 11 removed it")
+    if spec.target == "fp16" and strongly_typed and not carries_fp16:
+        raise UserInputError(
+            f"tensorrt:fp16 with TensorRT {version}: TensorRT 11 networks are strongly typed, so the "
+            f"precision comes from the ONNX, and {source.onnx_path.name} is fp32. Export with `--precision fp16` "
+            "to get an fp16 ONNX, or use tensorrt:fp32")
+    return strongly_typed
+
+
+def _builder_config(trt: Any, builder: Any, network: Any, spec: BackendSpec, strongly_typed: bool,
+                    manifest: Manifest) -> tuple[Any, dict]:
+    """The builder config: workspace, precision flags, and one optimization profile over the manifest's dims."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if spec.target == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
+    elif not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16 if spec.target == "fp16" else trt.BuilderFlag.INT8)
+    shapes = profile_shapes(manifest)
+    uncovered = [network.get_input(i).name for i in range(network.num_inputs)
+                 if -1 in tuple(network.get_input(i).shape) and network.get_input(i).name not in shapes]
+    if uncovered:
+        raise ExportFailedError(f"TensorRT: ONNX inputs {uncovered} have dynamic dims the manifest does not "
+                                "declare, so no optimization profile can cover them")
+    if shapes:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    return config, shapes
+
+
+def _write_engine(engine_path: Path, serialized: Any, rel: str) -> None:
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    with Timer() as t_write:
+        engine_path.write_bytes(bytes(serialized))
+    log.info("  tensorrt: serialized %s (%.1f MB) in %.1f s", rel, engine_path.stat().st_size / 1e6, t_write.seconds)
+
+
 @register_backend
 class TensorRTBackend(Backend):
     kind = "tensorrt"
@@ -161,26 +214,7 @@ class TensorRTBackend(Backend):
     def lower(self, spec: BackendSpec, source: LoweringSource) -> LoweredArtifact:
         import tensorrt as trt
 
-        if source.onnx_path is None:
-            raise UserInputError("the tensorrt backend builds from model.onnx: export with `--format onnx` or "
-                                 "`--format both`")
-        manifest = source.manifest
-        major = trt_major(trt.__version__)
-        if major < 10:
-            raise UserInputError(f"TensorRT {trt.__version__} is too old: the tensorrt backend needs TensorRT 10 or 11")
-        strongly_typed = major >= 11
-        quantized, carries_fp16 = _onnx_quantized_and_fp16(source.onnx_path)
-        if spec.target == "int8" and not quantized:
-            raise UserInputError(
-                f"tensorrt:int8 needs an ONNX with Q/DQ (QuantizeLinear/DequantizeLinear) nodes, and "
-                f"{source.onnx_path.name} has none: export with `--precision int8`. TensorRT 10's implicit INT8 "
-                "calibration is deprecated and TensorRT 11 removed it")
-        if spec.target == "fp16" and strongly_typed and not carries_fp16:
-            raise UserInputError(
-                f"tensorrt:fp16 with TensorRT {trt.__version__}: TensorRT 11 networks are strongly typed, so the "
-                f"precision comes from the ONNX, and {source.onnx_path.name} is fp32. Export with `--precision fp16` "
-                "to get an fp16 ONNX, or use tensorrt:fp32")
-
+        strongly_typed = _check_onnx_for(spec, trt.__version__, source)
         logger = _make_logger(trt, source.verbose)
         builder = trt.Builder(logger)
         # STRONGLY_TYPED is the only mode in 11 (the flag is kept there for compatibility); 10 builds weakly typed
@@ -197,26 +231,7 @@ class TensorRTBackend(Backend):
                                       source.onnx_path)
             log.info("  tensorrt: parsed %s (%d layers) in %.1f s", source.onnx_path.name, network.num_layers,
                      t_parse.seconds)
-
-            config = builder.create_builder_config()
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-            if spec.target == "fp32":
-                config.clear_flag(trt.BuilderFlag.TF32)
-            elif not strongly_typed:
-                config.set_flag(trt.BuilderFlag.FP16 if spec.target == "fp16" else trt.BuilderFlag.INT8)
-
-            shapes = profile_shapes(manifest)
-            uncovered = [network.get_input(i).name for i in range(network.num_inputs)
-                         if -1 in tuple(network.get_input(i).shape) and network.get_input(i).name not in shapes]
-            if uncovered:
-                raise ExportFailedError(f"TensorRT: ONNX inputs {uncovered} have dynamic dims the manifest does not "
-                                        "declare, so no optimization profile can cover them")
-            if shapes:
-                profile = builder.create_optimization_profile()
-                for name, (low, opt, high) in shapes.items():
-                    profile.set_shape(name, low, opt, high)
-                config.add_optimization_profile(profile)
-
+            config, shapes = _builder_config(trt, builder, network, spec, strongly_typed, source.manifest)
             log.info("  tensorrt: building the %s engine (TensorRT %s; kernel timing takes minutes on large models)",
                      spec.target, trt.__version__)
             with Timer() as t_build:
@@ -225,18 +240,12 @@ class TensorRTBackend(Backend):
                 detail = "\n  ".join(logger.errors) or "(TensorRT logged no error)"
                 raise ExportFailedError(f"TensorRT could not build an engine for {spec}:\n  {detail}")
             log.info("  tensorrt: built in %.1f s", t_build.seconds)
-
             rel = f"tensorrt/model.{spec.target}.engine"
-            engine_path = source.staging / rel
-            engine_path.parent.mkdir(parents=True, exist_ok=True)
-            with Timer() as t_write:
-                engine_path.write_bytes(bytes(serialized))
-            log.info("  tensorrt: serialized %s (%.1f MB) in %.1f s", rel, engine_path.stat().st_size / 1e6,
-                     t_write.seconds)
+            _write_engine(source.staging / rel, serialized, rel)
 
         return LoweredArtifact(
             backend=spec.name, spec=str(spec), path=rel, precision=spec.target, device="cuda",
-            inputs=artifact_inputs(manifest.input_names, manifest, None), compile_s=total.seconds,
+            inputs=artifact_inputs(source.manifest.input_names, source.manifest, None), compile_s=total.seconds,
             details={
                 "tensorrt_version": trt.__version__,
                 "strongly_typed": strongly_typed,

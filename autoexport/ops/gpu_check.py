@@ -212,7 +212,11 @@ def _run_pool(tensor_class, pool, features, indices, shape, batch):
 
 
 def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
-    checks = [
+    return _point_op_checks(mmcv_ops) + _voxel_roi_and_conv_checks(mmcv_ops) + _sparse_checks(device, mmcv_ops)
+
+
+def _point_op_checks(mmcv_ops: Any | None) -> list[Check]:
+    return [
         Check("furthest_point_sample", lambda d: (_cloud(4, 16384, 1, d), 1024),
               ps.furthest_point_sample, mmcv_ops and mmcv_ops.furthest_point_sample, fps_compare),
         Check("furthest_point_sample_with_dist",
@@ -250,6 +254,10 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
                          _boxes(100, 19, d)),
               pib.points_in_boxes_all, mmcv_ops and mmcv_ops.points_in_boxes_all, exact),
     ]
+
+
+def _voxel_roi_and_conv_checks(mmcv_ops: Any | None) -> list[Check]:
+    checks = []
     for reduce in ("max", "mean"):
         checks.append(Check(
             f"dynamic_scatter ({reduce})",
@@ -296,7 +304,11 @@ def build_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
         lambda x, offset, mask, weight: dc.modulated_deform_conv2d(x, offset, mask, weight, None, 1, 1),
         mmcv_ops and (lambda x, offset, mask, weight: mmcv_ops.modulated_deform_conv2d(
             x, offset, mask, weight, None, 1, 1)), exact))
+    return checks
 
+
+def _sparse_checks(device: torch.device, mmcv_ops: Any | None) -> list[Check]:
+    checks = []
     mmcv_layers = [layer.to(device) for layer in _sparse_chain(mmcv_ops)] if mmcv_ops is not None else None
     ours_by_device = {}
     for target in (device, torch.device("cpu")):
