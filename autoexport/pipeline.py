@@ -31,7 +31,8 @@ from .output_dir import OutputDirectory
 from .padding import PaddedInputs, PaddingPlan, plan_padding
 from .report import export_info, library_versions, outputs_info, save_npz, write_json
 from .result import ExportResult, export_runners, write_reports
-from .runners import EagerRunner, onnxruntime_kernels
+from .backends.eager import EagerRunner
+from .backends.onnxruntime import onnxruntime_kernels
 from .quantize import QuantRecipe, QuantizationResult, freeze_for_export, frozen_quantizers, quantize_model, sensitivity_profile
 from .half import HalfResult, to_fp16
 from .samples import point_files_in

@@ -16,7 +16,9 @@ from .backends import BACKENDS, LoweredArtifact, parse_backend
 from .errors import UserInputError
 from .manifest import Manifest
 from .report import load_npz, write_json
-from .runners import OnnxRuntimeRunner, PT2Runner, Runner, SubprocessRunner
+from .backends.onnxruntime import OnnxRuntimeRunner
+from .backends.pt2 import PT2Runner
+from .backends.runner import Runner, SubprocessRunner
 from .verify import Comparator, ParityReport, SkippedRunner, Tolerance, tolerances_with
 
 log = logging.getLogger("autoexport")

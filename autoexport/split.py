@@ -22,7 +22,8 @@ from .errors import UserInputError
 from .export import export_onnx, export_program, save_pt2
 from .manifest import DynamicDim, Manifest, OutputSpec, TensorSpec, dtype_name, get_by_path
 from .knowledge import KNOWLEDGE, NO_SPLIT_PLAN
-from .runners import OnnxRuntimeRunner, PT2Runner
+from .backends.onnxruntime import OnnxRuntimeRunner
+from .backends.pt2 import PT2Runner
 from .verify import Comparator, ParityReport, Tolerance, compare_arrays, compare_row_set
 
 log = logging.getLogger("autoexport")

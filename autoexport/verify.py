@@ -10,7 +10,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import first_line
-from .runners import Feed, Runner, RunnerCrashed
+from .backends.runner import Feed, Runner, RunnerCrashed
 
 log = logging.getLogger("autoexport")
 

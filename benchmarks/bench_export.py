@@ -28,7 +28,10 @@ from autoexport.analyze import build_model, load_config
 from autoexport.cli import main as autoexport_main
 from autoexport.configs import resolve_config
 from autoexport.result import ExportResult, artifact_runners
-from autoexport.runners import EagerRunner, OnnxRuntimeRunner, PT2Runner, Runner
+from autoexport.backends.eager import EagerRunner
+from autoexport.backends.onnxruntime import OnnxRuntimeRunner
+from autoexport.backends.pt2 import PT2Runner
+from autoexport.backends.runner import Runner
 from autoexport.wrap import build_wrapper
 
 DEFAULT_CONFIGS = [

@@ -54,7 +54,7 @@ def _runner(name: str, result: ExportResult, work: Path):  # noqa: ANN202
 
     from autoexport.backends import BACKENDS
     from autoexport.backends.aoti import AotiRunner, compile_package
-    from autoexport.runners import PT2Runner
+    from autoexport.backends.pt2 import PT2Runner
 
     names = (result.manifest.input_names, result.manifest.output_names)
     if name == "eager-cuda":

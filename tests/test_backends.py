@@ -248,7 +248,7 @@ def test_a_runtime_that_dies_in_its_subprocess_fails_its_checks_instead_of_autoe
     import os
     import signal
 
-    from autoexport.runners import RunnerCrashed, SubprocessRunner
+    from autoexport.backends.runner import RunnerCrashed, SubprocessRunner
     from autoexport.verify import Comparator, Tolerance
 
     vmfb, feed, expected, _, _ = fpn_build

@@ -112,7 +112,7 @@ def test_export_bridge_gives_qdq_onnx_that_onnxruntime_runs_with_integer_kernels
 
     from autoexport.export import export_onnx
     from autoexport.patches import PatchContext, export_patches
-    from autoexport.runners import OnnxRuntimeRunner, onnxruntime_kernels
+    from autoexport.backends.onnxruntime import OnnxRuntimeRunner, onnxruntime_kernels
 
     result, _, feeds = _quantized_tiny()
     Q.freeze_for_export(result.model)

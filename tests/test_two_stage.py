@@ -8,7 +8,7 @@ import torch
 
 from autoexport.export import export_onnx
 from autoexport.patches import PatchContext, eager_substitutions, export_patches
-from autoexport.runners import OnnxRuntimeRunner
+from autoexport.backends.onnxruntime import OnnxRuntimeRunner
 
 PART_A2_CAR = "parta2_hv_secfpn_8xb2-cyclic-80e_kitti-3d-car"
 

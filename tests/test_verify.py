@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from autoexport.runners import Runner
+from autoexport.backends.runner import Runner
 from autoexport.verify import Comparator, Tolerance, compare_arrays, compare_row_set
 
 TOL = Tolerance(1e-4, 1e-4)

@@ -19,7 +19,7 @@ import torch
 from ..errors import UserInputError
 from ..manifest import Manifest
 from ..padding import PaddingPlan
-from ..runners import Runner
+from .runner import Runner
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Backend(ABC):
     kind: str = ""
     targets: tuple[str, ...] = ()
     default_target: str = ""
-    # Verify this backend's artifacts in a child process (runners.SubprocessRunner): for runtimes known to crash
+    # Verify this backend's artifacts in a child process (runner.SubprocessRunner): for runtimes known to crash
     # the process on some models rather than raise.
     verify_in_subprocess: bool = False
 

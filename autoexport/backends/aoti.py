@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ExportFailedError
 from ..manifest import Manifest
-from ..runners import Runner
+from .runner import Runner
 from . import Backend, BackendSpec, LoweredArtifact, LoweringSource, Timer, artifact_inputs, register_backend
 
 log = logging.getLogger("autoexport")

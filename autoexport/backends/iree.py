@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import ExportFailedError, signal_name
 from ..manifest import Manifest
-from ..runners import Runner
+from .runner import Runner
 from . import (Backend, BackendSpec, LoweredArtifact, LoweringSource, PaddingRunner, Timer, artifact_inputs,
                register_backend)
 

@@ -1,16 +1,16 @@
-"""Every way to execute an export behind one interface: flat numpy inputs in, named numpy outputs out."""
+"""The Runner interface every backend implements: flat numpy inputs in, named numpy outputs out; and
+SubprocessRunner, which runs any of them in a child process (for runtimes that crash rather than raise)."""
 
 from __future__ import annotations
 
 import multiprocessing
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from .errors import ExportFailedError, signal_name
+from ..errors import ExportFailedError, signal_name
 
 Feed = dict[str, np.ndarray]
 
@@ -116,90 +116,3 @@ class SubprocessRunner(Runner):
                 self.close()
         except Exception:  # noqa: BLE001 - at interpreter exit the daemon child is killed anyway
             pass
-
-
-class _TorchRunner(Runner):
-    def __init__(self, module: torch.nn.Module, input_names: Sequence[str], output_names: Sequence[str],
-                 device: str = "cpu") -> None:
-        super().__init__(input_names, output_names)
-        self.module = module
-        self.device = device
-
-    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
-        self._check_feed(feed)
-        args = [torch.from_numpy(np.array(feed[n], copy=True)).to(self.device) for n in self.input_names]
-        with torch.no_grad():
-            outputs = self.module(*args)
-        return self._named(outputs)
-
-
-class EagerRunner(_TorchRunner):
-    """The generated wrapper around the original, unpatched mmdet3d model: the parity reference."""
-
-    name = "eager"
-
-
-class PT2Runner(_TorchRunner):
-    """model.pt2 through torch.export.load(...).module()."""
-
-    name = "pt2"
-
-    @classmethod
-    def from_file(cls, path: Path, input_names: Sequence[str], output_names: Sequence[str],
-                  device: str = "cpu") -> "PT2Runner":
-        program = torch.export.load(str(path))
-        if device != "cpu":
-            # Moves parameters, buffers and device constants baked into the graph (module.to() misses those).
-            from torch.export.passes import move_to_device_pass  # not imported by `import torch` before 2.12
-
-            program = move_to_device_pass(program, device)
-        return cls(program.module(), input_names, output_names, device)
-
-
-class OnnxRuntimeRunner(Runner):
-    """model.onnx through ONNX Runtime (CPU execution provider unless told otherwise)."""
-
-    name = "onnxruntime"
-
-    def __init__(self, path: Path, input_names: Sequence[str], output_names: Sequence[str],
-                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
-        import onnxruntime as ort
-
-        super().__init__(input_names, output_names)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
-        except Exception as err:  # ORT raises its own pybind Fail/InvalidGraph types
-            message = str(err).strip().splitlines()[0][:400]
-            raise ExportFailedError(f"ONNX Runtime cannot load {path.name}: {message}\n  what to do: the ONNX graph is "
-                                    "invalid for ONNX Runtime (often a shape-inference conflict in one node); "
-                                    "--format pt2 still works, and the node named above is where to look") from None
-        graph_inputs = [i.name for i in self.session.get_inputs()]
-        if graph_inputs != self.input_names:
-            raise RuntimeError(f"{path}: graph inputs {graph_inputs} do not match the manifest {self.input_names}")
-
-    def infer(self, feed: Feed) -> dict[str, np.ndarray]:
-        self._check_feed(feed)
-        outputs = self.session.run(self.output_names, {n: np.ascontiguousarray(feed[n]) for n in self.input_names})
-        return self._named(outputs)
-
-
-def onnxruntime_kernels(onnx_path: Path) -> dict[str, int]:
-    """Op types in the graph ONNX Runtime actually runs (after its QDQ fusions), counted."""
-    import tempfile
-
-    import onnx
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as folder:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
-        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        graph = onnx.load(options.optimized_model_filepath).graph
-    counts: dict[str, int] = {}
-    for node in graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
