@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES: tuple[str, ...] = ()
+MODULES: tuple[str, ...] = ("bevfusion",)
 
 for _name in MODULES:
     importlib.import_module(f"{__name__}.{_name}")
