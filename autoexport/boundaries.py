@@ -7,6 +7,7 @@ Generated wrappers import the forward functions below by name, so keep them stab
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -306,11 +307,20 @@ def boundary_for(model: Any) -> tuple[TensorBoundary, TensorForward]:
         boundary = TensorBoundary("tensor_mode_forward", ())
     else:
         boundary = found[1]
-    return boundary, globals()[boundary.forward_name]
+    return boundary, _function(boundary.forward_name)
 
 
 def host_inputs_for(boundary: TensorBoundary) -> Callable[[Any, dict, list, int], dict] | None:
-    return globals()[boundary.host_inputs] if boundary.host_inputs else None
+    return _function(boundary.host_inputs) if boundary.host_inputs else None
+
+
+def _function(name: str) -> Callable:
+    """A function of this module by name, or of another module by dotted path (a model's module under
+    autoexport.models keeps its tensor path beside the rest of what is known about it)."""
+    if "." not in name:
+        return globals()[name]
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
 def heads_of(model: Any, boundary: TensorBoundary) -> list[Any]:

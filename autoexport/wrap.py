@@ -108,6 +108,12 @@ def _shape_text(shape: list[int], dynamic: dict[int, str]) -> str:
     return "[" + ", ".join(dynamic.get(i, str(s)) for i, s in enumerate(shape)) + "]"
 
 
+def _forward_import(forward_name: str) -> str:
+    """The import of the tensor path: a name in autoexport.boundaries, or a dotted path to another module's."""
+    module, _, attr = forward_name.rpartition(".") if "." in forward_name else ("autoexport.boundaries", "", forward_name)
+    return f"from {module} import {attr} as model_tensor_forward"
+
+
 def generate_wrapper_source(manifest: Manifest, metainfo: list[dict], forward_name: str, model_type: str,
                             config_name: str) -> str:
     renderer = _Renderer()
@@ -165,7 +171,7 @@ from torch import Tensor
 
 {chr(10).join(imports)}
 
-from autoexport.boundaries import {forward_name} as model_tensor_forward
+{_forward_import(forward_name)}
 
 INPUT_NAMES = {tuple(manifest.input_names)!r}
 OUTPUT_NAMES = {tuple(manifest.output_names)!r}
