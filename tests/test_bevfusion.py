@@ -174,3 +174,55 @@ def test_a_project_extension_without_a_stand_in_still_gets_the_clear_error(tmp_p
     config.write_text("custom_imports = dict(imports=['otherproject'])\nmodel = dict(type='X')\n")
     with pytest.raises(configs.UserInputError, match="compiled extension otherproject.ops.bev_pool_ext.*no substitute"):
         configs.load_config(config)
+
+
+# ---- TransFusionHead's proposal order ------------------------------------------------------------------------
+
+def test_stable_sort_translates_to_onnx_topk_with_ties_in_index_order(tmp_path: Path):
+    """aten.sort.stable (the stable proposal order) has no torch.onnx translation; autoexport's is TopK over the
+    axis, whose ties come out lower index first, as a stable sort's do."""
+    import onnxruntime as ort
+
+    from autoexport.onnx_translations import translation_table
+
+    class Sorts(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            flat = x.view(1, -1)
+            return (torch.sort(flat, dim=-1, descending=True, stable=True).indices[..., :300],
+                    torch.sort(flat, dim=1, stable=True).indices[..., :300])
+
+    x = torch.zeros(1, 20000)
+    x[0, torch.randperm(20000, generator=torch.Generator().manual_seed(0))[:400]] = 1.0  # 400 exact ties on top
+    x[0, 7:20] = -1.0
+    program = torch.onnx.export(torch.export.export(Sorts(), (x,)), dynamo=True,
+                                custom_translation_table=translation_table())
+    program.save(str(tmp_path / "sorts.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "sorts.onnx"))
+    ours = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    for got, expected in zip(ours, Sorts()(x)):
+        assert np.array_equal(got, expected.numpy())
+    assert not torch.equal(x.view(-1).argsort(descending=True)[:300], Sorts()(x)[0][0]), \
+        "PyTorch's unstable CPU argsort now keeps ties in index order: the TransFusionHead patch may be unneeded"
+
+
+# ---- the lidar-only export ----------------------------------------------------------------------------------------
+
+@needs_project
+@pytest.mark.slow
+def test_lidar_only_export_parity(tmp_path: Path):
+    """Random weights, synthesized nuScenes-style clouds through the project's test pipeline: about 8 minutes on
+    2 cores (analyze 2, export 1.5, verify 2.5)."""
+    from conftest import export_to
+
+    out = tmp_path / "bevfusion"
+    assert export_to(str(LIDAR), out, "--format", "both") == 0
+    parity = json.loads((out / "parity.json").read_text())
+    checks = parity["checks"]
+    outputs = {"center", "height", "dim", "rot", "vel", "heatmap", "query_heatmap_score", "dense_heatmap"}
+    assert {c["output"] for c in checks} == outputs and len(checks) == 2 * 3 * len(outputs)
+    assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
+    assert max(c["max_abs"] for c in checks if c["runtime"] == "pt2") == 0.0
+    assert max(c["max_abs"] for c in checks if c["runtime"] == "onnxruntime") < 1e-3
+    assert min(c["cosine"] for c in checks if c["runtime"] == "onnxruntime") > 0.9999999
+    metadata = (out / "metadata.json").read_text()
+    assert "TransFusionHead" in metadata and "voxels_coords" in metadata

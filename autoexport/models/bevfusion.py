@@ -9,13 +9,15 @@ Where they are not built, substitutes with the extensions' signatures stand in w
 
 from __future__ import annotations
 
+import contextlib
 import types
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .. import configs
+from .. import boundaries, configs, patches
 from ..ops import bev_pool as bev_pool_ops
 from ..ops import voxelize as voxelize_ops
 
@@ -76,3 +78,89 @@ configs.COMPILED_EXTENSION_SUBSTITUTES.extend([
                                 "autoexport.ops.voxelize (hard and dynamic voxelization)"),
 ])
 
+
+# ---- tensor path --------------------------------------------------------------------------------------------
+
+def bevfusion_voxels(model: Any, inputs: dict, data_samples: list, ordinal: int) -> dict:
+    """Host side, before the graph: the project's own `BEVFusion.voxelize` (hard voxelization, each voxel's
+    points averaged), as CUDA-BEVFusion voxelizes before its lidar backbone. Camera inputs pass through."""
+    feats, coords, _ = model.voxelize([points.float() for points in inputs["points"]])
+    graph_inputs = {"voxels": {"feats": feats, "coords": coords}}
+    if inputs.get("imgs") is not None:
+        graph_inputs["imgs"] = inputs["imgs"]
+        graph_inputs["points"] = inputs["points"]  # DepthLSSTransform projects the cloud into each image
+    return graph_inputs
+
+
+def bevfusion_forward(model: Any, inputs: dict, data_samples: list) -> Any:
+    """BEVFusion leaves `_forward` empty; this is `extract_feat` after voxelization, and TransFusionHead.forward
+    (heatmap, top proposals, decoder): what `predict` runs before `bbox_head.predict_by_feat`, with exact ties
+    among the proposal scores in index order (index_ordered_ties)."""
+    metas = [sample.metainfo for sample in data_samples]
+    voxels = inputs["voxels"]
+    features = []
+    if inputs.get("imgs") is not None:
+        features.append(_camera_features(model, inputs, metas))
+    # extract_pts_feat reads the batch size from coords[-1, 0] + 1 (a tensor); the export's batch is static.
+    features.append(model.pts_middle_encoder(voxels["feats"], voxels["coords"], len(data_samples)))
+    x = model.fusion_layer(features) if model.fusion_layer is not None else features[0]
+    x = model.pts_neck(model.pts_backbone(x))
+    with index_ordered_ties():
+        return model.bbox_head(x, metas)
+
+
+def _camera_features(model: Any, inputs: dict, metas: list[dict]) -> Tensor:
+    """BEVFusion.extract_feat's camera branch: the metas' camera matrices as tensors, then extract_img_feat."""
+    imgs = inputs["imgs"].contiguous()
+
+    def stacked(key: str) -> Tensor:
+        return imgs.new_tensor(np.asarray([meta.get(key, np.eye(4)) for meta in metas]))
+
+    return model.extract_img_feat(imgs, [p.clone() for p in inputs["points"]], stacked("lidar2img"),
+                                  stacked("cam2img"), stacked("cam2lidar"), stacked("img_aug_matrix"),
+                                  stacked("lidar_aug_matrix"), metas)
+
+
+def transfusion_output_name(path: tuple) -> str:
+    """TransFusionHead returns ([{name: tensor}],) for its one BEV level: the dict keys are the names."""
+    return str(path[-1]) if path and isinstance(path[-1], str) else boundaries.default_output_name(path)
+
+
+boundaries.BOUNDARIES.register("BEVFusion", boundaries.TensorBoundary(
+    f"{__name__}.bevfusion_forward", ("bbox_head",), host_inputs=f"{__name__}.bevfusion_voxels",
+    host_side=("the project's BEVFusion.voxelize before the graph (hard voxelization, voxel means); "
+               "TransFusionHead.predict_by_feat after it (box decoding)")))
+boundaries.OUTPUT_NAMERS.register("TransFusionHead", transfusion_output_name)
+
+
+# DepthLSSTransform pools the camera frustum with the project's bev_pool: a sort, intervals found with
+# `torch.where` (a data-dependent count) and the extension kernel. The export runs the library's cell sum instead;
+# the eager reference keeps the project's function (on the stand-in kernel), so parity checks the substitution.
+patches.OP_FUNCTION_SUBSTITUTIONS.append(patches.OpFunctionSubstitution(
+    "projects.BEVFusion.bevfusion.ops.bev_pool.bev_pool.bev_pool", "bev_pool", eager_devices=(),
+    library_module="bev_pool",
+    reason=("BEVFusion's bev_pool sorts the frustum points and finds equal-cell intervals with torch.where "
+            "(data-dependent) before its CUDA kernel; autoexport.ops.bev_pool sums each point into its cell "
+            "(index_add), checked against a port of bev_pool_cuda.cu in tests/test_bevfusion.py")))
+
+
+
+# ---- TransFusionHead's proposals: exact ties in a fixed order ---------------------------------------------
+
+def _stable_argsort(self: Tensor, dim: int = -1, descending: bool = False, stable: bool = False) -> Tensor:
+    return torch.sort(self, dim=dim, descending=descending, stable=True).indices
+
+
+@contextlib.contextmanager
+def index_ordered_ties() -> Iterator[None]:
+    """TransFusionHead picks its proposals with `heatmap.argsort(descending=True)`, an unstable sort: scores that
+    are exactly equal (sigmoid saturates to 1.0 in float32) come out in an order the sort implementation picks
+    (PyTorch's CPU sort does not keep index order, ONNX TopK does), so eager and runtime would list the same
+    proposals in different orders. Around the head, in the tensor path that eager reference and export share,
+    argsort is stable: ties in index order, ONNX TopK's rule."""
+    argsort = torch.Tensor.argsort
+    torch.Tensor.argsort = _stable_argsort
+    try:
+        yield
+    finally:
+        torch.Tensor.argsort = argsort
