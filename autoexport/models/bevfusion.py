@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import boundaries, configs, patches
+from .. import boundaries, configs, patches, samples
 from ..ops import bev_pool as bev_pool_ops
 from ..ops import voxelize as voxelize_ops
 
@@ -164,3 +164,7 @@ def index_ordered_ties() -> Iterator[None]:
         yield
     finally:
         torch.Tensor.argsort = argsort
+
+
+# The project's own multi-view image loader (BEVLoadMultiViewImageFromFiles) makes its samples camera samples.
+samples._IMAGE_LOADERS.add("BEVLoadMultiViewImageFromFiles")
