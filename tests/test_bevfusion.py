@@ -202,27 +202,27 @@ def test_stable_sort_translates_to_onnx_topk_with_ties_in_index_order(tmp_path: 
     for got, expected in zip(ours, Sorts()(x)):
         assert np.array_equal(got, expected.numpy())
     assert not torch.equal(x.view(-1).argsort(descending=True)[:300], Sorts()(x)[0][0]), \
-        "PyTorch's unstable CPU argsort now keeps ties in index order: the TransFusionHead patch may be unneeded"
+        "PyTorch's unstable CPU argsort now keeps ties in index order: index_ordered_ties may be unneeded"
 
 
 # ---- the lidar-only export ----------------------------------------------------------------------------------------
 
 @needs_project
 @pytest.mark.slow
-def test_lidar_only_export_parity(tmp_path: Path):
-    """Random weights, synthesized nuScenes-style clouds through the project's test pipeline: about 8 minutes on
-    2 cores (analyze 2, export 1.5, verify 2.5)."""
+def test_lidar_only_export_parity_on_the_demo_sweep(tmp_path: Path):
+    """Random weights, the nuScenes demo sweep through the project's test pipeline (80% and 60% subsets of it as the
+    second and held-out samples): about 6 minutes on 2 cores. On synthesized clouds random weights saturate the
+    heatmap and the proposal ranking parts on 1-ulp Sigmoid differences (docs/models/bevfusion.md)."""
     from conftest import export_to
 
+    sweep = next(DEMO.glob("*LIDAR_TOP*.pcd.bin"))
     out = tmp_path / "bevfusion"
-    assert export_to(str(LIDAR), out, "--format", "both") == 0
-    parity = json.loads((out / "parity.json").read_text())
-    checks = parity["checks"]
+    assert export_to(str(LIDAR), out, "--format", "both", "--sample", str(sweep)) == 0
+    checks = json.loads((out / "parity.json").read_text())["checks"]
     outputs = {"center", "height", "dim", "rot", "vel", "heatmap", "query_heatmap_score", "dense_heatmap"}
     assert {c["output"] for c in checks} == outputs and len(checks) == 2 * 3 * len(outputs)
     assert all(c["passed"] for c in checks), [c for c in checks if not c["passed"]]
     assert max(c["max_abs"] for c in checks if c["runtime"] == "pt2") == 0.0
-    assert max(c["max_abs"] for c in checks if c["runtime"] == "onnxruntime") < 1e-3
-    assert min(c["cosine"] for c in checks if c["runtime"] == "onnxruntime") > 0.9999999
-    metadata = (out / "metadata.json").read_text()
-    assert "TransFusionHead" in metadata and "voxels_coords" in metadata
+    assert max(c["max_abs"] for c in checks if c["runtime"] == "onnxruntime") < 2e-4  # measured 1.2e-4
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert [t["name"] for t in metadata["export_info"]["tensor_details"]] == ["voxels_feats", "voxels_coords"]
