@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import re
 import sys
 import traceback
+import types
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from .errors import UserInputError
+from .knowledge import KNOWLEDGE
 
 
 def bundled_config_root() -> Path:
@@ -63,7 +70,8 @@ def load_config(config_path: Path) -> Any:
         if Path(config_path).is_file() and folder not in sys.path:
             sys.path.insert(0, folder)
     try:
-        cfg = Config.fromfile(str(config_path), import_custom_modules=False)
+        with bundled_base_fallback():
+            cfg = Config.fromfile(str(config_path), import_custom_modules=False)
     except Exception as err:  # noqa: BLE001 - mmengine raises many types for syntax, missing bases, bad imports
         raise UserInputError(f"config {config_path} could not be loaded: {type(err).__name__}: "
                              f"{_one_line(str(err))}; fix the config file") from None
@@ -82,9 +90,12 @@ def import_custom_modules(custom_imports: Any, config_path: Path) -> None:
         return
     imports = custom_imports.get("imports", []) if isinstance(custom_imports, dict) else custom_imports
     allow_failed = bool(custom_imports.get("allow_failed_imports", False)) if isinstance(custom_imports, dict) else False
+    KNOWLEDGE.load()  # autoexport.models registers the compiled-extension substitutes
     for name in [imports] if isinstance(imports, str) else list(imports):
+        alias_project_package(name, config_path)
         try:
-            importlib.import_module(name)
+            with extension_substitutes():
+                importlib.import_module(name)
         except ImportError as err:
             if allow_failed:
                 continue
@@ -134,3 +145,106 @@ def describe_import_failure(module: str, err: ImportError, config_path: Path) ->
                 "(e.g. `python setup.py develop` in the project), or export on a machine where they are built")
     return (f"{head}: it imports {missing}{where}, which is not installed here ({type(err).__name__}: "
             f"{_one_line(str(err), 160)}); install it")
+
+
+# ---- configs of projects kept outside an mmdet3d checkout -------------------------------------------------
+
+@contextlib.contextmanager
+def bundled_base_fallback() -> Iterator[None]:
+    """While a config loads, a `_base_` file that is not beside it (`../../../configs/_base_/x.py` from a project
+    kept outside mmdet3d's repository) is taken from the same place under the wheel's `.mim/configs` tree."""
+    from mmengine.config import Config
+
+    original = Config.__dict__["_get_cfg_path"]
+
+    def get_cfg_path(cfg_path: str, filename: str) -> tuple[str, Any]:
+        path, scope = original.__func__(cfg_path, filename)
+        if scope is None and not Path(path).exists():
+            bundled = _bundled_equivalent(Path(path))
+            if bundled is not None:
+                return str(bundled), None
+        return path, scope
+
+    Config._get_cfg_path = staticmethod(get_cfg_path)
+    try:
+        yield
+    finally:
+        Config._get_cfg_path = original
+
+
+def _bundled_equivalent(path: Path) -> Path | None:
+    """.mim/configs/<rest> for a missing path .../configs/<rest>, if the wheel ships it."""
+    parts = Path(str(path).replace("\\", "/")).parts
+    if "configs" not in parts:
+        return None
+    rest = parts[len(parts) - 1 - parts[::-1].index("configs") + 1:]
+    candidate = bundled_config_root().joinpath(*rest) if rest else None
+    return candidate if candidate is not None and candidate.is_file() else None
+
+
+def alias_project_package(module: str, config_path: Path) -> None:
+    """`custom_imports` name a project as mmdet3d's repository lays it out (projects.BEVFusion.bevfusion). Where the
+    top package is not importable but a folder above the config is the project (named like the second part), the
+    top package becomes a namespace package over that folder's parent, so the project's own name imports."""
+    parts = module.split(".")
+    if len(parts) < 3 or parts[0] in sys.modules or importlib.util.find_spec(parts[0]) is not None:
+        return
+    project = next((folder for folder in Path(config_path).resolve().parents
+                    if folder.name == parts[1] and (folder / parts[2]).exists()), None)
+    if project is None:
+        return
+    package = types.ModuleType(parts[0])
+    package.__path__ = [str(project.parent)]  # a namespace package: only the project's folder is reached through it
+    package.__spec__ = importlib.machinery.ModuleSpec(parts[0], None, is_package=True)
+    package.__spec__.submodule_search_locations = package.__path__
+    sys.modules[parts[0]] = package
+
+
+# ---- substitutes for compiled extensions that are not built -------------------------------------------------
+
+@dataclass(frozen=True)
+class ExtensionSubstitute:
+    """A module standing in for a project's compiled extension while the project imports, when it is not built."""
+
+    suffix: str  # the extension's dotted name ends with this, e.g. "bevfusion.ops.bev_pool.bev_pool_ext"
+    make: Callable[[str], types.ModuleType]  # full module name -> the substitute module
+    note: str  # what stands in for it (export log)
+
+
+COMPILED_EXTENSION_SUBSTITUTES: list[ExtensionSubstitute] = []
+# Substitutes that stood in during this process's config loads, full name -> note.
+SUBSTITUTED_EXTENSIONS: dict[str, str] = {}
+
+
+class _SubstituteLoader(importlib.abc.Loader):
+    def __init__(self, substitute: ExtensionSubstitute) -> None:
+        self.substitute = substitute
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return self.substitute.make(spec.name)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        SUBSTITUTED_EXTENSIONS[module.__name__] = self.substitute.note
+
+
+class _SubstituteFinder(importlib.abc.MetaPathFinder):
+    """Finds a substitute only for a registered extension that the normal path finder cannot find."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        substitute = next((s for s in COMPILED_EXTENSION_SUBSTITUTES
+                           if fullname == s.suffix or fullname.endswith("." + s.suffix)), None)
+        if substitute is None or importlib.machinery.PathFinder.find_spec(fullname, path) is not None:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, _SubstituteLoader(substitute))
+
+
+@contextlib.contextmanager
+def extension_substitutes() -> Iterator[None]:
+    """The substitute finder on sys.meta_path while a custom_imports module imports, removed afterwards (the
+    modules that imported a substitute keep it)."""
+    finder = _SubstituteFinder()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)

@@ -121,6 +121,16 @@ def _group_norm(input: Any, num_groups: int, weight: Any = None, bias: Any = Non
     return _native_group_norm(input, weight, bias, group=num_groups, eps=eps)[0]
 
 
+def _stable_sort(self: Any, stable: bool | None = None, dim: int = -1, descending: bool = False) -> tuple[Any, Any]:
+    # torch.onnx has no translation of aten.sort.stable. ONNX TopK over the whole axis is a stable sort: the spec
+    # breaks ties by index, lower first, in both directions.
+    rank = len(self.shape) if self.shape is not None else None
+    axis = dim + rank if dim < 0 and rank is not None else dim
+    size = op.Shape(self, start=axis, end=axis + 1) if axis >= 0 else op.Shape(self, start=dim)
+    values, indices = op.TopK(self, size, axis=dim, largest=1 if descending else 0, sorted=1)
+    return values, indices
+
+
 def translation_table() -> dict[Callable, Callable]:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 
@@ -129,6 +139,7 @@ def translation_table() -> dict[Callable, Callable]:
     return {torch.ops.quantized_decomposed.quantize_per_channel.default: _int8_quantize_per_channel,
             torch.ops.aten.linalg_inv_ex.default: _small_inverse,
             torch.ops.aten.squeeze.dim: _squeeze_dim,
+            torch.ops.aten.sort.stable: _stable_sort,
             torch.ops.aten.group_norm.default: _group_norm,
             torch.ops.aten.native_group_norm.default: _native_group_norm,
             **onnx_translation_table()}  # the op library's custom ops (furthest point sampling, ...)

@@ -34,6 +34,7 @@ MODULES: tuple[str, ...] = (
     "tensor_quantizer",
     "conv_module",
     "datasets",
+    "bevfusion",
 )
 
 for _name in MODULES:
