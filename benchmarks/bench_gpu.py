@@ -137,7 +137,7 @@ def run(bundle_dir: Path, backends: list[str], out: Path, runs: int, warmup: int
 
 
 NETWORK_VARIANTS = ("eager-fp32", "eager-tf32", "inductor-fp32", "inductor-tf32", "inductor-fp16", "aoti-fp32",
-                    "aoti_embed-fp32", "aoti_embed-tf32", "aoti_embed-fp16")
+                    "aoti-tf32", "aoti-fp16", "aoti_embed-fp32", "aoti_embed-tf32", "aoti_embed-fp16")
 # aoti_embed: the package embeds its kernels' binaries in the shared library (aot_inductor.embed_kernel_binary)
 # instead of loading .cubin files at run time.
 # TF32 rounds conv and matmul inputs to fp16's 10-bit mantissa, so it is held to the fp16 rule, and reported
