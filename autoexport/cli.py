@@ -51,7 +51,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and synthesized samples")
     p.add_argument("--backend", action="append", default=[], metavar="KIND[:TARGET]",
                    help="also compile for a backend and check its parity (repeatable): iree (= iree:llvm-cpu), "
-                        "iree:cuda[:sm_XX], aoti (= aoti:cpu), aoti:cuda, tensorrt[:fp16|:int8]")
+                        "iree:cuda[:sm_XX], aoti (= aoti:cpu), aoti:cuda, inductor (= inductor:cpu), "
+                        "inductor:cuda, tensorrt[:fp16|:int8]")
     p.add_argument("--capacity", default="dynamic", metavar="dynamic|auto|N",
                    help="IREE inputs: dynamic shapes (default), or static buffers padded to N rows plus a count input; "
                         "auto takes the model's own bound (e.g. the voxel layer's test max_voxels)")

@@ -20,6 +20,7 @@ from .onnx_translations import translation_table
 from .padding import PaddingPlan
 from .patches import (AppliedPatch, PatchContext, export_patches, substituted_functions,
                       substituted_op_functions)
+from .portable import make_device_portable
 
 log = logging.getLogger("autoexport")
 
@@ -145,6 +146,8 @@ def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: M
         raise ExportFailedError(describe_export_failure("torch.export", err, tracker.stack, verbose)) from err
     finally:
         tracker.remove()
+    # Saved, translated to ONNX and lowered without the trace's device: it runs on CUDA after move_to_device_pass.
+    program = make_device_portable(program)
     mutated = list(program.graph_signature.user_inputs_to_mutate.values())
     return ExportedArtifacts(program=program, patches=applied, mutated_user_inputs=mutated)
 

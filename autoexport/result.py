@@ -115,14 +115,20 @@ class ExportResult:
     def runners(self, backends: list[str] | None = None, device: str = "cpu") -> tuple[list[Runner], list[SkippedRunner]]:
         """Runners for model.pt2, model.onnx and every lowered artifact (or only the named backends)."""
         only = None
+        artifacts = list(self.artifacts)
         if backends:
             only = {parse_backend(b).name if b not in ("pt2", "onnxruntime") else b for b in backends}
-            known = {"pt2", "onnxruntime"} | {a.backend for a in self.artifacts}
+            known = {"pt2", "onnxruntime"} | {a.backend for a in artifacts}
+            for spec in (parse_backend(b) for b in backends if b not in ("pt2", "onnxruntime")):
+                made = spec.name not in known and BACKENDS[spec.kind].artifact_of_export(spec, self.manifest)
+                if made:  # e.g. inductor:cuda, which compiles model.pt2 itself on the machine that verifies
+                    artifacts.append(made)
+                    known.add(made.backend)
             unknown = sorted(only - known)
             if unknown:
                 raise UserInputError(f"{self.output_dir} has no {', '.join(unknown)} artifact; it has "
                                      f"{', '.join(sorted(known))}. Export with --backend to add one")
-        return export_runners(self.output_dir, self.manifest, self.artifacts, device, only,
+        return export_runners(self.output_dir, self.manifest, artifacts, device, only,
                               self.metadata.get("precision", "fp32"))
 
     def verify(self, tolerances: dict[str, Tolerance] | None = None, backends: list[str] | None = None,

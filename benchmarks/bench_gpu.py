@@ -8,6 +8,13 @@ stored inputs. Three steps, because the GPU machine has torch but no mmcv/mmdet3
     # here: parity of the returned outputs against the stored eager CPU reference, merged into benchmarks/results/
     python benchmarks/bench_gpu.py collect OUT_DIR RETURNED_DIR --json benchmarks/results/gpu_<config>.json
 
+`network` times the network alone on device-resident inputs with CUDA events (median of --runs after warm-up),
+for eager CUDA, Inductor (torch.compile max-autotune, CUDA graphs) and AOTInductor, in fp32, TF32 and the fp16
+export, each checked against the stored CPU eager reference:
+
+    python benchmarks/bench_gpu.py bundle OUT_DIR gpu_bundle/kitti --with eager-cuda --fp16-export FP16_OUT_DIR
+    python benchmarks/bench_gpu.py network gpu_bundle/kitti --out $OUT --runs 100   # on the GPU machine
+
 "eager-cuda" is model.pt2's graph executed op by op by CUDA PyTorch (torch.export.load + move_to_device_pass):
 the same aten ops mmdet3d's eager forward runs, without compilation; mmdet3d itself cannot run there.
 Latency is the median of --runs calls after warm-up, each call numpy in -> numpy out (host copies included).
@@ -33,7 +40,8 @@ from autoexport.result import ExportResult  # noqa: E402
 GPU_BACKENDS = ("eager-cuda", "aoti-cuda", "iree-cuda")
 
 
-def bundle(export_dir: Path, target: Path, with_: list[str], samples: list[str]) -> None:
+def bundle(export_dir: Path, target: Path, with_: list[str], samples: list[str],
+           fp16_export: Path | None = None) -> None:
     if target.exists():
         shutil.rmtree(target)
     (target / "inputs").mkdir(parents=True)
@@ -45,6 +53,12 @@ def bundle(export_dir: Path, target: Path, with_: list[str], samples: list[str])
     if "iree-cuda" in with_:
         (target / "iree").mkdir()
         shutil.copy(export_dir / "iree" / "model.cuda.vmfb", target / "iree")
+    if fp16_export:  # the --precision fp16 export of the same model and samples, for `network`
+        shutil.copy(fp16_export / "model.pt2", target / "model.fp16.pt2")
+    (target / "reference").mkdir()
+    for sample in samples[:1]:  # the network benchmark's sample: its parity is checked on the GPU machine
+        np.savez_compressed(target / "reference" / f"{sample}.npz",
+                            **load_npz(export_dir / "reference" / f"{sample}.npz"))
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) / 2**20
     print(f"bundle {target}: {size:.1f} MiB")
 
@@ -122,6 +136,122 @@ def run(bundle_dir: Path, backends: list[str], out: Path, runs: int, warmup: int
     (out / f"gpu_run.{'_'.join(backends)}.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
+NETWORK_VARIANTS = ("eager-fp32", "eager-tf32", "inductor-fp32", "inductor-tf32", "inductor-fp16", "aoti-fp32",
+                    "aoti-tf32", "aoti-fp16", "aoti_embed-fp32", "aoti_embed-tf32", "aoti_embed-fp16")
+# aoti_embed: the package embeds its kernels' binaries in the shared library (aot_inductor.embed_kernel_binary)
+# instead of loading .cubin files at run time.
+# TF32 rounds conv and matmul inputs to fp16's 10-bit mantissa, so it is held to the fp16 rule, and reported
+# against the fp32 rule as well.
+NETWORK_TOLERANCE = {"fp32": "fp32", "tf32": "fp16", "fp16": "fp16"}
+
+
+def _network_callable(kind: str, pt2: Path, work: Path):  # noqa: ANN202
+    import torch
+
+    from autoexport.backends.inductor import load_module
+
+    if kind == "eager":
+        return load_module(pt2, "cuda")
+    if kind == "inductor":
+        return torch.compile(load_module(pt2, "cuda"), mode="max-autotune", dynamic=False, fullgraph=True)
+    from autoexport.backends.aoti import compile_package
+
+    options = {"aot_inductor.embed_kernel_binary": True} if kind == "aoti_embed" else None
+    compile_package(torch.export.load(str(pt2)), work / "model.cuda.pt2", "cuda", options)
+    return torch._inductor.aoti_load_package(str(work / "model.cuda.pt2"))
+
+
+def _event_times(fn, args, runs: int, warmup: int) -> list[float]:  # noqa: ANN001
+    import torch
+
+    for _ in range(warmup):
+        torch.compiler.cudagraph_mark_step_begin()
+        fn(*args)
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
+    for start, end in pairs:
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graph trees: each call a new step, outputs may be reused
+        start.record()
+        fn(*args)
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in pairs]
+
+
+def network(bundle_dir: Path, variants: list[str], out: Path, sample: str, runs: int, warmup: int) -> None:
+    import torch
+
+    from autoexport.verify import DEFAULT_TOLERANCES, compare_arrays
+
+    result = ExportResult.load(bundle_dir)
+    feed = result.inputs(sample)
+    reference = load_npz(bundle_dir / "reference" / f"{sample}.npz")
+    args = [torch.from_numpy(feed[n]).cuda() for n in result.manifest.input_names]
+    rows = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "config": result.metadata["config_name"],
+            "sample": sample, "voxels": int(args[0].shape[0]), "runs": runs, "warmup": warmup,
+            "timing": "CUDA events around one call of the network on device-resident inputs, median",
+            "variants": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    for variant in variants:
+        kind, precision = variant.split("-")
+        pt2 = bundle_dir / ("model.fp16.pt2" if precision == "fp16" else "model.pt2")
+        if not pt2.is_file():
+            rows["variants"][variant] = {"error": f"{pt2.name} is not in the bundle"}
+            continue
+        torch._dynamo.reset()
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        print(f"[{variant}] building", flush=True)
+        try:
+            start = time.perf_counter()
+            fn = _network_callable(kind, pt2, out)
+            with torch.no_grad():
+                fn(*args)
+                first_s = time.perf_counter() - start
+                times = _event_times(fn, args, runs, warmup)
+                torch.compiler.cudagraph_mark_step_begin()
+                got = [o.detach().cpu().numpy() for o in fn(*args)]  # a timed kind of call (a CUDA graph replay)
+        except Exception as err:  # noqa: BLE001 - one variant failing must not lose the others' numbers
+            rows["variants"][variant] = {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+            print(f"[{variant}] failed: {rows['variants'][variant]['error']}", flush=True)
+            (out / f"gpu_network.{sample}.{'_'.join(variants)}.json").write_text(json.dumps(rows, indent=2) + "\n")
+            continue
+        entry = {"build_and_first_call_s": round(first_s, 1), "median_ms": round(statistics.median(times), 4),
+                 "min_ms": round(min(times), 4), "max_ms": round(max(times), 4), "parity_vs_cpu_eager_reference": {}}
+        for rule in sorted({"fp32", NETWORK_TOLERANCE[precision]}):
+            tol = DEFAULT_TOLERANCES[rule]
+            metrics = [compare_arrays(reference[n], g, tol) for n, g in zip(result.manifest.output_names, got)]
+            entry["parity_vs_cpu_eager_reference"][f"{rule} rule ({tol.describe()})"] = {
+                "passed": all(m["passed"] for m in metrics), "max_abs": max(m["max_abs"] for m in metrics),
+                "min_cosine": min(m["cosine"] for m in metrics)}
+        rows["variants"][variant] = entry
+        print(f"[{variant}] median {entry['median_ms']:.3f} ms; {entry['parity_vs_cpu_eager_reference']}", flush=True)
+        (out / "model.cuda.pt2").unlink(missing_ok=True)
+        # Written after every variant: a runtime that kills the process (AOTInductor's loader) keeps the others.
+        (out / f"gpu_network.{sample}.{'_'.join(variants)}.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def network_collect(returned: list[Path], json_out: Path, notes: str) -> None:
+    """Merges the per-process gpu_network.*.json files of one sample; speed-ups against eager fp32 of the same run."""
+    merged: dict = {}
+    for folder in returned:
+        for run_file in sorted(folder.glob("gpu_network.*.json")):
+            data = json.loads(run_file.read_text())
+            merged.setdefault("variants", {}).update(data.pop("variants"))
+            merged.update(data)
+    base = merged["variants"].get("eager-fp32", {}).get("median_ms")
+    for entry in merged["variants"].values():
+        if base and "median_ms" in entry:
+            entry["speedup_vs_eager_fp32"] = round(base / entry["median_ms"], 2)
+    merged["notes"] = notes
+    json_out.write_text(json.dumps(merged, indent=2) + "\n")
+    for name, entry in merged["variants"].items():
+        if "error" in entry:
+            print(f"{name:14s} {entry['error'][:120]}")
+            continue
+        verdicts = ", ".join(f"{k.split(' ')[0]} {'pass' if v['passed'] else 'FAIL'} {v['max_abs']:.1e}"
+                             for k, v in entry["parity_vs_cpu_eager_reference"].items())
+        print(f"{name:14s} {entry['median_ms']:8.3f} ms  x{entry.get('speedup_vs_eager_fp32', 0):5.2f}  {verdicts}")
+
+
 def collect(export_dir: Path, returned: list[Path], json_out: Path) -> None:
     """Parity of GPU outputs against the stored eager CPU reference, and of each GPU backend against eager-cuda."""
     from autoexport.verify import DEFAULT_TOLERANCES, compare_arrays
@@ -169,6 +299,14 @@ def main() -> None:
     b.add_argument("target", type=Path)
     b.add_argument("--with", dest="with_", nargs="+", choices=GPU_BACKENDS, default=list(GPU_BACKENDS))
     b.add_argument("--samples", nargs="+", default=["sample_0", "heldout_0"])
+    b.add_argument("--fp16-export", type=Path, help="the --precision fp16 export of the same model, for `network`")
+    n = sub.add_parser("network")
+    n.add_argument("bundle_dir", type=Path)
+    n.add_argument("--variants", nargs="+", choices=NETWORK_VARIANTS, default=list(NETWORK_VARIANTS))
+    n.add_argument("--out", type=Path, required=True)
+    n.add_argument("--sample", default="sample_0")
+    n.add_argument("--runs", type=int, default=100)
+    n.add_argument("--warmup", type=int, default=20)
     r = sub.add_parser("run")
     r.add_argument("bundle_dir", type=Path)
     r.add_argument("--backends", nargs="+", choices=GPU_BACKENDS, required=True)
@@ -177,13 +315,21 @@ def main() -> None:
     r.add_argument("--warmup", type=int, default=5)
     r.add_argument("--return-samples", nargs="+", default=["heldout_0"],
                    help="samples whose outputs are written to --out for the CPU-reference comparison")
+    nc = sub.add_parser("network-collect")
+    nc.add_argument("returned", type=Path, nargs="+")
+    nc.add_argument("--json", type=Path, required=True)
+    nc.add_argument("--notes", default="")
     c = sub.add_parser("collect")
     c.add_argument("export_dir", type=Path)
     c.add_argument("returned", type=Path, nargs="+")
     c.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "bundle":
-        bundle(args.export_dir, args.target, args.with_, args.samples)
+        bundle(args.export_dir, args.target, args.with_, args.samples, args.fp16_export)
+    elif args.command == "network-collect":
+        network_collect(args.returned, args.json, args.notes)
+    elif args.command == "network":
+        network(args.bundle_dir, args.variants, args.out, args.sample, args.runs, args.warmup)
     elif args.command == "run":
         run(args.bundle_dir, args.backends, args.out, args.runs, args.warmup, args.return_samples)
     else:

@@ -125,6 +125,7 @@ def test_verify_a_backend_and_write_reports(kitti_export: Path, tmp_path: Path):
     (["--backend", "mlir"], "unknown backend 'mlir'"),
     (["--backend", "iree:rocm"], "backend iree has no target 'rocm'"),
     (["--backend", "aoti:cuda"], "needs a GPU"),
+    (["--backend", "inductor:cuda"], "this machine has no CUDA device"),
     (["--backend", "tensorrt"], "TensorRT"),
     (["--capacity", "lots", "--backend", "iree"], "--capacity must be auto, dynamic or a positive integer"),
 ])

@@ -1,7 +1,8 @@
 """Stage 5, lower: compile an export for a deployment backend and run the result behind the Runner interface.
 
 A backend is named on the command line as `KIND[:TARGET[:ARCH]]`: `iree` (= iree:llvm-cpu), `iree:cuda`,
-`iree:cuda:sm_80`, `aoti` (= aoti:cpu), `aoti:cuda`, `tensorrt` (= tensorrt:fp32), `tensorrt:fp16`, `tensorrt:int8`.
+`iree:cuda:sm_80`, `aoti` (= aoti:cpu), `aoti:cuda`, `inductor` (= inductor:cpu),
+`inductor:cuda`, `tensorrt` (= tensorrt:fp32), `tensorrt:fp16`, `tensorrt:int8`.
 Each kind is one class in this package, registered in BACKENDS; the pipeline never branches on backend names.
 """
 
@@ -24,8 +25,8 @@ from .runner import Runner
 
 @dataclass(frozen=True)
 class BackendSpec:
-    kind: str  # iree | aoti | tensorrt
-    target: str  # iree: llvm-cpu | cuda; aoti: cpu | cuda; tensorrt: fp32 | fp16 | int8
+    kind: str  # iree | aoti | inductor | tensorrt
+    target: str  # iree: llvm-cpu | cuda; aoti, inductor: cpu | cuda; tensorrt: fp32 | fp16 | int8
     arch: str | None = None  # GPU architecture for iree:cuda (sm_80, sm_90, ...)
 
     @property
@@ -90,6 +91,11 @@ class Backend(ABC):
 
     def cannot_run_here(self, spec: BackendSpec) -> str | None:
         """Why an artifact of this spec can be built but not run here (no GPU), or None."""
+        return None
+
+    def artifact_of_export(self, spec: BackendSpec, manifest: Manifest) -> LoweredArtifact | None:
+        """The artifact, when this backend needs nothing but the export's own files (so `verify --backend` can run
+        it on an export made without it), else None."""
         return None
 
     @abstractmethod
@@ -168,5 +174,5 @@ class PaddingRunner(Runner):
 
 
 # Backends register themselves on import.
-from . import aoti, iree  # noqa: E402,F401
+from . import aoti, inductor, iree  # noqa: E402,F401
 from . import tensorrt  # noqa: E402,F401

@@ -22,7 +22,8 @@ from . import Backend, BackendSpec, LoweredArtifact, LoweringSource, Timer, arti
 log = logging.getLogger("autoexport")
 
 
-def compile_package(program: torch.export.ExportedProgram, package_path: Path, device: str) -> None:
+def compile_package(program: torch.export.ExportedProgram, package_path: Path, device: str,
+                    options: dict | None = None) -> None:
     import torch._inductor
 
     if device != "cpu":
@@ -33,7 +34,7 @@ def compile_package(program: torch.export.ExportedProgram, package_path: Path, d
         program = move_to_device_pass(program, device)
     package_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=str(package_path))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(package_path), inductor_configs=options)
     except Exception as err:
         raise ExportFailedError(f"AOTInductor compilation failed: {type(err).__name__}: "
                                 f"{str(err).strip().splitlines()[0][:400] if str(err).strip() else ''}") from err
