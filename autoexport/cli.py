@@ -93,6 +93,37 @@ def _tolerance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, help="relative tolerance of fp32 parity checks (default 1e-4)")
     p.add_argument("--tolerance", action="append", default=[], metavar="PRECISION=ATOL,RTOL",
                    help="tolerance for one precision (fp32, fp16, int8), e.g. fp16=2e-2,1e-2 (repeatable)")
+    p.add_argument("--parity", choices=["float64", "strict"],
+                   help="float64 (default): an output outside the tolerance still passes when its RMSE against the "
+                        "model run in float64 is at most M x eager fp32's + atol/10; strict: the tolerance alone")
+    p.add_argument("--fp64-multiplier", action="append", default=[], metavar="PRECISION=M",
+                   help="the float64 rule's M for one precision (defaults fp32=2, tf32=2, fp16=3; repeatable)")
+    p.add_argument("--compare", action="append", default=[], metavar="OUTPUT=RULE",
+                   help="the compare function of one output: elementwise or float64 (repeatable)")
+
+
+def _policy(args: argparse.Namespace, base: object) -> object:
+    """The stored or default parity policy with the user's --parity, --fp64-multiplier and --compare applied."""
+    from .errors import UserInputError
+    from .verify import COMPARE_RULES, ParityPolicy
+
+    multipliers, per_output = dict(base.multipliers), dict(base.per_output)
+    for text in args.fp64_multiplier:
+        precision, _, value = text.partition("=")
+        try:
+            multiplier = float(value)
+        except ValueError:
+            multiplier = float("nan")
+        if precision not in multipliers or not multiplier > 0:
+            raise UserInputError(f"--fp64-multiplier {text!r}: expected PRECISION=M with PRECISION one of "
+                                 f"{', '.join(multipliers)} and M > 0, e.g. fp32=2")
+        multipliers[precision] = multiplier
+    for text in args.compare:
+        output, _, rule = text.partition("=")
+        if not output or rule not in COMPARE_RULES:
+            raise UserInputError(f"--compare {text!r}: expected OUTPUT=RULE with RULE one of {', '.join(COMPARE_RULES)}")
+        per_output[output] = rule
+    return ParityPolicy(args.parity or base.mode, multipliers, per_output)
 
 
 def _tolerances(args: argparse.Namespace, base: dict) -> dict:
@@ -151,7 +182,7 @@ def _run_export(argv: list[str]) -> int:
     _setup_logging(args.verbose)
     from .pipeline import ExportOptions, run_export
     from .quantize import QuantRecipe
-    from .verify import DEFAULT_TOLERANCES
+    from .verify import DEFAULT_TOLERANCES, ParityPolicy
 
     config_name = Path(args.config).stem if args.config.endswith(".py") else Path(args.config).name
     options = ExportOptions(
@@ -165,6 +196,7 @@ def _run_export(argv: list[str]) -> int:
         overwrite=args.overwrite,
         seed=args.seed,
         tolerances=_tolerances(args, DEFAULT_TOLERANCES),
+        parity=_policy(args, ParityPolicy()),
         backends=tuple(args.backend),
         capacity=args.capacity,
         precision=args.precision,
@@ -189,7 +221,8 @@ def _run_verify(argv: list[str]) -> int:
     from .result import ExportResult, write_reports
 
     result = ExportResult.load(args.output_dir)
-    report = result.verify(_tolerances(args, result.stored_tolerances()), args.backend, args.device)
+    report = result.verify(_tolerances(args, result.stored_tolerances()), args.backend, args.device,
+                           _policy(args, result.stored_policy()))
     log.info("%s", report.table())
     if args.report_dir:
         write_reports(report, args.report_dir, f"Parity of {result.metadata['config_name']} (verify)")
