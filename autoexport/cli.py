@@ -232,8 +232,11 @@ def _run_verify(argv: list[str]) -> int:
 
 
 def _run_zoo(argv: list[str]) -> int:
-    from .zoo import run_zoo, zoo_parser
+    from .zoo import run_merge, run_zoo, zoo_parser
 
+    if argv and argv[0] == "merge":
+        _setup_logging("--verbose" in argv)
+        return run_merge(argv[1:])
     args = zoo_parser().parse_args(argv)
     _setup_logging(args.verbose)
     return run_zoo(args)

@@ -174,6 +174,25 @@ def select(index: ZooIndex, families: Iterable[str] = (), configs: Iterable[str]
     return [e for e in index.entries if e.config in picked]
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` -> (K, N), 1 <= K <= N."""
+    k, _, n = text.partition("/")
+    try:
+        shard, count = int(k), int(n)
+    except ValueError:
+        shard = count = 0
+    if not 1 <= shard <= count:
+        raise UserInputError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. 2/4")
+    return shard, count
+
+
+def shard_of(entries: list[ZooEntry], shard: int, count: int) -> list[ZooEntry]:
+    """The shard-th of `count` slices, the same on every machine: configs sorted by name and dealt round-robin,
+    so that a family's configs (which cost alike) spread over the slices."""
+    ordered = sorted(entries, key=lambda e: e.config)
+    return [e for i, e in enumerate(ordered) if i % count == shard - 1]
+
+
 # ---- one export -------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -224,6 +243,7 @@ class ZooOptions:
     markdown: Path | None = None  # None: print the table to stdout
     replace_coverage: bool = False  # False: rows of configs not swept here stay in the coverage JSON
     threads: int | None = None  # per export; None: OMP_NUM_THREADS if set, else the cores split over the jobs
+    shard: tuple[int, int] | None = None  # (K, N): only the K-th of N deterministic slices (shard_of)
 
 
 @dataclass
@@ -560,14 +580,16 @@ def families_meeting_target(rows: Iterable[ZooResult]) -> list[str]:
     return sorted({r.family for r in rows if meets_fp32_target(r)})
 
 
-def coverage(rows: list[ZooResult], index: ZooIndex, options: ZooOptions) -> dict:
+def coverage(rows: list[ZooResult], index: ZooIndex | dict, options: ZooOptions) -> dict:
+    """The coverage JSON; `index` is the zoo or, when merging, the zoo counts a shard recorded."""
     by_family: dict[str, Counter] = defaultdict(Counter)
     for row in rows:
         by_family[row.family][row.verdict] += 1
     return {
         "generated": _now(),
         "environment": environment(),
-        "zoo": index.counts(),
+        "zoo": index if isinstance(index, dict) else index.counts(),
+        **({"shard": list(options.shard)} if options.shard else {}),
         "backends": list(options.backends),
         "timeout_s": options.timeout_s,
         "summary": {
@@ -654,6 +676,9 @@ def zoo_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace-coverage", action="store_true",
                    help="write only this output folder's results to the coverage JSON (default: configs it has not "
                         "recorded keep their rows from the existing coverage JSON)")
+    p.add_argument("--shard", metavar="K/N",
+                   help="run only the K-th of N deterministic slices of the selected configs (one per CI machine); "
+                        "join their coverage files with `autoexport zoo merge`")
     p.add_argument("--list", action="store_true", help="list the selected model-zoo configs and exit")
     p.add_argument("--verbose", action="store_true")
     return p
@@ -669,17 +694,21 @@ def options_from_args(args: argparse.Namespace) -> ZooOptions:
     return ZooOptions(output=args.output.expanduser().resolve(), backends=tuple(args.backend),
                       timeout_s=args.timeout, jobs=args.jobs, resume=args.resume, keep=args.keep,
                       coverage_json=args.coverage_json, markdown=args.markdown,
-                      replace_coverage=args.replace_coverage, threads=args.threads)
+                      replace_coverage=args.replace_coverage, threads=args.threads,
+                      shard=parse_shard(args.shard) if args.shard else None)
 
 
 def run_zoo(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     index = load_zoo()
     selected = select(index, args.family, args.config)
+    if options.shard:
+        selected = shard_of(selected, *options.shard)
     counts = index.counts()
     log.info("zoo: %d metafiles, %d entries, %d distinct configs in %d families (%d not shipped in the wheel); "
-             "%d selected", counts["metafiles"], counts["entries"], counts["configs"], counts["families"],
-             counts["not_shipped"], len(selected))
+             "%d selected%s", counts["metafiles"], counts["entries"], counts["configs"], counts["families"],
+             counts["not_shipped"], len(selected),
+             f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else "")
     if args.list:
         for e in selected:
             print(f"{e.family:22} {e.config:70} {e.task:28} {'' if e.path else 'NOT SHIPPED'}")
@@ -728,6 +757,66 @@ def run_zoo(args: argparse.Namespace) -> int:
         options.markdown.parent.mkdir(parents=True, exist_ok=True)
         options.markdown.write_text(table)
         log.info("zoo: table written to %s", options.markdown)
+    else:
+        print(table, end="")
+    return EXIT_OK
+
+
+# ---- merge --------------------------------------------------------------------------------------------------------
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autoexport zoo merge",
+        description="Join the coverage JSONs (or zoo_results.jsonl files) of several sweeps, e.g. the shards of a CI "
+                    "matrix, into one coverage JSON and Markdown table. A config recorded twice keeps its latest row.")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--coverage-json", type=Path, default=DEFAULT_COVERAGE,
+                   help=f"where to write the joined coverage (default {DEFAULT_COVERAGE})")
+    p.add_argument("--markdown", type=Path, help="write the coverage table here (default: print it)")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def _rows_of(path: Path) -> tuple[list[ZooResult], dict]:
+    """A coverage JSON's rows and its header, or a results file's rows."""
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file")
+    if path.suffix == ".jsonl":
+        return list(load_results(path).values()), {}
+    try:
+        data = json.loads(path.read_text())
+        return [ZooResult.from_json(r) for r in data["rows"]], data
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UserInputError(f"{path} is not a coverage JSON written by `autoexport zoo` ({err})") from None
+
+
+def merge(paths: list[Path]) -> tuple[list[ZooResult], dict]:
+    """Rows of every file, the latest per config (`finished`); the header of the first coverage JSON."""
+    rows: dict[str, ZooResult] = {}
+    header: dict = {}
+    for path in paths:
+        found, data = _rows_of(path)
+        header = header or data
+        for row in found:
+            if row.config not in rows or row.finished >= rows[row.config].finished:
+                rows[row.config] = row
+    return _ordered(rows.values()), header
+
+
+def run_merge(argv: list[str]) -> int:
+    args = merge_parser().parse_args(argv)
+    rows, header = merge(args.files)
+    options = ZooOptions(backends=tuple(header.get("backends", ())), timeout_s=header.get("timeout_s", DEFAULT_TIMEOUT_S),
+                         coverage_json=args.coverage_json, markdown=args.markdown)
+    data = coverage(rows, header.get("zoo", {}), options)
+    data["merged_from"] = [str(p) for p in args.files]
+    args.coverage_json.parent.mkdir(parents=True, exist_ok=True)
+    args.coverage_json.write_text(json.dumps(data, indent=2) + "\n")
+    log.info("zoo merge: %d configs from %d files written to %s", len(rows), len(args.files), args.coverage_json)
+    table = markdown_table(rows)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
     else:
         print(table, end="")
     return EXIT_OK
