@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_OK, EXIT_PARITY_FAILED, AutoExportError, first_line
+from .events import emit, open_events
 
 log = logging.getLogger("autoexport")
 
@@ -59,6 +60,8 @@ def _export_parser() -> argparse.ArgumentParser:
                         "lidar.encoder, bev.backbone, head), each checked alone and chained")
     _precision_args(p)
     _tolerance_args(p)
+    p.add_argument("--events", type=Path, metavar="FILE",
+                   help="also write the export's progress as JSON lines (stages, patches, exit code, error) here")
     p.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
     p.add_argument("--version", action="version", version=f"autoexport {__version__}")
     return p
@@ -180,6 +183,7 @@ def _setup_logging(verbose: bool) -> None:
 def _run_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    open_events(args.events)
     from .pipeline import ExportOptions, run_export
     from .quantize import QuantRecipe
     from .verify import DEFAULT_TOLERANCES, ParityPolicy
@@ -210,6 +214,7 @@ def _run_export(argv: list[str]) -> int:
         verbose=args.verbose,
     )
     result = run_export(options)
+    emit("exit", code=EXIT_OK)
     log.info("exported %s to %s: %s", result.metadata["model_type"], result.output_dir,
              ", ".join(sorted(p.name for p in result.output_dir.iterdir())))
     return EXIT_OK
@@ -264,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_export(argv)
     except AutoExportError as err:
         log.error("autoexport: error: %s", err)
+        emit("exit", code=err.exit_code, error=str(err), kind=type(err).__name__)
         if verbose and err.__cause__ is not None:
             log.error("%s", "".join(traceback.format_exception(err.__cause__)))
         return err.exit_code
@@ -274,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - never a bare traceback: one line, the trace behind --verbose
         log.error("autoexport: error: unexpected %s outside the export stages: %s; this is a bug of autoexport: "
                   "rerun with --verbose for the trace and report it", type(err).__name__, first_line(str(err))[:300])
+        emit("exit", code=EXIT_EXPORT_FAILED, error=f"unexpected {type(err).__name__}: {first_line(str(err))[:300]}",
+             kind=type(err).__name__)
         if verbose:
             log.error("%s", "".join(traceback.format_exception(err)))
         return EXIT_EXPORT_FAILED

@@ -29,6 +29,7 @@ from .export import export_onnx, export_program, quiet_export_logs, save_pt2
 from .manifest import Manifest
 from .output_dir import OutputDirectory
 from .padding import PaddedInputs, PaddingPlan, plan_padding
+from .events import emit
 from .report import consistency_line, export_info, library_versions, outputs_info, save_npz, write_json
 from .result import ExportResult, export_runners, write_reports
 from .runners import EagerRunner, onnxruntime_kernels
@@ -87,6 +88,7 @@ class StageLog:
     def stage(self, name: str, what: str) -> Iterator[None]:
         self.index += 1
         log.info("[%d/%d] %s: %s", self.index, self.total, name, what)
+        emit("stage", name=name, status="start")
         start = time.perf_counter()
         try:
             yield
@@ -99,6 +101,7 @@ class StageLog:
                                     "entry: rerun with --verbose for the trace and report it") from err
         self.timings[name] = round(time.perf_counter() - start, 3)
         log.info("[%d/%d] %s done in %.1f s", self.index, self.total, name, self.timings[name])
+        emit("stage", name=name, status="done", seconds=self.timings[name])
 
 
 def describe_subject(analysis: Analysis) -> str:

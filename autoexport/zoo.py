@@ -5,9 +5,11 @@ Every entry of the metafiles shipped in mmdet3d's wheel (`.mim/configs/*/metafil
 stops the sweep. Each verdict is appended as one JSON line to `OUTPUT/zoo_results.jsonl` (a rerun skips what is
 recorded there), then the whole file is summarised in a coverage JSON and a Markdown table.
 
-What went wrong is read from what the CLI already reports: its exit code (0 ok, 1 parity failed, 2 bad input,
-3 export failed), the `autoexport: error:` paragraph, the `[i/N] stage` progress lines (how far it got) and, when
-it got that far, the export's metadata.json (parity per runtime, export patches, op substitutions).
+What went wrong is read from structured results only: the CLI's exit code (0 ok, 1 parity failed, 2 bad input,
+3 export failed), its events file (`--events`: stages started and done, export patches, the error) and, when it got
+that far, the export's metadata.json (parity per runtime and the rule that decided, export patches, op
+substitutions). The log is kept for people; it is parsed only for rows of exports that wrote no events file (a
+crash before the CLI started, or an older autoexport).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
+from .events import read_events
 from .errors import (EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_OK, EXIT_PARITY_FAILED, UserInputError,
                      signal_name)
 
@@ -280,6 +283,21 @@ def read_log(text: str) -> LogFacts:
     return LogFacts(stage, _one_line(reason), parity, patches)
 
 
+def facts_from_events(events: list[dict]) -> LogFacts:
+    """LogFacts from an export's events file (events.py) instead of its log lines."""
+    started: list[str] = []
+    done: set[str] = set()
+    for e in events:
+        if e.get("event") == "stage":
+            (done.add if e.get("status") == "done" else started.append)(e.get("name"))
+    exit_event = next((e for e in reversed(events) if e.get("event") == "exit"), {})
+    lines = [l.strip() for l in str(exit_event.get("error", "")).splitlines() if l.strip()]
+    # "parity failed:" alone says little: a header line takes its first detail line along.
+    reason = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    stage = next((s for s in reversed(started) if s not in done), None)
+    return LogFacts(stage, _one_line(reason), {}, [e["name"] for e in events if e.get("event") == "patch"])
+
+
 def _one_line(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -337,10 +355,12 @@ def _parity_from_metadata(metadata: dict) -> dict[str, str]:
 
 
 def classify(entry: ZooEntry, exit_code: int | None, log_text: str, metadata: dict | None,
-             backends: Iterable[str], wall_s: float, timeout_s: float | None = None) -> ZooResult:
-    """Turn an export's exit code, log and metadata.json into one row. `timeout_s` is set when it was killed."""
+             backends: Iterable[str], wall_s: float, timeout_s: float | None = None,
+             events: list[dict] | None = None) -> ZooResult:
+    """Turn an export's exit code, events (else its log) and metadata.json into one row. `timeout_s` is set when it
+    was killed."""
     backends = list(backends)
-    facts = read_log(log_text)
+    facts = facts_from_events(events) if events is not None else read_log(log_text)
     marked = bool(facts.reason)
     if timeout_s is not None:
         verdict = TIMEOUT
@@ -444,7 +464,10 @@ class Sweep:
         backend_args = [a for b in self.options.backends for a in ("--backend", b)]
         return [sys.executable, "-m", "autoexport", "--config", str(entry.path),
                 "--output-dir", str(self.options.output / entry.config), "--format", "both",
-                *backend_args]
+                "--events", str(self.events_path(entry)), *backend_args]
+
+    def events_path(self, entry: ZooEntry) -> Path:
+        return self.logs / f"{entry.config}.events.jsonl"
 
     def run_entry(self, entry: ZooEntry) -> ZooResult | None:
         """Export one config in a subprocess; None when the sweep was interrupted meanwhile (nothing recorded)."""
@@ -477,7 +500,7 @@ class Sweep:
         out = self.options.output
         metadata = _load_metadata(out / entry.config, out / f"{entry.config}.failed")
         row = classify(entry, exit_code, log_path.read_text(errors="replace"), metadata, self.options.backends,
-                       wall, timed_out)
+                       wall, timed_out, read_events(self.events_path(entry)))
         row.log = str(log_path)
         row.threads = int(env["OMP_NUM_THREADS"])
         row.reason = shorten_paths(row.reason, out, entry.config)

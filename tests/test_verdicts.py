@@ -101,3 +101,22 @@ def test_strict_and_per_output_elementwise_keep_todays_rule():
         check = report.checks[0]
         assert not report.passed and check.rule == "elementwise" and check.float64["passed"]  # measured, not used
     assert ParityPolicy().rule_for("y", "int8") == "elementwise"
+
+
+def test_a_reference_that_disagrees_with_itself_is_reported_and_fails():
+    from autoexport.verify import eager_consistency
+
+    feeds = {"s": {"x": np.linspace(0, 1, 1000, dtype=np.float32)}}
+    expected = {"s": {"y": feeds["s"]["x"] * 3}}
+    steady = eager_consistency(lambda f: {"y": f["x"] * 3}, feeds, expected, TOL)
+    assert steady["consistent"] and steady["repeat"]["bitwise"] and steady["repeat"]["max_abs"] == 0.0
+    calls = iter(range(1, 10))  # every run drifts by another 1e-3
+    drifting = eager_consistency(lambda f: {"y": f["x"] * 3 + 1e-3 * next(calls)}, feeds, expected, TOL)
+    assert not drifting["consistent"] and drifting["repeat"]["differing"] == ["s/y"]
+    assert abs(drifting["repeat"]["max_abs"] - 1e-3) < 1e-6 and not drifting["repeat"]["bitwise"]
+    report = _decided(ParityPolicy(), EAGER32.copy())
+    assert report.passed
+    report.consistency = drifting
+    assert not report.passed and "disagrees with itself" in report.to_markdown()
+    suite = ET.fromstring(report.to_junit()).find("testsuite")
+    assert suite.get("failures") == "1" and suite.find("testcase[@name='self_consistency']") is not None

@@ -62,6 +62,27 @@ def test_onnx_translation_failure_keeps_the_pt2_verdict():
     assert row.reason.startswith("ONNX translation failed") and row.stage == "export" and row.patches == ["A.forward"]
 
 
+def test_verdicts_come_from_the_events_file_whatever_the_log_says():
+    """With an events file (what `autoexport --events` writes), the log's wording plays no part."""
+    events = [{"event": "stage", "name": "analyze", "status": "start"},
+              {"event": "stage", "name": "analyze", "status": "done", "seconds": 1.0},
+              {"event": "stage", "name": "export", "status": "start"},
+              {"event": "patch", "name": "A.forward"},
+              {"event": "exit", "code": 3, "error": "ONNX translation failed (ops: aten::foo): Boom\n  what to do: x",
+               "kind": "ExportFailedError"}]
+    row = zoo.classify(ENTRY, 3, "log lines in any wording\n", None, ["iree"], 5.0, events=events)
+    assert (row.verdict, row.pt2, row.onnx, row.ort_parity, row.iree_parity) == \
+        ("export failed", "pass", "fail", "not reached", "not reached")
+    assert row.reason == "ONNX translation failed (ops: aten::foo): Boom" and row.stage == "export"
+    assert row.patches == ["A.forward"]
+    parity = [*events[:2], {"event": "exit", "code": 1, "error": "parity failed:\n  onnxruntime out_x: 3 elements"}]
+    row = zoo.classify(ENTRY, 1, "", None, [], 5.0, events=parity)
+    assert row.verdict == "parity failed" and row.reason == "parity failed: onnxruntime out_x: 3 elements"
+    # No exit event (killed, or a traceback outside the CLI's handler): a crash, in the stage it started last.
+    row = zoo.classify(ENTRY, 1, "Traceback ...\nMemoryError: oops\n", None, [], 1.0, events=events[:3])
+    assert row.verdict == "crash" and row.stage == "export"
+
+
 def test_iree_compile_failure_and_timeout_and_crash():
     lower = HEAD + "[3/6] export: x\n[3/6] export done in 1 s\n[4/6] lower: iree\n" \
                    "autoexport: error: iree-compile failed (exit 1): error: stack allocation\n"
