@@ -10,10 +10,14 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_OK, EXIT_PARITY_FAILED, AutoExportError, first_line
 from .events import emit, open_events
+
+if TYPE_CHECKING:  # verify imports torch: the CLI imports it only when a command needs it
+    from .verify import ParityPolicy
 
 log = logging.getLogger("autoexport")
 
@@ -105,7 +109,7 @@ def _tolerance_args(p: argparse.ArgumentParser) -> None:
                    help="the compare function of one output: elementwise or float64 (repeatable)")
 
 
-def _policy(args: argparse.Namespace, base: object) -> object:
+def _policy(args: argparse.Namespace, base: "ParityPolicy") -> "ParityPolicy":
     """The stored or default parity policy with the user's --parity, --fp64-multiplier and --compare applied."""
     from .errors import UserInputError
     from .verify import COMPARE_RULES, ParityPolicy
