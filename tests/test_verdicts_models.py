@@ -152,6 +152,15 @@ def test_votenet_float_noise_passes_by_float64_and_fails_strict(votenet: tuple[P
     assert parity["eager_consistency"]["repeat"]["bitwise"]
     assert main(["verify", str(out)]) == 0  # decided again from reference_float64/
     assert main(["verify", str(out), "--parity", "strict"]) == 1
+    # A fresh process (no op library imported yet) loads model.pt2, whose point sampling is a custom op.
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    fresh = subprocess.run([sys.executable, "-m", "autoexport", "verify", str(out), "--backend", "pt2"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
 
 
 @pytest.mark.slow
