@@ -134,8 +134,8 @@ def parity_markdown(report: Any, title: str = "Parity") -> str:
              f"samples. Rule: {_md(report.policy.describe())}. `rule` says which comparison decided the row; "
              "RMSEs are against the same model run in float64.", "", "| precision | tolerance |", "|---|---|"]
     lines += [f"| {p} | {_md(t.describe())} |" for p, t in report.used_tolerances().items()]
-    lines += ["", "| output | shape | backend | max abs | max rel | cosine | tolerance | rule | RMSE vs f64 | "
-              "eager RMSE vs f64 | ratio | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| output | shape | backend | max abs | max rel | cosine | tolerance | verdict | rule | RMSE vs f64 | "
+              "eager RMSE vs f64 | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for runtime, output, checks in report.worst_per_output():
         bad = sum(c.mismatched for c in checks)
         verdict = "pass" if all(c.passed for c in checks) else f"**FAIL** ({bad} elements)"
@@ -143,8 +143,8 @@ def parity_markdown(report: Any, title: str = "Parity") -> str:
             verdict = f"pass ({bad} elements outside the elementwise tolerance)"
         lines.append(f"| {output} | {'x'.join(map(str, checks[0].shape))} | {runtime} | "
                      f"{max(c.max_abs for c in checks):.3g} | {max(c.max_rel for c in checks):.3g} | "
-                     f"{min(c.cosine for c in checks):.7f} | {checks[0].precision} | {_decided_by(checks)} | "
-                     + " | ".join(_float64_numbers(checks)) + f" | {verdict} |")
+                     f"{min(c.cosine for c in checks):.7f} | {checks[0].precision} | {verdict} | {_decided_by(checks)} | "
+                     + " | ".join(_float64_numbers(checks)) + " |")
     if report.consistency:
         lines += ["", "Eager self-consistency: " + consistency_line(report.consistency) + "."]
     if report.skipped:
