@@ -10,9 +10,14 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_OK, EXIT_PARITY_FAILED, AutoExportError, first_line
+from .events import emit, open_events
+
+if TYPE_CHECKING:  # verify imports torch: the CLI imports it only when a command needs it
+    from .verify import ParityPolicy
 
 log = logging.getLogger("autoexport")
 
@@ -61,6 +66,8 @@ def _export_parser() -> argparse.ArgumentParser:
                         "lidar.encoder, bev.backbone, head), each checked alone and chained")
     _precision_args(p)
     _tolerance_args(p)
+    p.add_argument("--events", type=Path, metavar="FILE",
+                   help="also write the export's progress as JSON lines (stages, patches, exit code, error) here")
     p.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
     p.add_argument("--version", action="version", version=f"autoexport {__version__}")
     return p
@@ -96,6 +103,37 @@ def _tolerance_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, help="relative tolerance of fp32 parity checks (default 1e-4)")
     p.add_argument("--tolerance", action="append", default=[], metavar="PRECISION=ATOL,RTOL",
                    help="tolerance for one precision (fp32, fp16, int8), e.g. fp16=2e-2,1e-2 (repeatable)")
+    p.add_argument("--parity", choices=["float64", "strict"],
+                   help="float64 (default): an output outside the tolerance still passes when its RMSE against the "
+                        "model run in float64 is at most M x eager fp32's + atol/10; strict: the tolerance alone")
+    p.add_argument("--fp64-multiplier", action="append", default=[], metavar="PRECISION=M",
+                   help="the float64 rule's M for one precision (defaults fp32=2, tf32=2, fp16=3; repeatable)")
+    p.add_argument("--compare", action="append", default=[], metavar="OUTPUT=RULE",
+                   help="the compare function of one output: elementwise or float64 (repeatable)")
+
+
+def _policy(args: argparse.Namespace, base: "ParityPolicy") -> "ParityPolicy":
+    """The stored or default parity policy with the user's --parity, --fp64-multiplier and --compare applied."""
+    from .errors import UserInputError
+    from .verify import COMPARE_RULES, ParityPolicy
+
+    multipliers, per_output = dict(base.multipliers), dict(base.per_output)
+    for text in args.fp64_multiplier:
+        precision, _, value = text.partition("=")
+        try:
+            multiplier = float(value)
+        except ValueError:
+            multiplier = float("nan")
+        if precision not in multipliers or not multiplier > 0:
+            raise UserInputError(f"--fp64-multiplier {text!r}: expected PRECISION=M with PRECISION one of "
+                                 f"{', '.join(multipliers)} and M > 0, e.g. fp32=2")
+        multipliers[precision] = multiplier
+    for text in args.compare:
+        output, _, rule = text.partition("=")
+        if not output or rule not in COMPARE_RULES:
+            raise UserInputError(f"--compare {text!r}: expected OUTPUT=RULE with RULE one of {', '.join(COMPARE_RULES)}")
+        per_output[output] = rule
+    return ParityPolicy(args.parity or base.mode, multipliers, per_output)
 
 
 def _tolerances(args: argparse.Namespace, base: dict) -> dict:
@@ -152,9 +190,10 @@ def _setup_logging(verbose: bool) -> None:
 def _run_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    open_events(args.events)
     from .pipeline import ExportOptions, run_export
     from .quantize import QuantRecipe
-    from .verify import DEFAULT_TOLERANCES
+    from .verify import DEFAULT_TOLERANCES, ParityPolicy
 
     config_name = Path(args.config).stem if args.config.endswith(".py") else Path(args.config).name
     options = ExportOptions(
@@ -168,6 +207,7 @@ def _run_export(argv: list[str]) -> int:
         overwrite=args.overwrite,
         seed=args.seed,
         tolerances=_tolerances(args, DEFAULT_TOLERANCES),
+        parity=_policy(args, ParityPolicy()),
         backends=tuple(args.backend),
         capacity=args.capacity,
         precision=args.precision,
@@ -181,6 +221,7 @@ def _run_export(argv: list[str]) -> int:
         verbose=args.verbose,
     )
     result = run_export(options)
+    emit("exit", code=EXIT_OK)
     log.info("exported %s to %s: %s", result.metadata["model_type"], result.output_dir,
              ", ".join(sorted(p.name for p in result.output_dir.iterdir())))
     return EXIT_OK
@@ -192,7 +233,8 @@ def _run_verify(argv: list[str]) -> int:
     from .result import ExportResult, write_reports
 
     result = ExportResult.load(args.output_dir)
-    report = result.verify(_tolerances(args, result.stored_tolerances()), args.backend, args.device)
+    report = result.verify(_tolerances(args, result.stored_tolerances()), args.backend, args.device,
+                           _policy(args, result.stored_policy()))
     log.info("%s", report.table())
     if args.report_dir:
         write_reports(report, args.report_dir, f"Parity of {result.metadata['config_name']} (verify)")
@@ -202,8 +244,11 @@ def _run_verify(argv: list[str]) -> int:
 
 
 def _run_zoo(argv: list[str]) -> int:
-    from .zoo import run_zoo, zoo_parser
+    from .zoo import run_merge, run_zoo, zoo_parser
 
+    if argv and argv[0] == "merge":
+        _setup_logging("--verbose" in argv)
+        return run_merge(argv[1:])
     args = zoo_parser().parse_args(argv)
     _setup_logging(args.verbose)
     return run_zoo(args)
@@ -231,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_export(argv)
     except AutoExportError as err:
         log.error("autoexport: error: %s", err)
+        emit("exit", code=err.exit_code, error=str(err), kind=type(err).__name__)
         if verbose and err.__cause__ is not None:
             log.error("%s", "".join(traceback.format_exception(err.__cause__)))
         return err.exit_code
@@ -241,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - never a bare traceback: one line, the trace behind --verbose
         log.error("autoexport: error: unexpected %s outside the export stages: %s; this is a bug of autoexport: "
                   "rerun with --verbose for the trace and report it", type(err).__name__, first_line(str(err))[:300])
+        emit("exit", code=EXIT_EXPORT_FAILED, error=f"unexpected {type(err).__name__}: {first_line(str(err))[:300]}",
+             kind=type(err).__name__)
         if verbose:
             log.error("%s", "".join(traceback.format_exception(err)))
         return EXIT_EXPORT_FAILED

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import ExportFailedError, first_line
+from .events import emit
 from .manifest import Manifest
 from .onnx_translations import translation_table
 from .padding import PaddingPlan
@@ -131,6 +132,7 @@ def export_program(wrapper: torch.nn.Module, model: torch.nn.Module, manifest: M
         with export_patches(model, context) as applied:
             for patch in applied:
                 log.info("  patch %s.%s (used at %s)", patch.target, patch.method, ", ".join(patch.module_paths[:3]))
+                emit("patch", name=f"{patch.target}.{patch.method}")
             shapes = dynamic_shapes_for(manifest, plan)
             with substituted_functions(variant) as functions, substituted_op_functions() as op_functions:
                 # PaddedInputs.forward (and split stages') take *args: torch.export wants one entry for that parameter.

@@ -14,6 +14,7 @@ import torch
 
 from .manifest import Manifest
 from .knowledge import KNOWLEDGE
+from .verify import cosine
 
 # ---- decoding ------------------------------------------------------------------------------------
 
@@ -203,20 +204,12 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    denom = np.linalg.norm(a) * np.linalg.norm(b)
-    if denom == 0:
-        return 1.0 if np.array_equal(a, b) else 0.0
-    return float(a @ b / denom)
-
-
 def compare_outputs(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]],
                     names: list[str]) -> list[OutputFidelity]:
     rows = []
     for name in names:
         pairs = [(r[name], c[name]) for r, c in zip(reference, candidate)]
-        cosines = [_cosine(r, c) for r, c in pairs]
+        cosines = [cosine(r, c) for r, c in pairs]
         errors = [np.abs(r.astype(np.float64) - c.astype(np.float64)) for r, c in pairs]
         rows.append(OutputFidelity(name, min(cosines), float(np.mean(cosines)),
                                    max(float(e.max()) if e.size else 0.0 for e in errors),

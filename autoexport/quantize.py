@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import UserInputError
 from .knowledge import KNOWLEDGE
 from .registry import ClassRegistry
+from .verify import cosine
 
 log = logging.getLogger("autoexport")
 
@@ -523,8 +524,7 @@ def sensitivity_profile(quantized: torch.nn.Module, run: Callable[[Any], dict[st
                 for name, expected in ref.items():  # per output: one big output must not hide a small one
                     a, b = np.asarray(out[name], np.float64).ravel(), np.asarray(expected, np.float64).ravel()
                     worst_abs = max(worst_abs, float(np.max(np.abs(a - b))) if a.size else 0.0)
-                    denom = np.linalg.norm(a) * np.linalg.norm(b)
-                    cosines.append(float(a @ b / denom) if denom else 1.0)
+                    cosines.append(cosine(a, b))
             rows.append({"layer": path, "kind": type(layer).__name__, "one_minus_cosine": 1.0 - min(cosines),
                          "max_abs": worst_abs})
             log.info("  sensitivity %d/%d %s: 1-cos %.2e", index + 1, len(layers), path, rows[-1]["one_minus_cosine"])

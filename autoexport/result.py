@@ -19,7 +19,8 @@ from .report import load_npz, write_json
 from .backends.onnxruntime import OnnxRuntimeRunner
 from .backends.pt2 import PT2Runner
 from .backends.runner import Runner, SubprocessRunner
-from .verify import Comparator, ParityReport, SkippedRunner, Tolerance, tolerances_with
+from .verify import (Comparator, ParityPolicy, ParityReport, SkippedRunner, Tolerance, measure_against_float64,
+                     tolerances_with)
 
 log = logging.getLogger("autoexport")
 
@@ -112,6 +113,15 @@ class ExportResult:
         stored = self.metadata["parity"].get("tolerances") or {"fp32": self.metadata["parity"]["tolerance"]}
         return tolerances_with(*(Tolerance.from_json(t) for t in stored.values()))
 
+    def stored_policy(self) -> ParityPolicy:
+        """The parity policy of the export; exports older than the float64 rule get today's default."""
+        return ParityPolicy.from_json(self.metadata["parity"].get("policy"))
+
+    def reference_float64(self, sample: str) -> dict[str, np.ndarray]:
+        """The float64 run's outputs, stored for the samples on which some check needed them (else empty)."""
+        path = self.output_dir / "reference_float64" / f"{sample}.npz"
+        return load_npz(path) if path.is_file() else {}
+
     def runners(self, backends: list[str] | None = None, device: str = "cpu") -> tuple[list[Runner], list[SkippedRunner]]:
         """Runners for model.pt2, model.onnx and every lowered artifact (or only the named backends)."""
         only = None
@@ -132,14 +142,19 @@ class ExportResult:
                               self.metadata.get("precision", "fp32"))
 
     def verify(self, tolerances: dict[str, Tolerance] | None = None, backends: list[str] | None = None,
-               device: str = "cpu") -> ParityReport:
-        """Re-run every artifact on the stored inputs against the stored eager reference outputs."""
+               device: str = "cpu", policy: ParityPolicy | None = None) -> ParityReport:
+        """Re-run every artifact on the stored inputs against the stored eager reference outputs, deciding checks
+        outside the elementwise tolerance from the stored float64 outputs where the export stored them."""
         samples = self.sample_names()
         runners, skipped = self.runners(backends, device)
         report = ParityReport("eager (stored reference outputs)", tolerances or self.stored_tolerances(),
                               skipped=skipped)
-        return Comparator(report.tolerances).compare(runners, {s: self.inputs(s) for s in samples},
-                                                     {s: self.reference_outputs(s) for s in samples}, report)
+        comparator = Comparator(report.tolerances, policy=policy or self.stored_policy())
+        expected = {s: self.reference_outputs(s) for s in samples}
+        comparator.compare(runners, {s: self.inputs(s) for s in samples}, expected, report)
+        measure_against_float64(report, comparator.failed_outputs, expected,
+                                {s: self.reference_float64(s) for s in samples})
+        return report
 
 
 __all__ = ["ExportResult", "REPORT_FILES", "write_reports", "artifact_runners", "export_runners"]

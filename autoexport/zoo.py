@@ -5,9 +5,11 @@ Every entry of the metafiles shipped in mmdet3d's wheel (`.mim/configs/*/metafil
 stops the sweep. Each verdict is appended as one JSON line to `OUTPUT/zoo_results.jsonl` (a rerun skips what is
 recorded there), then the whole file is summarised in a coverage JSON and a Markdown table.
 
-What went wrong is read from what the CLI already reports: its exit code (0 ok, 1 parity failed, 2 bad input,
-3 export failed), the `autoexport: error:` paragraph, the `[i/N] stage` progress lines (how far it got) and, when
-it got that far, the export's metadata.json (parity per runtime, export patches, op substitutions).
+What went wrong is read from structured results only: the CLI's exit code (0 ok, 1 parity failed, 2 bad input,
+3 export failed), its events file (`--events`: stages started and done, export patches, the error) and, when it got
+that far, the export's metadata.json (parity per runtime and the rule that decided, export patches, op
+substitutions). The log is kept for people; it is parsed only for rows of exports that wrote no events file (a
+crash before the CLI started, or an older autoexport).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
+from .events import read_events
 from .errors import (EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_OK, EXIT_PARITY_FAILED, UserInputError,
                      signal_name)
 
@@ -174,6 +177,25 @@ def select(index: ZooIndex, families: Iterable[str] = (), configs: Iterable[str]
     return [e for e in index.entries if e.config in picked]
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` -> (K, N), 1 <= K <= N."""
+    k, _, n = text.partition("/")
+    try:
+        shard, count = int(k), int(n)
+    except ValueError:
+        shard = count = 0
+    if not 1 <= shard <= count:
+        raise UserInputError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. 2/4")
+    return shard, count
+
+
+def shard_of(entries: list[ZooEntry], shard: int, count: int) -> list[ZooEntry]:
+    """The shard-th of `count` slices, the same on every machine: configs sorted by name and dealt round-robin,
+    so that a family's configs (which cost alike) spread over the slices."""
+    ordered = sorted(entries, key=lambda e: e.config)
+    return [e for i, e in enumerate(ordered) if i % count == shard - 1]
+
+
 # ---- one export -------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -224,6 +246,7 @@ class ZooOptions:
     markdown: Path | None = None  # None: print the table to stdout
     replace_coverage: bool = False  # False: rows of configs not swept here stay in the coverage JSON
     threads: int | None = None  # per export; None: OMP_NUM_THREADS if set, else the cores split over the jobs
+    shard: tuple[int, int] | None = None  # (K, N): only the K-th of N deterministic slices (shard_of)
 
 
 @dataclass
@@ -258,6 +281,21 @@ def read_log(text: str) -> LogFacts:
                 reason = f"{reason} {following}".strip()
     stage = next((s for s in reversed(started) if s not in done), None)
     return LogFacts(stage, _one_line(reason), parity, patches)
+
+
+def facts_from_events(events: list[dict]) -> LogFacts:
+    """LogFacts from an export's events file (events.py) instead of its log lines."""
+    started: list[str] = []
+    done: set[str] = set()
+    for e in events:
+        if e.get("event") == "stage":
+            (done.add if e.get("status") == "done" else started.append)(e.get("name"))
+    exit_event = next((e for e in reversed(events) if e.get("event") == "exit"), {})
+    lines = [l.strip() for l in str(exit_event.get("error", "")).splitlines() if l.strip()]
+    # "parity failed:" alone says little: a header line takes its first detail line along.
+    reason = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    stage = next((s for s in reversed(started) if s not in done), None)
+    return LogFacts(stage, _one_line(reason), {}, [e["name"] for e in events if e.get("event") == "patch"])
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -317,10 +355,12 @@ def _parity_from_metadata(metadata: dict) -> dict[str, str]:
 
 
 def classify(entry: ZooEntry, exit_code: int | None, log_text: str, metadata: dict | None,
-             backends: Iterable[str], wall_s: float, timeout_s: float | None = None) -> ZooResult:
-    """Turn an export's exit code, log and metadata.json into one row. `timeout_s` is set when it was killed."""
+             backends: Iterable[str], wall_s: float, timeout_s: float | None = None,
+             events: list[dict] | None = None) -> ZooResult:
+    """Turn an export's exit code, events (else its log) and metadata.json into one row. `timeout_s` is set when it
+    was killed."""
     backends = list(backends)
-    facts = read_log(log_text)
+    facts = facts_from_events(events) if events is not None else read_log(log_text)
     marked = bool(facts.reason)
     if timeout_s is not None:
         verdict = TIMEOUT
@@ -424,7 +464,10 @@ class Sweep:
         backend_args = [a for b in self.options.backends for a in ("--backend", b)]
         return [sys.executable, "-m", "autoexport", "--config", str(entry.path),
                 "--output-dir", str(self.options.output / entry.config), "--format", "both",
-                *backend_args]
+                "--events", str(self.events_path(entry)), *backend_args]
+
+    def events_path(self, entry: ZooEntry) -> Path:
+        return self.logs / f"{entry.config}.events.jsonl"
 
     def run_entry(self, entry: ZooEntry) -> ZooResult | None:
         """Export one config in a subprocess; None when the sweep was interrupted meanwhile (nothing recorded)."""
@@ -457,7 +500,7 @@ class Sweep:
         out = self.options.output
         metadata = _load_metadata(out / entry.config, out / f"{entry.config}.failed")
         row = classify(entry, exit_code, log_path.read_text(errors="replace"), metadata, self.options.backends,
-                       wall, timed_out)
+                       wall, timed_out, read_events(self.events_path(entry)))
         row.log = str(log_path)
         row.threads = int(env["OMP_NUM_THREADS"])
         row.reason = shorten_paths(row.reason, out, entry.config)
@@ -560,14 +603,16 @@ def families_meeting_target(rows: Iterable[ZooResult]) -> list[str]:
     return sorted({r.family for r in rows if meets_fp32_target(r)})
 
 
-def coverage(rows: list[ZooResult], index: ZooIndex, options: ZooOptions) -> dict:
+def coverage(rows: list[ZooResult], index: ZooIndex | dict, options: ZooOptions) -> dict:
+    """The coverage JSON; `index` is the zoo or, when merging, the zoo counts a shard recorded."""
     by_family: dict[str, Counter] = defaultdict(Counter)
     for row in rows:
         by_family[row.family][row.verdict] += 1
     return {
         "generated": _now(),
         "environment": environment(),
-        "zoo": index.counts(),
+        "zoo": index if isinstance(index, dict) else index.counts(),
+        **({"shard": list(options.shard)} if options.shard else {}),
         "backends": list(options.backends),
         "timeout_s": options.timeout_s,
         "summary": {
@@ -654,6 +699,9 @@ def zoo_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace-coverage", action="store_true",
                    help="write only this output folder's results to the coverage JSON (default: configs it has not "
                         "recorded keep their rows from the existing coverage JSON)")
+    p.add_argument("--shard", metavar="K/N",
+                   help="run only the K-th of N deterministic slices of the selected configs (one per CI machine); "
+                        "join their coverage files with `autoexport zoo merge`")
     p.add_argument("--list", action="store_true", help="list the selected model-zoo configs and exit")
     p.add_argument("--verbose", action="store_true", help="debug logs")
     return p
@@ -669,17 +717,21 @@ def options_from_args(args: argparse.Namespace) -> ZooOptions:
     return ZooOptions(output=args.output.expanduser().resolve(), backends=tuple(args.backend),
                       timeout_s=args.timeout, jobs=args.jobs, resume=args.resume, keep=args.keep,
                       coverage_json=args.coverage_json, markdown=args.markdown,
-                      replace_coverage=args.replace_coverage, threads=args.threads)
+                      replace_coverage=args.replace_coverage, threads=args.threads,
+                      shard=parse_shard(args.shard) if args.shard else None)
 
 
 def run_zoo(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     index = load_zoo()
     selected = select(index, args.family, args.config)
+    if options.shard:
+        selected = shard_of(selected, *options.shard)
     counts = index.counts()
     log.info("zoo: %d metafiles, %d entries, %d distinct configs in %d families (%d not shipped in the wheel); "
-             "%d selected", counts["metafiles"], counts["entries"], counts["configs"], counts["families"],
-             counts["not_shipped"], len(selected))
+             "%d selected%s", counts["metafiles"], counts["entries"], counts["configs"], counts["families"],
+             counts["not_shipped"], len(selected),
+             f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else "")
     if args.list:
         for e in selected:
             print(f"{e.family:22} {e.config:70} {e.task:28} {'' if e.path else 'NOT SHIPPED'}")
@@ -728,6 +780,66 @@ def run_zoo(args: argparse.Namespace) -> int:
         options.markdown.parent.mkdir(parents=True, exist_ok=True)
         options.markdown.write_text(table)
         log.info("zoo: table written to %s", options.markdown)
+    else:
+        print(table, end="")
+    return EXIT_OK
+
+
+# ---- merge --------------------------------------------------------------------------------------------------------
+
+def merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="autoexport zoo merge",
+        description="Join the coverage JSONs (or zoo_results.jsonl files) of several sweeps, e.g. the shards of a CI "
+                    "matrix, into one coverage JSON and Markdown table. A config recorded twice keeps its latest row.")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--coverage-json", type=Path, default=DEFAULT_COVERAGE,
+                   help=f"where to write the joined coverage (default {DEFAULT_COVERAGE})")
+    p.add_argument("--markdown", type=Path, help="write the coverage table here (default: print it)")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def _rows_of(path: Path) -> tuple[list[ZooResult], dict]:
+    """A coverage JSON's rows and its header, or a results file's rows."""
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file")
+    if path.suffix == ".jsonl":
+        return list(load_results(path).values()), {}
+    try:
+        data = json.loads(path.read_text())
+        return [ZooResult.from_json(r) for r in data["rows"]], data
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise UserInputError(f"{path} is not a coverage JSON written by `autoexport zoo` ({err})") from None
+
+
+def merge(paths: list[Path]) -> tuple[list[ZooResult], dict]:
+    """Rows of every file, the latest per config (`finished`); the header of the first coverage JSON."""
+    rows: dict[str, ZooResult] = {}
+    header: dict = {}
+    for path in paths:
+        found, data = _rows_of(path)
+        header = header or data
+        for row in found:
+            if row.config not in rows or row.finished >= rows[row.config].finished:
+                rows[row.config] = row
+    return _ordered(rows.values()), header
+
+
+def run_merge(argv: list[str]) -> int:
+    args = merge_parser().parse_args(argv)
+    rows, header = merge(args.files)
+    options = ZooOptions(backends=tuple(header.get("backends", ())), timeout_s=header.get("timeout_s", DEFAULT_TIMEOUT_S),
+                         coverage_json=args.coverage_json, markdown=args.markdown)
+    data = coverage(rows, header.get("zoo", {}), options)
+    data["merged_from"] = [str(p) for p in args.files]
+    args.coverage_json.parent.mkdir(parents=True, exist_ok=True)
+    args.coverage_json.write_text(json.dumps(data, indent=2) + "\n")
+    log.info("zoo merge: %d configs from %d files written to %s", len(rows), len(args.files), args.coverage_json)
+    table = markdown_table(rows)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
     else:
         print(table, end="")
     return EXIT_OK

@@ -281,6 +281,8 @@ FLAG_CASES = {
     "capacity_zero": (("--capacity", "0"), ("--capacity must be auto, dynamic or a positive integer",)),
     "calib_samples_zero": (("--precision", "int8", "--calib-samples", "0"), ("--calib-samples must be at least 1",)),
     "negative_atol": (("--atol", "-1"), ("--atol -1.0: a tolerance must be a number >= 0",)),
+    "fp64_multiplier_zero": (("--fp64-multiplier", "fp32=0"), ("--fp64-multiplier 'fp32=0': expected PRECISION=M",)),
+    "unknown_compare_rule": (("--compare", "cls_score_0=cosine"), ("--compare 'cls_score_0=cosine': expected OUTPUT=RULE",)),
     "unknown_backend": (("--backend", "tvm"), ("unknown backend 'tvm'",)),
     "unknown_backend_target": (("--backend", "iree:vulkan"), ("backend iree has no target 'vulkan'",)),
     "unknown_flag": (("--no-such-flag",), ("unrecognized arguments: --no-such-flag",)),

@@ -62,6 +62,27 @@ def test_onnx_translation_failure_keeps_the_pt2_verdict():
     assert row.reason.startswith("ONNX translation failed") and row.stage == "export" and row.patches == ["A.forward"]
 
 
+def test_verdicts_come_from_the_events_file_whatever_the_log_says():
+    """With an events file (what `autoexport --events` writes), the log's wording plays no part."""
+    events = [{"event": "stage", "name": "analyze", "status": "start"},
+              {"event": "stage", "name": "analyze", "status": "done", "seconds": 1.0},
+              {"event": "stage", "name": "export", "status": "start"},
+              {"event": "patch", "name": "A.forward"},
+              {"event": "exit", "code": 3, "error": "ONNX translation failed (ops: aten::foo): Boom\n  what to do: x",
+               "kind": "ExportFailedError"}]
+    row = zoo.classify(ENTRY, 3, "log lines in any wording\n", None, ["iree"], 5.0, events=events)
+    assert (row.verdict, row.pt2, row.onnx, row.ort_parity, row.iree_parity) == \
+        ("export failed", "pass", "fail", "not reached", "not reached")
+    assert row.reason == "ONNX translation failed (ops: aten::foo): Boom" and row.stage == "export"
+    assert row.patches == ["A.forward"]
+    parity = [*events[:2], {"event": "exit", "code": 1, "error": "parity failed:\n  onnxruntime out_x: 3 elements"}]
+    row = zoo.classify(ENTRY, 1, "", None, [], 5.0, events=parity)
+    assert row.verdict == "parity failed" and row.reason == "parity failed: onnxruntime out_x: 3 elements"
+    # No exit event (killed, or a traceback outside the CLI's handler): a crash, in the stage it started last.
+    row = zoo.classify(ENTRY, 1, "Traceback ...\nMemoryError: oops\n", None, [], 1.0, events=events[:3])
+    assert row.verdict == "crash" and row.stage == "export"
+
+
 def test_iree_compile_failure_and_timeout_and_crash():
     lower = HEAD + "[3/6] export: x\n[3/6] export done in 1 s\n[4/6] lower: iree\n" \
                    "autoexport: error: iree-compile failed (exit 1): error: stack allocation\n"
@@ -226,3 +247,45 @@ def test_sweep_records_verdicts_resumes_and_tabulates(tmp_path: Path, caplog: py
     # A coverage file that is not one is refused (exit 2) rather than overwritten.
     cov.write_text("[1, 2]")
     assert main(fresh) == 2 and cov.read_text() == "[1, 2]"
+
+
+# ---- shards and merge (no exports) --------------------------------------------------------------------------------
+
+def test_shards_are_deterministic_disjoint_and_cover_the_selection(tmp_path: Path, capsys: pytest.CaptureFixture):
+    entries = zoo.load_zoo().entries
+    slices = [zoo.shard_of(entries, k, 4) for k in range(1, 5)]
+    names = [e.config for part in slices for e in part]
+    assert sorted(names) == sorted(e.config for e in entries) and len(set(names)) == 114
+    assert [len(part) for part in slices] == [29, 29, 28, 28]
+    assert zoo.shard_of(list(reversed(entries)), 2, 4) == slices[1]  # the order of the metafiles does not matter
+    assert zoo.parse_shard("3/4") == (3, 4)
+    for bad in ("0/4", "5/4", "x/4", "2"):
+        assert main(["zoo", "--shard", bad, "--list"]) == 2
+    assert main(["zoo", "--family", "second", "--shard", "2/2", "--list"]) == 0
+    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [e.config for e in zoo.shard_of(zoo.select(zoo.load_zoo(), ["second"]), 2, 2)] and len(listed) == 2
+
+
+def _row(config: str, verdict: str, finished: str) -> dict:
+    return zoo.ZooResult(config, "fam", "3D Object Detection", verdict, "pass", "pass",
+                         "pass" if verdict == "pass" else "fail", "-", "native", 0, 1.0, "",
+                         finished=finished).to_json()
+
+
+def test_merge_joins_shards_keeping_the_latest_row_per_config(tmp_path: Path):
+    first = tmp_path / "shard1.json"
+    first.write_text(json.dumps({"zoo": {"configs": 114}, "backends": [], "timeout_s": 900.0,
+                                 "rows": [_row("a", "parity failed", "2026-01-01T00:00:00+00:00"),
+                                          _row("b", "pass", "2026-01-01T00:00:00+00:00")]}))
+    second = tmp_path / "zoo_results.jsonl"
+    second.write_text(json.dumps(_row("a", "pass", "2026-01-02T00:00:00+00:00")) + "\n"
+                      + json.dumps(_row("c", "bad input", "2026-01-02T00:00:00+00:00")) + "\n")
+    out, table = tmp_path / "merged.json", tmp_path / "merged.md"
+    assert main(["zoo", "merge", str(first), str(second), "--coverage-json", str(out), "--markdown", str(table)]) == 0
+    merged = json.loads(out.read_text())
+    assert [(r["config"], r["verdict"]) for r in merged["rows"]] == [("a", "pass"), ("b", "pass"), ("c", "bad input")]
+    assert merged["summary"]["by_verdict"] == {"pass": 2, "bad input": 1} and merged["zoo"] == {"configs": 114}
+    assert "3 configs: 2 pass, 1 bad input" in table.read_text()
+    (tmp_path / "bad.json").write_text("[]")
+    assert main(["zoo", "merge", str(tmp_path / "bad.json"), "--coverage-json", str(out)]) == 2
+    assert main(["zoo", "merge", str(tmp_path / "missing.json"), "--coverage-json", str(out)]) == 2

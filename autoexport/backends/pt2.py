@@ -18,6 +18,8 @@ class PT2Runner(TorchModuleRunner):
     @classmethod
     def from_file(cls, path: Path, input_names: Sequence[str], output_names: Sequence[str],
                   device: str = "cpu") -> "PT2Runner":
+        from .. import ops  # noqa: F401 - registers the op library's custom ops, which model.pt2 may call
+
         program = torch.export.load(str(path))
         if device != "cpu":
             # Moves parameters, buffers and device constants baked into the graph (module.to() misses those).
