@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 import random
-import sys
 import tempfile
 import traceback
 from contextlib import contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import traceback
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, EXIT_OK, EXIT_PARITY_FAILED, AutoExportError, first_line
+from .errors import EXIT_EXPORT_FAILED, EXIT_OK, EXIT_PARITY_FAILED, AutoExportError, first_line
 from .events import emit, open_events
 
 if TYPE_CHECKING:  # verify imports torch: the CLI imports it only when a command needs it

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from onnxscript import ir
 from onnxscript.onnx_opset import opset18 as op
 

@@ -8,7 +8,7 @@ box-shaped objects and vertical clutter with lidar-like range falloff, not unifo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 

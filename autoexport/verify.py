@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .backends.runner import Feed, Runner, RunnerCrashed
-from .errors import UserInputError, first_line
+from .errors import UserInputError
 
 log = logging.getLogger("autoexport")
 

@@ -276,7 +276,7 @@ def read_log(text: str) -> LogFacts:
         elif ERROR_MARKER in line and not reason:
             reason = line.split(ERROR_MARKER, 1)[1].strip()
             # "parity failed:" alone says little: a header line takes its first detail line along.
-            following = next((l.strip() for l in lines[i + 1:] if l.strip()), "")
+            following = next((later.strip() for later in lines[i + 1:] if later.strip()), "")
             if (not reason or reason.endswith(":")) and following:
                 reason = f"{reason} {following}".strip()
     stage = next((s for s in reversed(started) if s not in done), None)
@@ -291,7 +291,7 @@ def facts_from_events(events: list[dict]) -> LogFacts:
         if e.get("event") == "stage":
             (done.add if e.get("status") == "done" else started.append)(e.get("name"))
     exit_event = next((e for e in reversed(events) if e.get("event") == "exit"), {})
-    lines = [l.strip() for l in str(exit_event.get("error", "")).splitlines() if l.strip()]
+    lines = [text.strip() for text in str(exit_event.get("error", "")).splitlines() if text.strip()]
     # "parity failed:" alone says little: a header line takes its first detail line along.
     reason = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
     stage = next((s for s in reversed(started) if s not in done), None)
@@ -311,7 +311,7 @@ def shorten_paths(reason: str, output: Path, config: str) -> str:
 def _crash_reason(text: str, exit_code: int | None) -> str:
     if exit_code is not None and exit_code < 0:
         return f"killed by {signal_name(exit_code)}"
-    last = next((l for l in reversed(text.splitlines()) if l.strip()), "no output")
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), "no output")
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', text)
     where = f" (at {Path(frames[-1][0]).name}:{frames[-1][1]} in {frames[-1][2]})" if frames else ""
     return _one_line(f"crashed (exit {exit_code}): {last.strip()}{where}")

@@ -4,7 +4,10 @@ graph in ONNX Runtime on each zoo sample, then PointRPNHead.predict_by_feat (no 
 Usage: python benchmarks/point_rcnn_proposal_ties.py OUTPUT_DIR, the kept output of a PointRCNN export
 (`autoexport zoo --family point_rcnn --keep` leaves OUTPUT_DIR as <config>.failed when the chain fails).
 Prints one line per sample."""
-import sys, numpy as np, torch, onnxruntime as ort
+import sys
+import numpy as np
+import torch
+import onnxruntime as ort
 from pathlib import Path
 from autoexport.patches import eager_substitutions
 from autoexport import analyze as A
@@ -33,8 +36,9 @@ with eager_substitutions("cpu"):
         gaps = -np.diff(top)
         order_e = np.argsort(-se, kind="stable")[:9000]
         order_o = np.argsort(-so, kind="stable")[:9000]
-        t = lambda d: {"points_0": torch.from_numpy(feed["points_0"]), "bbox_preds": torch.from_numpy(d["bbox_preds"]),
-                       "cls_preds": torch.from_numpy(d["cls_preds"])}
+        def t(d: dict, feed: dict = feed) -> dict:
+            return {"points_0": torch.from_numpy(feed["points_0"]), "bbox_preds": torch.from_numpy(d["bbox_preds"]),
+                    "cls_preds": torch.from_numpy(d["cls_preds"])}
         with torch.no_grad():
             re, ro = prop.forward(model, t(ref), ctx)["rois"].numpy(), prop.forward(model, t(got), ctx)["rois"].numpy()
         match = np.abs(re[:, None, :] - ro[None, :, :]).max(-1) < 1e-3

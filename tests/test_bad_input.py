@@ -42,7 +42,7 @@ def assert_clean_refusal(code: int, expected: int, caplog: pytest.LogCaptureFixt
 CONFIG_CASES = {
     "syntax_error": ("model = dict(type='VoxelNet'\n", 2, ("could not be loaded", "SyntaxError")),
     "unknown_type": ("model = dict(type='NoSuchDetector')\n"
-                     f"test_pipeline = []\n", 2, ("could not be built", "NoSuchDetector")),
+                     "test_pipeline = []\n", 2, ("could not be built", "NoSuchDetector")),
     "no_model_key": ("x = 1\n", 2, ("no `model` section",)),
     "missing_base": ("_base_ = ['./does_not_exist.py']\n", 2, ("could not be loaded", "does_not_exist")),
 }

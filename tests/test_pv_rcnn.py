@@ -3,7 +3,6 @@ mmdet3d's code computes, and keep the graph's point and RoI counts dynamic."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from autoexport.patches import PatchContext, eager_substitutions, export_patches, substituted_op_functions

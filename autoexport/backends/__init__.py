@@ -144,7 +144,7 @@ def artifact_inputs(names: Sequence[str], manifest: Manifest, plan: PaddingPlan 
             continue
         spec = specs[name]
         shape: list[int | None] = list(spec.shape)
-        for axis, dim in spec.dynamic_dims.items():
+        for axis in spec.dynamic_dims:
             shape[axis] = plan.capacity if plan and plan.axes.get(name) == axis else None
         accepted.append({"name": name, "shape": shape, "dtype": spec.dtype})
     return accepted

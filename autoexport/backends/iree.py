@@ -16,7 +16,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -89,7 +89,7 @@ def _compile_tool() -> str:
 LOOP_CONDITION_TRUE = "autoexport_loop_condition_true"
 
 
-def make_loops_for_like(model: "onnx.ModelProto") -> int:
+def make_loops_for_like(model: Any) -> int:  # an onnx.ModelProto
     """Rewrite the graph's ONNX Loops into the form torch-mlir's importer lowers (to torch.prim.Loop).
 
     Two gaps, both in the FPS translation (autoexport.ops.point_sample): onnxscript leaves the optional loop

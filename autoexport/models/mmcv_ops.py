@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 import torch
 
-from ..knowledge import register
 from ..patches import ExportPatch, PatchContext, register_patch
 from ..patches import OP_FUNCTION_SUBSTITUTIONS, OpFunctionSubstitution, library_forward
 

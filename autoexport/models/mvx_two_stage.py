@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 
 from ..knowledge import register
 from ..patches import ExportPatch, PatchContext, register_patch

@@ -6,7 +6,6 @@ from typing import Any, Callable
 
 import torch
 
-from ..knowledge import register
 from ..patches import ExportPatch, PatchContext, register_patch
 
 
