@@ -7,7 +7,7 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from autoexport.runners import Runner
+from autoexport.backends.runner import Runner
 from autoexport.verify import (Comparator, ParityPolicy, Tolerance, float64_referenced, measure_against_float64,
                                rmse, selection)
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from autoexport.result import ExportResult
-from autoexport.runners import EagerRunner, PT2Runner
+from autoexport.backends.eager import EagerRunner
+from autoexport.backends.pt2 import PT2Runner
 from autoexport.verify import Comparator, ParityPolicy, Tolerance, measure_against_float64, tolerances_with
 from conftest import export_to
 
@@ -112,7 +113,7 @@ def test_onnxruntime_rounding_passes_where_it_exceeds_a_tight_tolerance(pointpil
     """ONNX Runtime sums in another order than eager: about 1e-5 apart. At atol = rtol = 1e-7 that fails
     elementwise; measured against float64 it is as close to the exact answer as eager fp32 is, so it passes, while
     the scaled weight at that tolerance still fails."""
-    from autoexport.runners import OnnxRuntimeRunner
+    from autoexport.backends.onnxruntime import OnnxRuntimeRunner
 
     manifest = pointpillars.result.manifest
     ort = OnnxRuntimeRunner(pointpillars.result.output_dir / "model.onnx", manifest.input_names, manifest.output_names)
