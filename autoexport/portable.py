@@ -28,6 +28,28 @@ def _has_graph_input(value: object) -> bool:
     return isinstance(value, (Node, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
+def _written_through(node: Node) -> bool:
+    """Whether an op writes into this node's tensor, directly or through a view of it (a canvas made with zeros()
+    and filled with index_put_): such a tensor must stay a computation, since a lifted constant cannot be mutated."""
+    pending, seen = [node], {node}
+    while pending:
+        current = pending.pop()
+        for user in current.users:
+            schema = getattr(user.target, "_schema", None)
+            if schema is None:
+                continue
+            for position, argument in enumerate(schema.arguments):
+                value = user.args[position] if position < len(user.args) else user.kwargs.get(argument.name)
+                if not (value is current or (isinstance(value, (list, tuple)) and current in value)):
+                    continue
+                if argument.alias_info is not None and argument.alias_info.is_write:
+                    return True
+                if argument.alias_info is not None and user not in seen:  # a view of it: follow the view
+                    seen.add(user)
+                    pending.append(user)
+    return False
+
+
 def device_pinned_nodes(program: torch.export.ExportedProgram) -> list[Node]:
     """Nodes whose arguments name a device: what move_to_device_pass has to rewrite and Inductor can trip on."""
     return [n for n in program.graph.nodes if n.op == "call_function" and _has_device((n.args, n.kwargs))]
@@ -45,7 +67,8 @@ def make_device_portable(program: torch.export.ExportedProgram) -> torch.export.
             # A dtype/device check the tracer records for each .to(); it computes nothing, and its device=cpu
             # makes Dynamo fail ("failed to run FX node with fake tensors") once the program moves to CUDA.
             gm.graph.erase_node(node)
-        elif _has_device(node.kwargs) and not _has_graph_input((node.args, node.kwargs)):
+        elif (_has_device(node.kwargs) and not _has_graph_input((node.args, node.kwargs))
+              and not _written_through(node)):
             folded.append(node)
     for index, node in enumerate(folded):
         value = node.target(*node.args, **node.kwargs)  # a factory call of literals: its value is known now

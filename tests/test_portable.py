@@ -84,3 +84,21 @@ def test_the_pass_removes_what_tracing_on_cpu_pins():
     assert torch.equal(program.module()(x, n), expected)
     x2, n2 = torch.randn(9, 8), torch.randint(0, 9, (9,))
     assert torch.equal(program.module()(x2, n2), _Casts()(x2, n2))
+
+
+def test_a_factory_tensor_written_in_place_stays_a_computation():
+    """A canvas made with zeros() and filled in place (BEVFusion's sparse encoder does so) cannot become a lifted
+    constant: torch.onnx refuses a mutated constant. The pass leaves it, and the program still computes the same."""
+
+    class Scatter(torch.nn.Module):
+        def forward(self, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            canvas = torch.zeros(8)
+            canvas[index] = values
+            return canvas * 2
+
+    values, index = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 5, 7])
+    program = make_device_portable(torch.export.export(Scatter(), (values, index)))
+    factories = [n for n in program.graph.nodes if n.op == "call_function" and "zeros" in str(n.target)]
+    assert len(factories) == 1
+    expected = torch.tensor([2.0, 0, 0, 0, 0, 4.0, 0, 6.0])
+    assert torch.equal(program.module()(values, index), expected)
