@@ -497,10 +497,11 @@ def frozen_quantizers() -> Iterator[None]:
     one step now and then, which an under-trained network amplifies (tests compare the two to one step)."""
     from pytorch_quantization.nn import TensorQuantizer
 
-    from .patches import PatchContext, _make_quantize_dequantize, swapped_methods
+    from .models.tensor_quantizer import make_quantize_dequantize
+    from .patches import PatchContext, swapped_methods
 
     with swapped_methods() as swaps:
-        swaps.swap(TensorQuantizer, "forward", _make_quantize_dequantize(PatchContext(batch_size=1)))
+        swaps.swap(TensorQuantizer, "forward", make_quantize_dequantize(PatchContext(batch_size=1)))
         yield
 
 

@@ -9,7 +9,7 @@ import torch
 from ..patches import ExportPatch, PatchContext, register_patch
 
 
-def _make_quantize_dequantize(context: PatchContext) -> Callable[..., torch.Tensor]:
+def make_quantize_dequantize(context: PatchContext) -> Callable[..., torch.Tensor]:
     import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 
     ops = torch.ops.quantized_decomposed
@@ -38,5 +38,5 @@ register_patch(ExportPatch(
     reason=("pytorch-quantization's fake quantization reads amax with .item() (data-dependent for torch.export); "
             "the calibrated scales are frozen to constants and the quantizer becomes quantize/dequantize ops "
             "(QuantizeLinear/DequantizeLinear in ONNX, per channel for weights)"),
-    make=_make_quantize_dequantize,
+    make=make_quantize_dequantize,
 ))
