@@ -295,21 +295,11 @@ def float64_points() -> Iterator[None]:
         if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float64:
             self.tensor = tensor.reshape(self.tensor.shape).clone()
 
-    # Models that cast with `.float()` (BEVFusion's TransFusionHead: `heatmap_head(x.float())`,
-    # `class_encoding(one_hot.float())`) would meet float64 weights with float32 inputs; in the float64 run
-    # `.float()` gives float64.
-    tensor_float = torch.Tensor.float
-
-    def keep_float64(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        return self.to(torch.float64, *args, **kwargs)
-
     BasePoints.__init__ = init
-    torch.Tensor.float = keep_float64
     try:
         yield
     finally:
         BasePoints.__init__ = original
-        torch.Tensor.float = tensor_float
 
 
 def _float64_reference(model: torch.nn.Module, wrapper_path: Path, manifest: Manifest, feeds: dict[str, dict],
