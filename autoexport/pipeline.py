@@ -390,6 +390,7 @@ class ExportRun:
     split_result: SplitResult | None = None
     fidelity: FidelityReport | None = None
     metadata: ExportMetadata | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage and sub-step (metadata.json)
 
     @property
     def manifest(self) -> Manifest:
@@ -468,7 +469,7 @@ def _reference_outputs(run: ExportRun) -> None:
         save_npz(run.staging / "reference" / f"{name}.npz", outputs)
 
 
-def _stage_export(run: ExportRun, timings: dict[str, float]) -> None:
+def _stage_export(run: ExportRun) -> None:
     _reference_outputs(run)
     manifest, options = run.manifest, run.options
     with quiet_export_logs(options.verbose):
@@ -477,15 +478,15 @@ def _stage_export(run: ExportRun, timings: dict[str, float]) -> None:
         t0 = time.perf_counter()
         run.exported = export_program(run.wrapper, run.export_model, manifest, example, options.verbose)
         save_pt2(run.exported.program, run.staging / "model.pt2")  # also the source of PT2 parity for ONNX only
-        timings["torch_export_s"] = round(time.perf_counter() - t0, 3)
+        run.timings["torch_export_s"] = round(time.perf_counter() - t0, 3)
         if "onnx" in run.formats:
             t0 = time.perf_counter()
             export_onnx(run.exported.program, manifest.input_names, manifest.output_names,
                         run.staging / "model.onnx", options.verbose)
-            timings["onnx_s"] = round(time.perf_counter() - t0, 3)
+            run.timings["onnx_s"] = round(time.perf_counter() - t0, 3)
 
 
-def _stage_lower(run: ExportRun, timings: dict[str, float]) -> None:
+def _stage_lower(run: ExportRun) -> None:
     options = run.options
     with quiet_export_logs(options.verbose):
         source = LoweringSource(
@@ -505,7 +506,7 @@ def _stage_lower(run: ExportRun, timings: dict[str, float]) -> None:
                 run.not_built.append(SkippedRunner(spec.name, str(err)))
                 continue
             run.artifacts.append(artifact)
-            timings[f"lower_{spec.name}_s"] = artifact.compile_s
+            run.timings[f"lower_{spec.name}_s"] = artifact.compile_s
         for variant in run.variants.values():
             Path(variant.pop("onnx")).unlink(missing_ok=True)  # intermediate: the artifacts are what ship
 
@@ -555,10 +556,10 @@ def _stage_fidelity(run: ExportRun) -> None:
                  d["candidate_boxes"], options.precision.upper(), d["matched"], d["precision"], d["recall"])
 
 
-def _stage_report(run: ExportRun, timings: dict[str, float]) -> None:
+def _stage_report(run: ExportRun) -> None:
     if "pt2" not in run.formats:
         (run.staging / "model.pt2").unlink()
-    run.metadata = _metadata(run, timings)
+    run.metadata = _metadata(run)
     write_json(run.staging / "metadata.json", run.metadata.to_json())
     write_reports(run.parity, run.staging, f"Parity of {run.config_path.stem}")
 
@@ -572,7 +573,6 @@ class Stage:
     run: Callable[..., object]
     describe: Callable[[ExportRun], str]
     applies: Callable[[ExportRun], bool] = lambda run: True
-    timed: bool = False  # `run` takes the timings dict too, for its sub-steps
 
 
 def _verify_line(run: ExportRun) -> str:
@@ -588,10 +588,9 @@ STAGES: tuple[Stage, ...] = (
           applies=lambda run: run.options.precision == "int8"),
     Stage("fp16", _stage_reduce_precision, lambda run: "convert the dense sections to FP16",
           applies=lambda run: run.options.precision == "fp16"),
-    Stage("export", _stage_export, lambda run: f"torch.export{' + ONNX' if 'onnx' in run.formats else ''}",
-          timed=True),
+    Stage("export", _stage_export, lambda run: f"torch.export{' + ONNX' if 'onnx' in run.formats else ''}"),
     Stage("lower", _stage_lower, lambda run: ", ".join(str(s) for s in run.specs),
-          applies=lambda run: bool(run.specs), timed=True),
+          applies=lambda run: bool(run.specs)),
     Stage("verify", _stage_verify, _verify_line),
     Stage("split", _stage_split, lambda run: "export named stages, check each alone and chained",
           applies=lambda run: run.split),
@@ -599,7 +598,7 @@ STAGES: tuple[Stage, ...] = (
           lambda run: f"{run.options.precision.upper()} against FP32 on {run.options.eval_samples} held-out samples, "
                       "outputs and decoded detections",
           applies=lambda run: run.options.precision != "fp32"),
-    Stage("report", _stage_report, lambda run: "write metadata.json and parity.json/.md/.xml", timed=True),
+    Stage("report", _stage_report, lambda run: "write metadata.json and parity.json/.md/.xml"),
 )
 
 
@@ -608,7 +607,7 @@ def _run_stages(run: ExportRun, stages: StageLog) -> None:
         if not stage.applies(run):
             continue
         with stages.stage(stage.name, stage.describe(run)):
-            subject = stage.run(run, stages.timings) if stage.timed else stage.run(run)
+            subject = stage.run(run)
         if stage.name == "analyze":
             stages.subject = subject
             stages.total = sum(1 for s in STAGES if s.applies(run))  # a model may need its split export
@@ -651,6 +650,7 @@ def _run_export(options: ExportOptions, eager_substituted: list,
                 host_calls: dict[str, OpFunctionSubstitution]) -> ExportResult:
     run, destination = _prepare(options, eager_substituted, host_calls)
     stages = StageLog(0)
+    run.timings = stages.timings  # one dict: the stages' times and their sub-steps'
     stages.total = sum(1 for s in STAGES if s.applies(run))
     try:
         _run_stages(run, stages)
@@ -703,7 +703,7 @@ def _worst_checks(parity: ParityReport) -> list[str]:
         for c in worst))
 
 
-def _metadata(run: ExportRun, timings: dict[str, float]) -> ExportMetadata:
+def _metadata(run: ExportRun) -> ExportMetadata:
     options, analysis, parity, formats = run.options, run.analysis, run.parity, run.formats
     patches = run.exported.patches
     return ExportMetadata(
@@ -735,7 +735,7 @@ def _metadata(run: ExportRun, timings: dict[str, float]) -> ExportMetadata:
                 "tolerances": {p: t.to_json() for p, t in parity.used_tolerances().items()},
                 **{k: v for k, v in parity.to_json().items()
                    if k in ("summary", "skipped", "not_built", "policy", "eager_consistency")}},
-        timings_s=dict(timings),
+        timings_s=dict(run.timings),
         versions=library_versions(),
         # The eager reference's float sums can depend on it (a near-tie flipped between 1 and 2 threads).
         torch_threads=torch.get_num_threads(),
