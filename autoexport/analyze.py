@@ -22,7 +22,7 @@ from . import camera
 from . import samples as sample_data
 from .checkpoint import load_checkpoint_strict
 from .configs import load_config
-from .boundaries import (TensorBoundary, boundary_for, describe_boundary, heads_of, host_inputs_for, output_namer_for,
+from .boundaries import (TensorBoundary, boundary_for, describe_boundary, heads_of, output_namer_for,
                          predict_forward)
 from .errors import ExportFailedError, UserInputError, first_line
 from .export import innermost_model_frame
@@ -283,8 +283,8 @@ def _seeded_host_random(seed: int) -> Iterator[None]:
 
 
 def _run_pipeline(model: torch.nn.Module, pipeline_cfg: list[dict], sources: list[sample_data.SampleSource],
-                  seed: int, quiet: bool = False) -> list[PreparedSample]:
-    host_inputs = host_inputs_for(boundary_for(model)[0])
+                  seed: int, quiet: bool = False, boundary: TensorBoundary | None = None) -> list[PreparedSample]:
+    host_inputs = (boundary or boundary_for(model)[0]).host_inputs
     from mmengine.dataset import Compose, pseudo_collate
 
     pipeline = Compose(pipeline_cfg)
@@ -348,7 +348,7 @@ def _check_points_left(packed: Any, source: sample_data.SampleSource, pipeline_c
 
 
 def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], workdir: Path,
-                    seed: int) -> tuple[list[PreparedSample], dict]:
+                    seed: int, boundary: TensorBoundary | None = None) -> tuple[list[PreparedSample], dict]:
     """Run the config's test pipeline and the model's data preprocessor on each sample."""
     spec = _sample_spec(cfg, workdir)
     pipeline_cfg, fmt = spec.pipeline, spec.fmt
@@ -357,7 +357,7 @@ def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], 
         sources = sample_data.user_samples(sample_files, fmt, workdir, seed, spec.box_type_3d, spec.box_mode_3d)
     else:
         sources = spec.synthesize(workdir, seed)
-    prepared = _run_pipeline(model, pipeline_cfg, sources, seed)
+    prepared = _run_pipeline(model, pipeline_cfg, sources, seed, boundary=boundary)
     preprocess = {
         "point_cloud": {"load_dim": fmt.load_dim, "use_dim": fmt.use_dim, "sweeps_num": fmt.sweeps_num,
                         "point_cloud_range": fmt.point_cloud_range, "dataset_type": fmt.dataset_type},
@@ -383,7 +383,7 @@ def prepare_more_samples(analysis: "Analysis", role: str, count: int, files: lis
             for offset, source in enumerate(synthesized):
                 source.name, source.role = f"{role}_{len(sources) + offset}", role
             sources += synthesized
-        return _run_pipeline(analysis.model, spec.pipeline, sources, seed, quiet=True)
+        return _run_pipeline(analysis.model, spec.pipeline, sources, seed, quiet=True, boundary=analysis.boundary)
 
 
 # ---- manifest ------------------------------------------------------------------------------------
@@ -659,7 +659,7 @@ def postprocess_info(model: torch.nn.Module, cfg: Any, boundary: TensorBoundary)
 
 
 def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files: list[Path],
-            seed: int = 0, verbose: bool = False, trust_checkpoint: bool = False) -> Analysis:
+            seed: int = 0, verbose: bool = False, trust_checkpoint: bool = False, scope: str = "network") -> Analysis:
     cfg = load_config(config_path)
     model = build_model(cfg, device, seed)
     init_failures: list[str] = []
@@ -670,8 +670,13 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
     log.info("  model %s: %.2f M parameters, %s weights", type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6, "checkpoint" if checkpoint else "random")
     boundary, forward = boundary_for(model)
+    if scope == "detections":
+        from .detections import detections_boundary
+
+        boundary = detections_boundary(model, cfg)
+        forward = boundary.forward
     with tempfile.TemporaryDirectory(prefix="autoexport-samples-") as workdir:
-        samples, preprocess = prepare_samples(model, cfg, sample_files, Path(workdir), seed)
+        samples, preprocess = prepare_samples(model, cfg, sample_files, Path(workdir), seed, boundary)
     context = describe_boundary(model)
     with explain_eager_failures(model, device, verbose, context):
         if not checkpoint:

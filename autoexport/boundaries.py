@@ -7,7 +7,7 @@ Decoding boxes (anchors, NMS) stays on the host and is described in metadata.jso
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .knowledge import KNOWLEDGE
@@ -31,6 +31,11 @@ class TensorBoundary:
     # Where the manifest's generic meaning of an input is wrong for this model, e.g. MinkUNet's voxels.voxels holds
     # one point per voxel, not every point.
     input_meanings: tuple[InputMeaning, ...] = ()
+    # Output names where the head's own namer does not apply (the detections scope names its outputs itself).
+    output_namer: Callable[[tuple], str] | None = None
+    # Keyword arguments the generated wrapper passes to autoexport.runtime.tensor_forward (the scope and its
+    # constants); empty for the network scope, whose path is looked up by the model's class.
+    forward_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def forward_name(self) -> str:
@@ -70,10 +75,6 @@ def describe_boundary(model: Any) -> str:
     return f"{type(model).__name__} (tensor path {forward}, {entry})"
 
 
-def host_inputs_for(boundary: TensorBoundary) -> HostInputs | None:
-    return boundary.host_inputs
-
-
 def heads_of(model: Any, boundary: TensorBoundary) -> list[Any]:
     return [h for attr in boundary.head_attrs if (h := getattr(model, attr, None)) is not None]
 
@@ -104,6 +105,8 @@ def default_output_name(path: tuple) -> str:
 
 
 def output_namer_for(model: Any, boundary: TensorBoundary) -> OutputNamer:
+    if boundary.output_namer is not None:
+        return boundary.output_namer
     heads = heads_of(model, boundary)
     if len(heads) == 1:
         return KNOWLEDGE.value(heads[0], "output_namer", default_output_name)

@@ -47,6 +47,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, help="where to write the export (default: exported_models/<config>)")
     p.add_argument("--format", choices=["pt2", "onnx", "both"], default="both",
                    help="which formats to write: model.pt2, model.onnx or both")
+    p.add_argument("--scope", choices=["network", "detections"], default="network",
+                   help="what the graph covers: network (preprocessed inputs in, raw head tensors out; voxelization "
+                        "and box decoding stay on the host) or detections (the raw point cloud in, boxes, scores and "
+                        "labels out: range filter, voxelization, network, decoding and NMS in one graph)")
     p.add_argument("--device", default="cpu", help="torch device for the model and eager/PT2 runs (default cpu)")
     p.add_argument("--sample", nargs="+", action="extend", type=Path, default=[], metavar="FILE",
                    help="your own sample files in the dataset's format (--sample a.bin b.bin, or the flag repeated); "
@@ -168,6 +172,10 @@ def _verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", action="append", default=None, metavar="NAME",
                    help="check only these (repeatable): pt2, onnxruntime, or a lowered backend such as iree, "
                         "iree:cuda, aoti; default: every artifact in the directory")
+    p.add_argument("--scope", choices=["network", "detections"], default="network",
+                   help="what the graph covers: network (preprocessed inputs in, raw head tensors out; voxelization "
+                        "and box decoding stay on the host) or detections (the raw point cloud in, boxes, scores and "
+                        "labels out: range filter, voxelization, network, decoding and NMS in one graph)")
     p.add_argument("--device", default="cpu", help="torch device for the PT2 runner (default cpu)")
     p.add_argument("--report-dir", type=Path,
                    help="write parity.json/.md/.xml here (default: print only, the stored reports stay as exported)")
@@ -202,6 +210,7 @@ def _run_export(argv: list[str]) -> int:
         trust_checkpoint=args.trust_checkpoint,
         formats=("pt2", "onnx") if args.format == "both" else (args.format,),
         device=args.device,
+        scope=args.scope,
         samples=args.sample,
         overwrite=args.overwrite,
         seed=args.seed,

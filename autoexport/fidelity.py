@@ -102,6 +102,27 @@ def bev_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return box_iou_rotated(bev(a), bev(b)).numpy().astype(np.float64)
 
 
+def mmdet3d_detections(model: Any, cfg: Any, points: np.ndarray, device: str) -> Detections:
+    """mmdet3d's own inference_detector on a point array: its test pipeline (from LoadPointsFromDict on), data
+    preprocessor, network and predict_by_feat, with mmcv's kernels (and the op library only where mmcv has no kernel
+    on this device)."""
+    from mmdet3d.apis import inference_detector
+
+    from .patches import eager_substitutions
+
+    saved = getattr(model, "cfg", None)
+    model.cfg = cfg
+    try:
+        with eager_substitutions(device), torch.no_grad():
+            result = inference_detector(model, np.ascontiguousarray(points))[0]
+    finally:
+        model.cfg = saved
+    instances = result.pred_instances_3d
+    return Detections(instances.bboxes_3d.tensor.cpu().numpy().astype(np.float64),
+                      instances.scores_3d.cpu().numpy().astype(np.float64),
+                      instances.labels_3d.cpu().numpy().astype(np.int64))
+
+
 @dataclass
 class MatchCounts:
     reference: int = 0  # FP32 boxes

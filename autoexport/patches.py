@@ -179,7 +179,7 @@ class FunctionSubstitution:
     replacement: Callable[..., Any]
     reason: str
     variants: tuple[str, ...] = ()  # exports it applies to; empty: every export
-
+    when: Callable[..., bool] | None = None  # only the calls whose arguments satisfy this; None: every call
 
 
 # Filled by autoexport.models.torch_functions.
@@ -196,7 +196,7 @@ class _FunctionSubstitutionMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         sub = self.by_function.get(func)
-        if sub is None:
+        if sub is None or (sub.when is not None and not sub.when(*args, **(kwargs or {}))):
             return func(*args, **(kwargs or {}))
         if sub not in self.used:
             self.used.append(sub)

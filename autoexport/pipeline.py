@@ -55,6 +55,7 @@ class ExportOptions:
     trust_checkpoint: bool = False  # full unpickle of the checkpoint (may run code): the user's explicit opt-in
     formats: tuple[str, ...] = FORMATS
     device: str = "cpu"
+    scope: str = "network"  # network (raw head tensors) or detections (points in, boxes out: detections.py)
     samples: list[Path] = field(default_factory=list)
     overwrite: bool = False
     seed: int = 0
@@ -420,7 +421,8 @@ class ExportRun:
 def _stage_analyze(run: ExportRun) -> str:
     options = run.options
     run.analysis = analysis = analyze(run.config_path, options.checkpoint, options.device, options.samples,
-                                      options.seed, options.verbose, trust_checkpoint=options.trust_checkpoint)
+                                      options.seed, options.verbose, trust_checkpoint=options.trust_checkpoint,
+                                      scope=options.scope)
     run.split = options.split or bool(analysis.boundary.split_required)
     if run.split and not options.split:
         # The one graph is only the first stage; the split export carries the rest of the model.
@@ -440,7 +442,7 @@ def _stage_wrap(run: ExportRun) -> None:
     run.wrapper_path = run.staging / "wrapper.py"
     write_wrapper(run.wrapper_path, generate_wrapper_source(run.manifest, analysis.metainfo,
                                                             analysis.boundary.forward_name, analysis.model_type,
-                                                            run.config_path.stem))
+                                                            run.config_path.stem, analysis.boundary.forward_options))
     run.wrapper = run.fp32_wrapper = build_wrapper(run.wrapper_path, analysis.model)
     run.export_model = analysis.model
 
@@ -556,6 +558,26 @@ def _stage_fidelity(run: ExportRun) -> None:
                  d["candidate_boxes"], options.precision.upper(), d["matched"], d["precision"], d["recall"])
 
 
+def _stage_detections(run: ExportRun) -> None:
+    from .detection_parity import DetectionParity, compare_detections, detections_from_outputs, near_ties_of
+    from .fidelity import mmdet3d_detections
+
+    model = run.analysis.model
+    reference = {name: mmdet3d_detections(model, run.analysis.cfg, feed["points"], run.options.device)
+                 for name, feed in run.feeds.items()}
+    parity = DetectionParity("mmdet3d's inference_detector on the same cloud (its own voxelization, decoding and NMS)",
+                             near_ties_of(model))
+    for runner in run.runners:
+        for name, feed in run.feeds.items():
+            candidate = detections_from_outputs(runner.infer(feed))
+            parity.samples.append(compare_detections(name, runner.name, reference[name], candidate, parity.ties))
+    for s in parity.samples:
+        log.info("  %-12s %-10s %3d mmdet3d / %3d exported boxes, %3d matched, max box diff %.2g  %s", s.runtime,
+                 s.sample, s.reference_boxes, s.candidate_boxes, s.matched, s.max_box_diff,
+                 "pass" if s.passed else "FAIL: " + "; ".join(s.unexplained[:2]))
+    run.parity.detections = parity
+
+
 def _stage_report(run: ExportRun) -> None:
     if "pt2" not in run.formats:
         (run.staging / "model.pt2").unlink()
@@ -592,6 +614,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("lower", _stage_lower, lambda run: ", ".join(str(s) for s in run.specs),
           applies=lambda run: bool(run.specs)),
     Stage("verify", _stage_verify, _verify_line),
+    Stage("detections", _stage_detections,
+          lambda run: "exported boxes against mmdet3d's inference_detector on every sample",
+          applies=lambda run: run.options.scope == "detections"),
     Stage("split", _stage_split, lambda run: "export named stages, check each alone and chained",
           applies=lambda run: run.split),
     Stage("fidelity", _stage_fidelity,

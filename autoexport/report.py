@@ -152,6 +152,8 @@ def parity_markdown(report: Any, title: str = "Parity") -> str:
     if report.not_built:
         lines += ["", "**Could not be built** (a failure):", ""]
         lines += [f"- {s.runtime}: {first_line(s.reason)}" for s in report.not_built]
+    if report.detections is not None:
+        lines += report.detections.markdown_lines()
     return "\n".join(lines) + "\n"
 
 
@@ -171,6 +173,22 @@ def _junit_case(node: Any, suite: str, runtime: str, output: str, checks: list, 
                            f"cosine {c.cosine:.6f} {c.note}".strip() for c in failed)
         ET.SubElement(case, "failure", message=f"{output} on {runtime} outside {tol.describe()}",
                       type="ParityFailure").text = detail
+
+
+def _junit_detection_cases(node: Any, suite: str, parity: Any) -> None:
+    """One test case per runtime x sample of the detection parity; counts added to the suite's."""
+    from xml.etree import ElementTree as ET
+
+    for s in parity.samples:
+        case = ET.SubElement(node, "testcase", classname=f"{suite}.detections.{s.runtime}", name=s.sample, time="0")
+        props = ET.SubElement(case, "properties")
+        for key in ("reference_boxes", "candidate_boxes", "matched", "max_box_diff", "max_score_diff"):
+            ET.SubElement(props, "property", name=key, value=str(getattr(s, key)))
+        if not s.passed:
+            ET.SubElement(case, "failure", message=f"{len(s.unexplained)} unexplained box differences",
+                          type="DetectionParityFailure").text = "; ".join(s.unexplained)
+    node.set("tests", str(int(node.get("tests")) + len(parity.samples)))
+    node.set("failures", str(int(node.get("failures")) + sum(1 for s in parity.samples if not s.passed)))
 
 
 def parity_junit(report: Any, suite: str = "autoexport.parity") -> str:
@@ -198,6 +216,8 @@ def parity_junit(report: Any, suite: str = "autoexport.parity") -> str:
         case = ET.SubElement(node, "testcase", classname=f"{suite}.eager", name="self_consistency", time="0")
         ET.SubElement(case, "failure", message="the eager reference disagrees with itself",
                       type="ReferenceInconsistent").text = consistency_line(report.consistency)
+    if report.detections is not None:
+        _junit_detection_cases(node, suite, report.detections)
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 

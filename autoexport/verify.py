@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -137,11 +137,15 @@ class ParityReport:
     policy: ParityPolicy = field(default_factory=ParityPolicy)
     # Eager run again on the same inputs (same threads, then one thread): eager_consistency's result, when it ran.
     consistency: dict | None = None
+    # --scope detections: the exported boxes against mmdet3d's own inference (detection_parity.DetectionParity).
+    detections: Any = None
 
     @property
     def passed(self) -> bool:
         consistent = self.consistency is None or self.consistency.get("consistent", True)
-        return bool(self.checks) and all(c.passed for c in self.checks) and not self.not_built and consistent
+        detections_ok = self.detections is None or self.detections.passed
+        return (bool(self.checks) and all(c.passed for c in self.checks) and not self.not_built and consistent
+                and detections_ok)
 
     @property
     def tolerance(self) -> Tolerance:
@@ -179,6 +183,7 @@ class ParityReport:
             "skipped": [asdict(s) for s in self.skipped],
             "not_built": [asdict(s) for s in self.not_built],
             "checks": [asdict(c) for c in self.checks],
+            **({"detections": self.detections.to_json()} if self.detections is not None else {}),
         }
 
     def worst_per_output(self) -> list[tuple[str, str, list[OutputCheck]]]:

@@ -109,7 +109,7 @@ def _shape_text(shape: list[int], dynamic: dict[int, str]) -> str:
 
 
 def generate_wrapper_source(manifest: Manifest, metainfo: list[dict], forward_name: str, model_type: str,
-                            config_name: str) -> str:
+                            config_name: str, forward_options: dict | None = None) -> str:
     renderer = _Renderer()
     # Metainfo matrices that are inputs (path 'metainfo.<i>.<key>') are set from the arguments on every call.
     meta_inputs = [(t, *meta) for t in manifest.inputs if (meta := parse_metainfo_path(t.path))]
@@ -169,6 +169,7 @@ from autoexport.runtime import tensor_forward
 
 INPUT_NAMES = {tuple(manifest.input_names)!r}
 OUTPUT_NAMES = {tuple(manifest.output_names)!r}
+FORWARD_OPTIONS = {renderer.render(forward_options or {}, 0)}  # the export's scope and its constants
 
 # Metainfo of each batch item as the test pipeline produced it; constant in the exported graph.
 {dropped}METAINFO = {rendered_meta}
@@ -183,7 +184,7 @@ class Wrapper(torch.nn.Module):
 
     def forward(self, {signature}) -> tuple[Tensor, ...]:
 {copies}{meta_sets}        inputs = {_render_structure(manifest.structure["inputs"] if "inputs" in manifest.structure else manifest.structure, 8)}
-        outputs = tensor_forward(self.model, inputs, self.data_samples)  # {forward_name}, for {inert_text(model_type)}
+        outputs = tensor_forward(self.model, inputs, self.data_samples, **FORWARD_OPTIONS)  # {forward_name}, for {inert_text(model_type)}
         return (
 {returns}        )
 '''

@@ -19,7 +19,33 @@ def _inverse_without_error_check(matrix: torch.Tensor, *args: Any, **kwargs: Any
     return torch.linalg.inv_ex(matrix)[0]
 
 
+def _rows_data_dependent(input: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return isinstance(input.shape[0], torch.SymInt) and bool(free_unbacked_symbols(input.shape[0]))
+
+
+def _batch_norm_inference(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                          weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+                          momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    if training or running_mean is None or running_var is None:
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    out = (input - running_mean.view(shape)) * torch.rsqrt(running_var + eps).view(shape)
+    if weight is not None:
+        out = out * weight.view(shape)
+    return out + bias.view(shape) if bias is not None else out
+
+
 FUNCTION_SUBSTITUTIONS.extend([FunctionSubstitution(
+    name="torch.nn.functional.batch_norm",
+    functions=(torch.nn.functional.batch_norm,),
+    replacement=_batch_norm_inference,
+    reason=("aten::batch_norm asks whether the input is empty, which torch.export cannot decide when the row count "
+            "is data-dependent (the voxels of in-graph voxelization, --scope detections); in eval mode it is the "
+            "same affine map written out"),
+    when=_rows_data_dependent,
+), FunctionSubstitution(
     name="torch.inverse",
     functions=(torch.inverse, torch.linalg.inv, torch.Tensor.inverse),
     replacement=_inverse_without_error_check,

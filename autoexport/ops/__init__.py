@@ -25,6 +25,7 @@ from .roi_align import RoIAlign, roi_align_function, roi_align_onnx
 from .scatter import DynamicScatter, dynamic_scatter
 from .sparse_conv import (SparseConv3d, SparseConvTensor, SparseInverseConv3d, SparseMaxPool3d, SubMConv3d,
                           sparse_conv_forward)
+from .nms import greedy_nms_keep_onnx
 from .voxelize import Voxelization, hard_voxelize_onnx, voxelization
 
 __all__ = ["OpEntry", "OP_LIBRARY", "onnx_translation_table", "SparseConvTensor", "sparse_conv_forward"]
@@ -121,4 +122,5 @@ def onnx_translation_table() -> dict[torch._ops.OpOverload, Callable]:
         torch.ops.autoexport.furthest_point_sample.default: furthest_point_sample_onnx,
         torch.ops.autoexport.furthest_point_sample_with_dist.default: furthest_point_sample_with_dist_onnx,
         torch.ops.autoexport.roi_align.default: roi_align_onnx,
+        torch.ops.autoexport.greedy_nms_keep.default: greedy_nms_keep_onnx,
     }
