@@ -3,7 +3,8 @@
 Boxes are matched one-to-one by label and BEV IoU (>= 0.5), best scores first. A box without a partner is
 acceptable only when the difference is explained by a near-tie that float rounding can flip: its score within
 ``score_tol`` of the score threshold, an overlap within ``iou_tol`` of the NMS threshold with a same-label box that
-scored higher, or a score within ``score_tol`` of the last box kept under ``max_num``. Anything else fails.
+scored higher, an overlapping same-label box whose score ties its own within ``score_tol`` (NMS order), or a score
+within ``score_tol`` of the last box kept under ``max_num``. Anything else fails.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def _explain(box: np.ndarray, score: float, label: int, pool: Detections, ties: 
         near = np.abs(overlaps - ties.nms_thr) <= ties.iou_tol
         if near.any():
             return f"BEV IoU {overlaps[near][0]:.6f} within {ties.iou_tol:g} of nms_thr {ties.nms_thr:g}"
+        # Two overlapping boxes whose scores tie within rounding: which one NMS keeps depends on their order.
+        rivals = (overlaps > ties.nms_thr) & (np.abs(pool.scores[same] - score) <= ties.score_tol)
+        if rivals.any():
+            return (f"overlaps (IoU {overlaps[rivals][0]:.3f}) a box whose score {pool.scores[same][rivals][0]:.6f} "
+                    f"ties its own within {ties.score_tol:g}: NMS order")
     if len(pool.scores) >= ties.max_num and abs(score - float(pool.scores.min())) <= ties.score_tol:
         return f"score {score:.6f} ties the last of max_num={ties.max_num} kept boxes"
     return None

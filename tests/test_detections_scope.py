@@ -1,0 +1,155 @@
+"""--scope detections: the raw cloud in, boxes out, checked box by box against mmdet3d's own inference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import export_to
+
+KITTI_SCAN = Path("/work/shared/data/mmdet3d-demo/kitti/000008.bin")
+PP_SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_configs" / "pointpillars_kitti_3class.py")
+
+
+def _random_bev_boxes(count: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.rand(count, 2, generator=g) * 20, torch.rand(count, 2, generator=g) * 3 + 0.5,
+                      (torch.rand(count, 1, generator=g) - 0.5) * 6.5], 1)
+
+
+def test_rotated_iou_matches_mmcv() -> None:
+    from mmcv.ops import box_iou_rotated
+
+    from autoexport.ops.nms import rotated_iou_matrix
+
+    boxes = _random_bev_boxes(200, seed=0)
+    ours, theirs = rotated_iou_matrix(boxes), box_iou_rotated(boxes, boxes)
+    assert (theirs > 0).sum() > 1000  # many overlapping pairs, not a trivially sparse case
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("threshold", [0.01, 0.2, 0.5])
+def test_greedy_nms_keeps_what_mmcv_keeps(threshold: float) -> None:
+    from mmcv.ops import nms, nms_rotated
+
+    from autoexport.detections import bev_boxes_for_nms
+    from autoexport.ops.nms import aligned_iou_matrix, rotated_iou_matrix
+
+    bev = _random_bev_boxes(150, seed=1)
+    scores = torch.rand(150, generator=torch.Generator().manual_seed(2))
+    order = scores.argsort(descending=True)
+    valid = torch.ones(1, 150, dtype=torch.bool)
+    rotated = torch.ops.autoexport.greedy_nms_keep((rotated_iou_matrix(bev)[order][:, order] > threshold)[None],
+                                                   valid)[0]
+    assert sorted(order[rotated].tolist()) == sorted(nms_rotated(bev, scores, threshold)[1].tolist())
+    corners = torch.cat([bev[:, :2] - bev[:, 2:4] / 2, bev[:, :2] + bev[:, 2:4] / 2], 1)
+    aligned = torch.ops.autoexport.greedy_nms_keep((aligned_iou_matrix(corners)[order][:, order] > threshold)[None],
+                                                   valid)[0]
+    assert sorted(order[aligned].tolist()) == sorted(nms(corners, scores, threshold)[1].tolist())
+    assert bev_boxes_for_nms(torch.zeros(0, 7)).shape == (0, 5)
+
+
+def test_greedy_nms_onnx_translation_equals_the_kernel(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from autoexport.ops import onnx_translation_table
+    from autoexport.ops.nms import rotated_iou_matrix
+
+    class Nms(torch.nn.Module):
+        def forward(self, boxes: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            order = scores.argsort(descending=True)
+            blockers = rotated_iou_matrix(boxes[order]) > 0.2
+            return order, torch.ops.autoexport.greedy_nms_keep(blockers[None], (scores[order] > 0.3)[None])[0]
+
+    boxes, scores = _random_bev_boxes(60, seed=3), torch.rand(60, generator=torch.Generator().manual_seed(4))
+    expected = Nms()(boxes, scores)
+    program = torch.export.export(Nms(), (boxes, scores))
+    torch.onnx.export(program, (boxes, scores), dynamo=True, input_names=["boxes", "scores"],
+                      custom_translation_table=onnx_translation_table()).save(tmp_path / "nms.onnx")
+    order, keep = ort.InferenceSession(str(tmp_path / "nms.onnx")).run(
+        None, {"boxes": boxes.numpy(), "scores": scores.numpy()})
+    assert np.array_equal(order, expected[0].numpy()) and np.array_equal(keep, expected[1].numpy())
+    assert 5 < keep.sum() < 40  # thresholds that both keep and suppress
+
+
+def _busy_checkpoint(path: Path) -> Path:
+    """Random weights whose classifier scores many anchors above the threshold, spread enough to rank them."""
+    from autoexport.analyze import build_model, init_random_weights, load_config
+
+    model = build_model(load_config(Path(PP_SAMPLE)), "cpu", 0)
+    init_random_weights(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.bbox_head.conv_cls.weight.normal_(0, 0.05)
+        model.bbox_head.conv_cls.bias.fill_(-1.0)
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pp_detections(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("detections")
+    checkpoint = _busy_checkpoint(work / "busy.pth")
+    out = work / "pp"
+    assert export_to(PP_SAMPLE, out, "--scope", "detections", "--checkpoint", str(checkpoint),
+                     "--sample", str(KITTI_SCAN)) == 0
+    return out
+
+
+def test_detections_match_inference_detector_box_by_box(pp_detections: Path) -> None:
+    parity = json.loads((pp_detections / "parity.json").read_text())
+    assert parity["passed"]
+    samples = parity["detections"]["samples"]
+    assert {s["runtime"] for s in samples} == {"pt2", "onnxruntime"}
+    for s in samples:
+        assert s["reference_boxes"] >= 30  # weights that detect: NMS and max_num do real work
+        assert s["candidate_boxes"] == s["reference_boxes"]
+        assert s["matched"] >= s["reference_boxes"] - 4 and not s["unexplained"]
+        assert s["max_box_diff"] < 1e-4 and s["max_score_diff"] < 1e-5
+    metadata = json.loads((pp_detections / "metadata.json").read_text())
+    assert [t["name"] for t in metadata["export_info"]["tensor_details"]] == ["points"]
+    assert [o["name"] for o in metadata["outputs"]] == ["boxes_3d", "scores_3d", "labels_3d", "num_detections"]
+
+
+def _onnx_detections(directory: Path, points: np.ndarray):  # noqa: ANN202
+    import onnxruntime as ort
+
+    from autoexport.detection_parity import detections_from_outputs
+
+    session = ort.InferenceSession(str(directory / "model.onnx"))
+    names = [o.name for o in session.get_outputs()]
+    return detections_from_outputs(dict(zip(names, session.run(None, {"points": points}))))
+
+
+def test_raw_scan_file_gives_inference_detectors_boxes(pp_detections: Path) -> None:
+    """The whole scan as the loader reads it, points outside the range included: the graph's own range filter."""
+    from mmdet3d.apis import inference_detector
+
+    from autoexport.analyze import load_config
+    from autoexport.detection_parity import compare_detections, near_ties_of
+    from autoexport.fidelity import Detections
+    from autoexport.pipeline import analyze
+
+    analysis = analyze(Path(PP_SAMPLE), str(pp_detections.parent / "busy.pth"), "cpu", [KITTI_SCAN], seed=0)
+    model = analysis.model
+    model.cfg = load_config(Path(PP_SAMPLE))
+    result = inference_detector(model, str(KITTI_SCAN))[0].pred_instances_3d
+    reference = Detections(result.bboxes_3d.tensor.numpy().astype(np.float64), result.scores_3d.numpy(),
+                           result.labels_3d.numpy())
+    raw = np.fromfile(KITTI_SCAN, dtype=np.float32).reshape(-1, 4)
+    candidate = _onnx_detections(pp_detections, raw)
+    parity = compare_detections("000008", "onnxruntime", reference, candidate, near_ties_of(model))
+    assert len(reference.scores) >= 30 and parity.passed, parity.unexplained
+    assert parity.matched >= len(reference.scores) - 4
+
+
+def test_empty_and_out_of_range_clouds_give_no_detections(pp_detections: Path) -> None:
+    far = np.tile(np.array([[500.0, 500.0, 0.0, 0.5]], np.float32), (100, 1))
+    assert len(_onnx_detections(pp_detections, far).scores) == 0
+    module = torch.export.load(pp_detections / "model.pt2").module()
+    outputs = module(torch.from_numpy(far))
+    assert int(outputs[3]) == 0 and (outputs[2] == -1).all()
