@@ -118,11 +118,23 @@ def _feed(manifest: Manifest, sample: PreparedSample) -> dict[str, np.ndarray]:
     return {spec.name: by_path[spec.path].detach().cpu().numpy() for spec in manifest.inputs}
 
 
+# Backends the detections graph is known not to lower to, and why (docs/guides/deploy-detections.md).
+DETECTIONS_SCOPE_UNSUPPORTED = {
+    "iree": ("in-graph voxelization groups points with a data-dependent sort, and IREE 3.13's ONNX import lowers "
+             "neither onnx.Unique nor a TopK of dynamic k (it asks for an unbounded stack buffer)"),
+}
+
+
 def _check_backends(options: ExportOptions, formats: tuple[str, ...]) -> list[BackendSpec]:
     """Parse --backend values and fail before any work when a backend cannot be used here."""
     specs = list(dict.fromkeys(parse_backend(b) for b in options.backends))
     if any(s.kind == "tensorrt" for s in specs) and "onnx" not in formats:
         raise UserInputError("--backend tensorrt builds from model.onnx: use --format onnx or --format both")
+    unsupported = [str(s) for s in specs if s.kind in DETECTIONS_SCOPE_UNSUPPORTED]
+    if options.scope == "detections" and unsupported:
+        kind = unsupported[0].split(":")[0]
+        raise UserInputError(f"--backend {unsupported[0]} with --scope detections: {DETECTIONS_SCOPE_UNSUPPORTED[kind]}; "
+                             "pt2 and onnxruntime run the detections graph (or export --scope network for this backend)")
     for spec in specs:
         reason = BACKENDS[spec.kind].missing_dependency(spec)
         if reason:

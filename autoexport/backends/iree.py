@@ -36,9 +36,6 @@ LLVM_CPU_FLAGS = [
     # NCHW convolutions get slow generic codegen; channels-last alone gave ~4x on PointPillars.
     "--iree-preprocessing-pass-pipeline=builtin.module(util.func(iree-preprocessing-convert-conv-to-channels-last))",
     DATA_TILING_FLAG,
-    # The detections scope's BEV IoU reduces (boxes, boxes, 24, 24) pair tables; the fused argmin needs 96 KB of
-    # stack per dispatch where the default limit is 32 KB.
-    "--iree-llvmcpu-stack-allocation-limit=262144",
 ]
 # Channels-last convolutions: 383 ms vs 404 ms per PointPillars call on an H200 (benchmarks/RESULTS.md).
 CUDA_FLAGS = [
