@@ -153,3 +153,25 @@ def test_empty_and_out_of_range_clouds_give_no_detections(pp_detections: Path) -
     module = torch.export.load(pp_detections / "model.pt2").module()
     outputs = module(torch.from_numpy(far))
     assert int(outputs[3]) == 0 and (outputs[2] == -1).all()
+
+
+def test_second_detections_match_inference_detector(tmp_path: Path) -> None:
+    """SECOND: sparse convolutions between in-graph voxelization and the head (random weights already give boxes)."""
+    out = tmp_path / "second"
+    assert export_to("second_hv_secfpn_8xb6-80e_kitti-3d-3class", out, "--scope", "detections",
+                     "--sample", str(KITTI_SCAN)) == 0
+    samples = json.loads((out / "parity.json").read_text())["detections"]["samples"]
+    on_scan = [s for s in samples if s["sample"] == "sample_0"]
+    assert len(on_scan) == 2 and all(s["reference_boxes"] >= 20 and s["passed"] for s in on_scan)
+    assert all(s["matched"] >= s["reference_boxes"] - 2 for s in samples)
+
+
+@pytest.mark.parametrize("config, extra, message", [
+    (PP_SAMPLE, ("--backend", "iree"), "IREE 3.13's ONNX import lowers neither onnx.Unique"),
+    ("centerpoint_pillar02_second_secfpn_8xb4-cyclic-20e_nus-3d", (), "CenterHead has no in-graph box decoding"),
+])
+def test_detections_scope_refuses_what_it_cannot_export(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                        config: str, extra: tuple[str, ...], message: str) -> None:
+    assert export_to(config, tmp_path / "out", "--scope", "detections", *extra) == 2
+    assert message in caplog.text
+    assert not (tmp_path / "out").exists()
