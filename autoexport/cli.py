@@ -1,4 +1,5 @@
-"""Command line: `autoexport --config X [...]` exports; `autoexport verify OUT_DIR` re-checks an export."""
+"""Command line: `autoexport --config X [...]` exports; `autoexport verify OUT_DIR` re-checks an export;
+`autoexport predict OUT_DIR --points FILE` runs a `--scope detections` export on a point cloud."""
 
 from __future__ import annotations
 
@@ -184,6 +185,68 @@ def _verify_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _predict_parser() -> argparse.ArgumentParser:
+    from .deploy import BACKEND_NAMES
+
+    p = _Parser(prog="autoexport predict",
+                description="Run a --scope detections export on one point cloud file and print its boxes; needs "
+                            "only the backend's runtime, not mmdet3d.",
+                epilog="exit codes: 0 ok, 2 bad input, 3 the runtime failed")
+    p.add_argument("output_dir", type=Path, help="the --output-dir of `autoexport --scope detections`")
+    p.add_argument("--points", type=Path, required=True, metavar="FILE",
+                   help="point cloud file in the dataset's format (.bin: float32 rows of the config's load_dim "
+                        "values, of which use_dim are kept, as LoadPointsFromFile reads it; or .npy)")
+    p.add_argument("--backend", default="pt2", metavar="NAME",
+                   help=f"which artifact runs: {', '.join(BACKEND_NAMES)} (iree and aoti when the export has them; "
+                        "a target as in iree:cuda)")
+    p.add_argument("--json", type=Path, metavar="OUT", help="also write the detections as JSON here")
+    p.add_argument("--bev", type=Path, metavar="OUT.png",
+                   help="also draw a bird's-eye view: the points, each box coloured by class with its heading and "
+                        "score (needs matplotlib)")
+    p.add_argument("--reference-json", type=Path, metavar="REF.json",
+                   help="with --bev: overlay these boxes (an earlier --json output) dashed in black, to compare")
+    p.add_argument("--verbose", action="store_true", help="debug logs and full tracebacks")
+    return p
+
+
+def _run_predict(argv: list[str]) -> int:
+    import json
+
+    from .errors import UserInputError
+
+    args = _predict_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from .deploy import Detections, load, render_bev
+
+    reference = None
+    if args.reference_json is not None:
+        if args.bev is None:
+            raise UserInputError("--reference-json is drawn into the --bev picture; add --bev OUT.png")
+        try:
+            reference = Detections.from_json(json.loads(args.reference_json.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserInputError(f"--reference-json {args.reference_json}: not a detections file of `autoexport "
+                                 f"predict --json` ({first_line(str(err))[:160]})") from None
+    model = load(args.output_dir)
+    points = model.prepare(args.points)
+    detections = model.predict(points, backend=args.backend)
+    for name, score, box in zip(detections.names, detections.scores, detections.boxes):
+        x, y, z, dx, dy, dz, yaw = (float(v) for v in box)
+        print(f"{name:<12} {score:6.3f}  xyz {x:8.2f} {y:8.2f} {z:7.2f}  size {dx:6.2f} {dy:6.2f} {dz:6.2f}  "
+              f"yaw {yaw:6.2f}")
+    print(f"{len(detections)} detections ({args.backend}, {len(points)} points)")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        data = {"points": str(args.points), "backend": args.backend, "num_points": len(points),
+                **detections.to_json()}
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
+    if args.bev is not None:
+        render_bev(args.bev, points, detections, reference, model.point_cloud_range,
+                   title=f"{args.points.name}: {len(detections)} detections ({args.backend})"
+                         + (f", reference dashed ({len(reference)})" if reference is not None else ""))
+    return EXIT_OK
+
+
 def _setup_logging(verbose: bool) -> None:
     # Libraries (onnxscript's optimizer, torch.export) log at INFO too; only autoexport's own lines are progress.
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -279,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_verify(argv[1:])
         if argv and argv[0] == "zoo":
             return _run_zoo(argv[1:])
+        if argv and argv[0] == "predict":
+            return _run_predict(argv[1:])
         if argv and argv[0] == "export":
             argv = argv[1:]
         return _run_export(argv)

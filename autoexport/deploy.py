@@ -264,6 +264,9 @@ class DetectionModel:
             except Exception as err:  # noqa: BLE001 - numpy raises several types for corrupt files
                 raise UserInputError(f"points {path}: not a readable .npy file "
                                      f"({' '.join(str(err).split())[:160]})") from None
+            if cloud.ndim == 2 and cloud.shape[1] != self.load_dim:
+                raise UserInputError(f"points {path}: {cloud.shape[1]} columns where the config's load_dim is "
+                                     f"{self.load_dim}; expected float32 rows of {self.load_dim} values")
             if cloud.dtype.kind not in "fiu" or cloud.size % self.load_dim:
                 raise UserInputError(f"points {path}: array of shape {cloud.shape} and dtype {cloud.dtype}; "
                                      f"expected numbers in rows of {self.load_dim} values (the config's load_dim)")

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autoexport.cli import _export_parser, _verify_parser  # noqa: E402
+from autoexport.cli import _export_parser, _predict_parser, _verify_parser  # noqa: E402
 from autoexport.zoo import merge_parser, zoo_parser  # noqa: E402
 
 TARGET = ROOT / "docs" / "reference" / "cli.md"
@@ -30,6 +30,7 @@ part of `--help` come from `cli_notes.md`).
 ```text
 autoexport [export] --config CONFIG [options]     export a model (also: python3 -m autoexport)
 autoexport verify OUTPUT_DIR [options]            re-check an existing export
+autoexport predict OUTPUT_DIR --points FILE       run a --scope detections export on a point cloud
 autoexport zoo [options]                          sweep mmdet3d's model zoo
 autoexport zoo merge FILE... [options]            join the coverage files of several sweeps
 ```
@@ -86,6 +87,7 @@ def render_parser(title: str, parser: argparse.ArgumentParser) -> str:
 
 def render() -> str:
     parts = [HEADER, render_parser("autoexport", _export_parser()), render_parser("autoexport verify", _verify_parser()),
+             render_parser("autoexport predict", _predict_parser()),
              render_parser("autoexport zoo", zoo_parser()), render_parser("autoexport zoo merge", merge_parser())]
     if NOTES.exists():
         parts.append(NOTES.read_text())

@@ -40,5 +40,5 @@ pip_install onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 \
 
 step "5/5 autoexport itself (editable) and test tools"
 pip_install --no-deps -e "$HERE"
-pip_install pytest ruff==0.17.6
+pip_install pytest ruff==0.17.6 matplotlib
 "$PY" -c "import torch, mmcv.ops, mmdet3d, onnxruntime, iree.runtime; print('[setup] ok: torch', torch.__version__, 'mmdet3d', mmdet3d.__version__)"
