@@ -36,6 +36,8 @@ class TensorBoundary:
     # Keyword arguments the generated wrapper passes to autoexport.runtime.tensor_forward (the scope and its
     # constants); empty for the network scope, whose path is looked up by the model's class.
     forward_options: dict[str, Any] = field(default_factory=dict)
+    # Outputs whose rows form one unordered set (verify.Comparator.row_sets), e.g. the detections scope's boxes.
+    row_sets: tuple[tuple[str, ...], ...] = ()
 
     @property
     def forward_name(self) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .fidelity import Detections, bev_iou
+from .fidelity import Detections
 
 MATCH_IOU = 0.5
 
@@ -47,6 +47,26 @@ class SampleDetectionParity:
         return not self.unexplained
 
 
+def bev_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact rotated BEV IoU in float64 (autoexport.ops.nms). Not mmcv's box_iou_rotated: on near-identical thin
+    boxes it returns ~0 (5.9e-6 for two 17.8 m x 0.33 m boxes 1e-5 m apart), which would unmatch equal boxes."""
+    import torch
+
+    from .ops.nms import rotated_iou_matrix
+
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    both = torch.from_numpy(np.concatenate([a, b])[:, [0, 1, 3, 4, 6]].astype(np.float64))
+    return rotated_iou_matrix(both)[:len(a), len(a):].numpy()
+
+
+def _mmcv_bev_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    import torch
+    from mmcv.ops import box_iou_rotated
+
+    return box_iou_rotated(*(torch.from_numpy(x[:, [0, 1, 3, 4, 6]]).float() for x in (a, b))).numpy()
+
+
 def _explain(box: np.ndarray, score: float, label: int, pool: Detections, ties: NearTies) -> str | None:
     """Why a box one side has and the other lacks may be a rounding flip, or None."""
     if abs(score - ties.score_thr) <= ties.score_tol:
@@ -62,6 +82,12 @@ def _explain(box: np.ndarray, score: float, label: int, pool: Detections, ties: 
         if rivals.any():
             return (f"overlaps (IoU {overlaps[rivals][0]:.3f}) a box whose score {pool.scores[same][rivals][0]:.6f} "
                     f"ties its own within {ties.score_tol:g}: NMS order")
+        # mmdet3d's NMS measures overlap with mmcv's box_iou_rotated, which is wrong on some thin near-equal boxes.
+        mmcv = _mmcv_bev_iou(box[None], pool.boxes[same])[0]
+        wrong = (overlaps > ties.nms_thr) != (mmcv > ties.nms_thr)
+        if wrong.any():
+            return (f"NMS decided on mmcv's IoU {mmcv[wrong][0]:.3g} where the exact BEV IoU is "
+                    f"{overlaps[wrong][0]:.3g} (nms_thr {ties.nms_thr:g})")
     if len(pool.scores) >= ties.max_num and abs(score - float(pool.scores.min())) <= ties.score_tol:
         return f"score {score:.6f} ties the last of max_num={ties.max_num} kept boxes"
     return None

@@ -170,14 +170,18 @@ def points_to_detections(model: Any, inputs: dict, data_samples: list,
     points = inputs["points"]
     points = points_in_range(points[0] if isinstance(points, (list, tuple)) else points, point_range)
     voxel_dict, present = voxelize(model.data_preprocessor, points)
-    features = model.extract_feat({"voxels": voxel_dict, "points": [points]})
+    if hasattr(model, "extract_pts_feat"):  # MVX-style detectors (CenterPoint): the lidar branch alone
+        features = model.extract_pts_feat(voxel_dict, points=[points], batch_input_metas=[s.metainfo
+                                                                                          for s in data_samples])
+    else:
+        features = model.extract_feat({"voxels": voxel_dict, "points": [points]})
     return decode(head, head(features), head.test_cfg, present).as_outputs()
 
 
 def detections_boundary(model: Any, cfg: Any) -> TensorBoundary:
     """Points in, boxes out, for voxel-based single-stage detectors whose head has ``detection_head`` knowledge."""
     detection_head_of(model)  # fails early, naming the supported heads
-    if not hasattr(model, "extract_feat") or getattr(model.data_preprocessor, "voxel_layer", None) is None:
+    if getattr(model, "with_img_backbone", False) or getattr(model.data_preprocessor, "voxel_layer", None) is None:
         raise UserInputError(f"--scope detections: {type(model).__name__} is not a voxel-based lidar detector; "
                              "export with --scope network")
     point_range = range_filter_of(cfg)
@@ -191,4 +195,5 @@ def detections_boundary(model: Any, cfg: Any) -> TensorBoundary:
         input_meanings=((r"^points$", "the raw point cloud (num_points, x y z + features), as the dataset's loader "
                          "yields it", "num_points"),),
         output_namer=lambda path: path[0] if path and path[0] in OUTPUT_NAMES else "_".join(map(str, path)),
-        forward_options={"scope": "detections", "point_range": point_range})
+        forward_options={"scope": "detections", "point_range": point_range},
+        row_sets=(("boxes_3d", "scores_3d", "labels_3d"),))

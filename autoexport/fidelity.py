@@ -102,21 +102,16 @@ def bev_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return box_iou_rotated(bev(a), bev(b)).numpy().astype(np.float64)
 
 
-def mmdet3d_detections(model: Any, cfg: Any, points: np.ndarray, device: str) -> Detections:
-    """mmdet3d's own inference_detector on a point array: its test pipeline (from LoadPointsFromDict on), data
-    preprocessor, network and predict_by_feat, with mmcv's kernels (and the op library only where mmcv has no kernel
-    on this device)."""
-    from mmdet3d.apis import inference_detector
-
+def mmdet3d_detections(model: Any, points: np.ndarray, data_samples: list, device: str) -> Detections:
+    """mmdet3d's own inference on the test pipeline's output for one sample (what inference_detector does after
+    its pipeline): the data preprocessor's voxelization and model.predict, decoding and NMS included, with mmcv's
+    kernels (the op library only where mmcv has no kernel on this device)."""
     from .patches import eager_substitutions
 
-    saved = getattr(model, "cfg", None)
-    model.cfg = cfg
-    try:
-        with eager_substitutions(device), torch.no_grad():
-            result = inference_detector(model, np.ascontiguousarray(points))[0]
-    finally:
-        model.cfg = saved
+    batch = {"inputs": {"points": [torch.from_numpy(np.ascontiguousarray(points)).to(device)]},
+             "data_samples": copy.deepcopy(data_samples)}
+    with eager_substitutions(device), torch.no_grad():
+        result = model.test_step(batch)[0]
     instances = result.pred_instances_3d
     return Detections(instances.bboxes_3d.tensor.cpu().numpy().astype(np.float64),
                       instances.scores_3d.cpu().numpy().astype(np.float64),

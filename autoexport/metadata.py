@@ -44,6 +44,8 @@ class ExportMetadata:
     split: dict | None = None
     reduced_precision: dict | None = None
     fidelity: dict | None = None
+    # --scope detections: the scope and the outputs compared as unordered row sets (verify.Comparator.row_sets).
+    detections: dict | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:

@@ -533,7 +533,7 @@ def _stage_verify(run: ExportRun) -> None:
         log.info("  %s: not run (%s)", item.runtime, item.reason)
     reference_name = (_eager_reference_name(run.exported.patches, run.in_eager) if not run.quantized_reference
                       else "eager PyTorch of the INT8 model (its frozen quantize/dequantize ops, wrapper.py)")
-    comparator = Comparator(options.tolerances, policy=options.parity)
+    comparator = Comparator(options.tolerances, policy=options.parity, row_sets=run.analysis.boundary.row_sets)
     run.parity = comparator.compare(run.runners, run.feeds, run.expected,
                                     ParityReport(reference_name, options.tolerances, skipped=skipped,
                                                  not_built=run.not_built))
@@ -574,11 +574,11 @@ def _stage_detections(run: ExportRun) -> None:
     from .detection_parity import DetectionParity, compare_detections, detections_from_outputs, near_ties_of
     from .fidelity import mmdet3d_detections
 
-    model = run.analysis.model
-    reference = {name: mmdet3d_detections(model, run.analysis.cfg, feed["points"], run.options.device)
+    model, samples = run.analysis.model, {s.name: s for s in run.analysis.samples}
+    reference = {name: mmdet3d_detections(model, feed["points"], samples[name].data_samples, run.options.device)
                  for name, feed in run.feeds.items()}
-    parity = DetectionParity("mmdet3d's inference_detector on the same cloud (its own voxelization, decoding and NMS)",
-                             near_ties_of(model))
+    parity = DetectionParity("mmdet3d's own inference on the same test-pipeline output (its data preprocessor, "
+                             "network, decoding and NMS: inference_detector after its pipeline)", near_ties_of(model))
     for runner in run.runners:
         for name, feed in run.feeds.items():
             candidate = detections_from_outputs(runner.infer(feed))
@@ -627,7 +627,7 @@ STAGES: tuple[Stage, ...] = (
           applies=lambda run: bool(run.specs)),
     Stage("verify", _stage_verify, _verify_line),
     Stage("detections", _stage_detections,
-          lambda run: "exported boxes against mmdet3d's inference_detector on every sample",
+          lambda run: "exported boxes against mmdet3d's own inference on every sample",
           applies=lambda run: run.options.scope == "detections"),
     Stage("split", _stage_split, lambda run: "export named stages, check each alone and chained",
           applies=lambda run: run.split),
@@ -766,6 +766,9 @@ def _metadata(run: ExportRun) -> ExportMetadata:
         preprocess=analysis.preprocess,
         postprocess=analysis.postprocess,
         tensor_boundary=analysis.boundary.forward_name,
+        detections=({"scope": "detections", "point_range": analysis.boundary.forward_options.get("point_range"),
+                     "row_sets": [list(g) for g in analysis.boundary.row_sets]}
+                    if options.scope == "detections" else None),
         backends=[a.to_json() for a in run.artifacts],  # what each artifact accepts and how it was built
         export_variants=run.variants,
         parity={"passed": parity.passed, "tolerance": parity.tolerance.to_json(),

@@ -149,7 +149,8 @@ class ExportResult:
         runners, skipped = self.runners(backends, device)
         report = ParityReport("eager (stored reference outputs)", tolerances or self.stored_tolerances(),
                               skipped=skipped)
-        comparator = Comparator(report.tolerances, policy=policy or self.stored_policy())
+        row_sets = tuple(tuple(g) for g in (self.metadata.get("detections") or {}).get("row_sets", ()))
+        comparator = Comparator(report.tolerances, policy=policy or self.stored_policy(), row_sets=row_sets)
         expected = {s: self.reference_outputs(s) for s in samples}
         comparator.compare(runners, {s: self.inputs(s) for s in samples}, expected, report)
         measure_against_float64(report, comparator.failed_outputs, expected,

@@ -323,10 +323,13 @@ class Comparator:
     its precision (Runner.precision)."""
 
     def __init__(self, tolerances: Tolerance | dict[str, Tolerance], reference: str = "eager",
-                 policy: ParityPolicy | None = None) -> None:
+                 policy: ParityPolicy | None = None, row_sets: tuple[tuple[str, ...], ...] = ()) -> None:
         self.tolerances = tolerances_with(tolerances) if isinstance(tolerances, Tolerance) else dict(tolerances)
         self.reference = reference
         self.policy = policy or ParityPolicy()
+        # Groups of outputs whose rows form one unordered set (kept boxes with their scores and labels): compared
+        # with compare_row_set, so near-tied scores that swap two rows are not a mismatch.
+        self.row_sets = row_sets
         # (runtime, sample, output) -> what the runtime returned, for the checks that failed (for diagnosis).
         self.failed_outputs: dict[tuple[str, str, str], np.ndarray] = {}
 
@@ -352,6 +355,7 @@ class Comparator:
                                     0.0, reference.size, reference.size, False, str(crash), tol.precision)
                         for output, reference in expected[sample].items())
                     break
+                as_sets = self._row_set_metrics(expected[sample], actual, tol)
                 for output, reference in expected[sample].items():
                     got = actual.get(output)
                     if got is None:
@@ -359,7 +363,7 @@ class Comparator:
                                                          float("inf"), float("inf"), 0.0, reference.size,
                                                          reference.size, False, "output missing", tol.precision))
                         continue
-                    metrics = compare_arrays(reference, got, tol)
+                    metrics = as_sets.get(output) or compare_arrays(reference, got, tol)
                     report.checks.append(OutputCheck(sample, runner.name, output, list(reference.shape), **metrics,
                                                      precision=tol.precision))
                     if not metrics["passed"]:
@@ -369,6 +373,19 @@ class Comparator:
                          sample, max(c.max_abs for c in worst), min(c.cosine for c in worst),
                          "pass" if all(c.passed for c in worst) else "FAIL")
         return report
+
+
+    def _row_set_metrics(self, expected: dict[str, np.ndarray], actual: dict[str, np.ndarray],
+                         tol: Tolerance) -> dict[str, dict]:
+        metrics: dict[str, dict] = {}
+        for group in self.row_sets:
+            if all(n in expected and n in actual for n in group):
+                for name, m in compare_row_set({n: expected[n] for n in group}, {n: actual[n] for n in group},
+                                               tol).items():
+                    moved = m.pop("rows_moved", 0)
+                    metrics[name] = {**m, "note": (m.get("note", "") + f" rows compared as a set, {moved} moved"
+                                                   ).strip() if moved else m.get("note", "")}
+        return metrics
 
 
 def rmse(exact: np.ndarray, other: np.ndarray) -> float:

@@ -4,14 +4,14 @@ mmdet3d's ``nms_bev`` calls mmcv's ``nms_rotated`` (exact overlap of rotated rec
 mmcv's ``nms`` on the axis-aligned footprints. Both are greedy: walk the boxes by descending score, keep a box unless
 a kept box overlaps it by more than the threshold. Here the overlaps are one vectorized matrix and the greedy walk is
 the custom op ``autoexport::greedy_nms_keep`` over a fixed number of candidates, so the graph has static shapes (a
-keep mask, not a list). Its ONNX translation unrolls the walk (one step per candidate, ``nms_pre`` of them): ONNX Loop
-would be shorter, but IREE's ONNX importer does not lower it.
+keep mask, not a list). Its ONNX translation is one ONNX Loop over the candidates (unrolling CenterPoint's 6 x 500
+candidates made a graph the ONNX optimizer took more than ten minutes over).
 """
 
 from __future__ import annotations
 
 import torch
-from onnxscript import FLOAT
+from onnxscript import BOOL, INT64, script
 from onnxscript import opset18 as op
 from torch import Tensor
 
@@ -62,28 +62,20 @@ def _edge_crossings(corners_a: Tensor, corners_b: Tensor) -> tuple[Tensor, Tenso
 
 
 def _polygon_area(points: Tensor, valid: Tensor) -> Tensor:
-    """Area of the convex polygon whose vertices are the valid points (in any order), by the shoelace formula.
-
-    Each vertex's successor is the valid point with the next larger angle around the centroid (ties by index, the
-    last wraps to the first): a search over (P, P) pairs instead of a sort, which IREE's CPU codegen can only do
-    with a stack buffer larger than it allows.
-    """
+    """Area of the convex polygon whose vertices are the valid points (in any order): sort by angle, shoelace."""
     count = valid.sum(-1, keepdim=True).clamp(min=1)
     center = (points * valid[..., None]).sum(-2, keepdim=True) / count[..., None]
     rel = points - center
     angle = torch.atan2(rel[..., 1], rel[..., 0])
-    index = torch.arange(points.shape[-2], device=points.device)
-    a_p, a_q = angle[..., :, None], angle[..., None, :]
-    after = (a_q > a_p) | ((a_q == a_p) & (index[None, :] > index[:, None]))  # (.., p, q): q comes after p
-    candidate = after & valid[..., None, :]
-    big = torch.full_like(a_q.expand_as(candidate), 100.0)
-    next_q = torch.where(candidate, a_q.expand_as(candidate), big).argmin(-1)  # first (lowest index) of the least angle
-    has_next = candidate.any(-1)
-    first = torch.where(valid, angle, torch.full_like(angle, 100.0)).argmin(-1, keepdim=True)
-    successor = torch.where(has_next, next_q, first.expand_as(next_q))
-    nxt = torch.gather(rel, -2, successor[..., None].expand_as(rel))
+    angle = torch.where(valid, angle, torch.full_like(angle, 10.0))  # invalid points sort last
+    order = angle.argsort(-1)
+    rel = torch.gather(rel, -2, order[..., None].expand_as(rel))
+    sorted_valid = torch.gather(valid, -1, order)
+    # Invalid tail points become copies of the first vertex: zero-area segments in the shoelace sum.
+    rel = torch.where(sorted_valid[..., None], rel, rel[..., :1, :].expand_as(rel))
+    nxt = torch.roll(rel, -1, -2)
     cross = rel[..., 0] * nxt[..., 1] - rel[..., 1] * nxt[..., 0]
-    area = (cross * valid).sum(-1).abs() / 2
+    area = cross.sum(-1).abs() / 2
     return torch.where(valid.sum(-1) >= 3, area, torch.zeros_like(area))
 
 
@@ -136,24 +128,21 @@ def _greedy_nms_keep_fake(blockers: Tensor, valid: Tensor) -> Tensor:
     return torch.empty_like(valid)
 
 
-def greedy_nms_keep_onnx(blockers, valid):
-    """ONNX translation: the walk unrolled over the static candidate count, 0/1 floats for the running keep mask."""
-    num = valid.shape[1]
-    if not isinstance(num, int):
-        raise NotImplementedError("autoexport::greedy_nms_keep needs a static candidate count to unroll")
-    blockers = op.Cast(blockers, to=FLOAT.dtype)
-    valid = op.Cast(valid, to=FLOAT.dtype)
-    one = op.Constant(value_float=1.0)
-    columns = []
+@script()
+def _greedy_walk(blockers: BOOL, valid: BOOL) -> BOOL:
+    num = op.Gather(op.Shape(valid), op.Constant(value_int=1))
+    positions = op.Range(op.Constant(value_int=0), num, op.Constant(value_int=1))
+    keep = op.Equal(op.Cast(valid, to=INT64.dtype), op.Constant(value_int=2))  # all False, valid's shape
     for i in range(num):
-        if i == 0:
-            columns.append(op.Slice(valid, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]),
-                                    op.Constant(value_ints=[1])))
-            continue
-        row = op.Slice(op.Gather(blockers, op.Constant(value_int=i), axis=1), op.Constant(value_ints=[0]),
-                       op.Constant(value_ints=[i]), op.Constant(value_ints=[1]))
-        kept_before = op.Concat(*columns, axis=1)
-        blocked = op.ReduceMax(op.Mul(row, kept_before), op.Constant(value_ints=[1]), keepdims=1)
-        own = op.Slice(valid, op.Constant(value_ints=[i]), op.Constant(value_ints=[i + 1]), op.Constant(value_ints=[1]))
-        columns.append(op.Mul(own, op.Sub(one, blocked)))
-    return op.Cast(op.Concat(*columns, axis=1), to=9)  # 9: BOOL
+        row = op.Gather(blockers, i, axis=1)
+        blocked = op.Cast(op.ReduceMax(op.Cast(op.And(row, keep), to=INT64.dtype), op.Constant(value_ints=[1]),
+                                       keepdims=1), to=BOOL.dtype)
+        decided = op.And(op.Gather(valid, op.Unsqueeze(i, op.Constant(value_ints=[0])), axis=1), op.Not(blocked))
+        keep = op.Or(keep, op.And(op.Unsqueeze(op.Equal(positions, i), op.Constant(value_ints=[0])), decided))
+    return keep
+
+
+def greedy_nms_keep_onnx(blockers, valid):
+    """ONNX translation: the walk as one ONNX Loop over the candidates. Candidates not yet decided are False in the
+    running keep mask, so a row of ``blockers`` only counts kept candidates before it."""
+    return _greedy_walk(blockers, valid)
