@@ -348,11 +348,15 @@ def _check_points_left(packed: Any, source: sample_data.SampleSource, pipeline_c
 
 
 def prepare_samples(model: torch.nn.Module, cfg: Any, sample_files: list[Path], workdir: Path,
-                    seed: int, boundary: TensorBoundary | None = None) -> tuple[list[PreparedSample], dict]:
-    """Run the config's test pipeline and the model's data preprocessor on each sample."""
+                    seed: int, boundary: TensorBoundary | None = None,
+                    data_info: tuple[Path, Path | None] | None = None) -> tuple[list[PreparedSample], dict]:
+    """Run the config's test pipeline and the model's data preprocessor on each sample: the user's point files,
+    the records of the user's info file (data_info: the .pkl and its data root), or synthesized scenes."""
     spec = _sample_spec(cfg, workdir)
     pipeline_cfg, fmt = spec.pipeline, spec.fmt
-    if sample_files:
+    if data_info:
+        sources = sample_data.info_file_samples(data_info[0], data_info[1], cfg, fmt, workdir, seed)
+    elif sample_files:
         spec.reject_user_files("--sample files")
         sources = sample_data.user_samples(sample_files, fmt, workdir, seed, spec.box_type_3d, spec.box_mode_3d)
     else:
@@ -659,7 +663,8 @@ def postprocess_info(model: torch.nn.Module, cfg: Any, boundary: TensorBoundary)
 
 
 def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files: list[Path],
-            seed: int = 0, verbose: bool = False, trust_checkpoint: bool = False, scope: str = "network") -> Analysis:
+            seed: int = 0, verbose: bool = False, trust_checkpoint: bool = False, scope: str = "network",
+            data_info: tuple[Path, Path | None] | None = None) -> Analysis:
     cfg = load_config(config_path)
     model = build_model(cfg, device, seed)
     init_failures: list[str] = []
@@ -676,7 +681,7 @@ def analyze(config_path: Path, checkpoint: str | None, device: str, sample_files
         boundary = detections_boundary(model, cfg)
         forward = boundary.forward
     with tempfile.TemporaryDirectory(prefix="autoexport-samples-") as workdir:
-        samples, preprocess = prepare_samples(model, cfg, sample_files, Path(workdir), seed, boundary)
+        samples, preprocess = prepare_samples(model, cfg, sample_files, Path(workdir), seed, boundary, data_info)
     context = describe_boundary(model)
     with explain_eager_failures(model, device, verbose, context):
         if not checkpoint:

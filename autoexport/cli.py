@@ -56,6 +56,12 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", nargs="+", action="extend", type=Path, default=[], metavar="FILE",
                    help="your own sample files in the dataset's format (--sample a.bin b.bin, or the flag repeated); "
                         "synthesized when omitted")
+    p.add_argument("--data-info", type=Path, metavar="INFO.pkl",
+                   help="samples from the dataset's own info file (written by mmdet3d's tools/create_data.py): its "
+                        "first three records, parsed by the config's dataset class, with their point clouds, images "
+                        "and calibration; loaded without running code")
+    p.add_argument("--data-root", type=Path, metavar="DIR",
+                   help="the folder the info file's paths are relative to (default: the info file's folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and synthesized samples")
     p.add_argument("--backend", action="append", default=[], metavar="KIND[:TARGET]",
@@ -275,6 +281,8 @@ def _run_export(argv: list[str]) -> int:
         device=args.device,
         scope=args.scope,
         samples=args.sample,
+        data_info=args.data_info,
+        data_root=args.data_root,
         overwrite=args.overwrite,
         seed=args.seed,
         tolerances=_tolerances(args, DEFAULT_TOLERANCES),

@@ -57,6 +57,8 @@ class ExportOptions:
     device: str = "cpu"
     scope: str = "network"  # network (raw head tensors) or detections (points in, boxes out: detections.py)
     samples: list[Path] = field(default_factory=list)
+    data_info: Path | None = None  # an mmdet3d info .pkl whose records are the samples (instead of --sample)
+    data_root: Path | None = None  # the folder the info file's paths are relative to (default: its own folder)
     overwrite: bool = False
     seed: int = 0
     tolerances: dict[str, Tolerance] = field(default_factory=lambda: dict(DEFAULT_TOLERANCES))
@@ -130,6 +132,10 @@ def _check_backends(options: ExportOptions, formats: tuple[str, ...]) -> list[Ba
     specs = list(dict.fromkeys(parse_backend(b) for b in options.backends))
     if any(s.kind == "tensorrt" for s in specs) and "onnx" not in formats:
         raise UserInputError("--backend tensorrt builds from model.onnx: use --format onnx or --format both")
+    if options.data_info and options.samples:
+        raise UserInputError("--data-info and --sample both name the samples: pass one of them")
+    if options.data_root and not options.data_info:
+        raise UserInputError("--data-root applies to --data-info: pass the info file too")
     unsupported = [str(s) for s in specs if s.kind in DETECTIONS_SCOPE_UNSUPPORTED]
     if options.scope == "detections" and unsupported:
         kind = unsupported[0].split(":")[0]
@@ -434,7 +440,8 @@ def _stage_analyze(run: ExportRun) -> str:
     options = run.options
     run.analysis = analysis = analyze(run.config_path, options.checkpoint, options.device, options.samples,
                                       options.seed, options.verbose, trust_checkpoint=options.trust_checkpoint,
-                                      scope=options.scope)
+                                      scope=options.scope,
+                                      data_info=(options.data_info, options.data_root) if options.data_info else None)
     run.split = options.split or bool(analysis.boundary.split_required)
     if run.split and not options.split:
         # The one graph is only the first stage; the split export carries the rest of the model.

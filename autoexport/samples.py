@@ -464,3 +464,64 @@ def user_samples(paths: list[Path], fmt: PointCloudFormat, folder: Path, seed: i
         info = _base_info(main, fmt, box_type_3d, box_mode_3d, index)
         sources.append(SampleSource(name, role, info, [main], len(cloud), origin))
     return sources
+
+
+def read_info_file(path: Path) -> list[dict]:
+    """The records of an mmdet3d info file (tools/create_data.py's .pkl: {'metainfo', 'data_list'}), unpickled with
+    the same allow-list as checkpoints (numpy arrays, dtypes, scalars): an info file runs no code."""
+    import pickle
+
+    import torch
+    import torch._weights_only_unpickler as restricted
+
+    from .checkpoint import checkpoint_safe_globals
+
+    if not path.is_file():
+        raise UserInputError(f"--data-info {path}: no such file; pass an info .pkl written by mmdet3d's "
+                             "tools/create_data.py")
+    try:
+        with torch.serialization.safe_globals(checkpoint_safe_globals()), open(path, "rb") as f:
+            data = restricted.Unpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError) as err:
+        raise UserInputError(f"--data-info {path}: not an mmdet3d info file that loads without running code "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    records = data.get("data_list") if isinstance(data, dict) else data
+    if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        raise UserInputError(f"--data-info {path}: no 'data_list' of records in it; pass an info .pkl written by "
+                             "mmdet3d 1.x's tools/create_data.py")
+    return records
+
+
+def info_file_samples(info_file: Path, data_root: Path | None, cfg: Any, fmt: PointCloudFormat, folder: Path,
+                      seed: int) -> list[SampleSource]:
+    """Samples from the dataset's own info file: its first three records as the config's dataset class parses them
+    (files relative to data_root, default the info file's folder). With fewer than three records, random subsets of
+    the first record's cloud fill in, as for --sample, so that the two export samples differ in size."""
+    from .camera import dataset_for_parsing, parse_info
+
+    root = data_root or info_file.parent
+    dataset = dataset_for_parsing(cfg, root)
+    parsed = []
+    for index, raw in enumerate(read_info_file(info_file)[:3]):
+        info = parse_info(dataset, raw)[0]
+        lidar = Path(info.get("lidar_points", {}).get("lidar_path", ""))
+        if not lidar.is_file():
+            raise UserInputError(f"--data-info {info_file}: record {index}'s point cloud {lidar} does not exist; "
+                                 "pass --data-root, the folder its lidar_path is relative to")
+        parsed.append((info, lidar, read_point_file(lidar, fmt), f"{info_file} record {index}"))
+    rng, fraction = np.random.default_rng(seed), 0.8
+    while len(parsed) < 3:
+        info, lidar, cloud, _ = parsed[0]
+        subset = cloud[rng.random(len(cloud)) < fraction]
+        path = _write_cloud(folder / f"subset_{len(parsed)}.bin", subset)
+        copy = {**info, "lidar_points": {**info["lidar_points"], "lidar_path": str(path)}, "lidar_path": str(path)}
+        parsed.append((copy, path, subset, f"{fraction:.0%} random subset of {lidar}"))
+        fraction -= 0.2
+    sources = []
+    for index, (info, lidar, cloud, origin) in enumerate(parsed):
+        role = "export" if index < 2 else "heldout"
+        name = f"sample_{index}" if role == "export" else f"heldout_{index - 2}"
+        images = [Path(v["img_path"]) for v in (info.get("images") or {}).values()
+                  if isinstance(v, dict) and v.get("img_path")]
+        sources.append(SampleSource(name, role, info, [lidar, *images], len(cloud), origin))
+    return sources

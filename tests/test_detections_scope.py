@@ -12,6 +12,7 @@ import torch
 from conftest import export_to
 
 KITTI_SCAN = Path("/work/shared/data/mmdet3d-demo/kitti/000008.bin")
+KITTI_INFO = KITTI_SCAN.with_suffix(".pkl")  # mmdet3d's own info record of the scan
 PP_SAMPLE = str(Path(__file__).resolve().parents[1] / "sample_configs" / "pointpillars_kitti_3class.py")
 
 
@@ -96,7 +97,7 @@ def pp_detections(tmp_path_factory: pytest.TempPathFactory) -> Path:
     checkpoint = _busy_checkpoint(work / "busy.pth")
     out = work / "pp"
     assert export_to(PP_SAMPLE, out, "--scope", "detections", "--checkpoint", str(checkpoint),
-                     "--sample", str(KITTI_SCAN)) == 0
+                     "--data-info", str(KITTI_INFO)) == 0
     return out
 
 
@@ -111,6 +112,7 @@ def test_detections_match_inference_detector_box_by_box(pp_detections: Path) -> 
         assert s["matched"] >= s["reference_boxes"] - 4 and not s["unexplained"]
         assert s["max_box_diff"] < 1e-4 and s["max_score_diff"] < 1e-5
     metadata = json.loads((pp_detections / "metadata.json").read_text())
+    assert metadata["samples"][0]["origin"] == f"{KITTI_INFO} record 0" and metadata["samples"][0]["num_points"] > 15000
     assert [t["name"] for t in metadata["export_info"]["tensor_details"]] == ["points"]
     assert [o["name"] for o in metadata["outputs"]] == ["boxes_3d", "scores_3d", "labels_3d", "num_detections"]
 
@@ -186,3 +188,20 @@ def test_centerpoint_detections_match_mmdet3d_box_by_box(tmp_path: Path) -> None
     for s in parity["detections"]["samples"]:
         assert s["reference_boxes"] >= 300 and s["matched"] == s["reference_boxes"] == s["candidate_boxes"]
         assert s["max_box_diff"] < 0.05 and s["max_score_diff"] < 1e-4
+
+
+def test_info_files_load_without_running_code(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204 - what a malicious info file would carry
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    hostile = tmp_path / "hostile.pkl"
+    hostile.write_bytes(pickle.dumps({"data_list": [Payload()]}))
+    assert export_to(PP_SAMPLE, tmp_path / "out", "--data-info", str(hostile)) == 2
+    assert "not an mmdet3d info file that loads without running code" in caplog.text
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
+    assert export_to(PP_SAMPLE, tmp_path / "out", "--data-info", str(KITTI_INFO), "--sample", str(KITTI_SCAN)) == 2
+    assert "--data-info and --sample both name the samples" in caplog.text
