@@ -108,15 +108,19 @@ def _shape_text(shape: list[int], dynamic: dict[int, str]) -> str:
     return "[" + ", ".join(dynamic.get(i, str(s)) for i, s in enumerate(shape)) + "]"
 
 
+def _constant_metainfo(metainfo: list[dict], meta_inputs: list[tuple]) -> list[dict]:
+    """Each batch item's metainfo without host-only keys and without the matrices that are graph inputs."""
+    return [{k: v for k, v in meta.items()
+             if k not in _HOST_ONLY_METAINFO and not any(i == index and k == key for _, i, key in meta_inputs)}
+            for index, meta in enumerate(metainfo)]
+
+
 def generate_wrapper_source(manifest: Manifest, metainfo: list[dict], forward_name: str, model_type: str,
                             config_name: str, forward_options: dict | None = None) -> str:
     renderer = _Renderer()
     # Metainfo matrices that are inputs (path 'metainfo.<i>.<key>') are set from the arguments on every call.
     meta_inputs = [(t, *meta) for t in manifest.inputs if (meta := parse_metainfo_path(t.path))]
-    metas = [{k: v for k, v in meta.items()
-              if k not in _HOST_ONLY_METAINFO and not any(i == index and k == key for _, i, key in meta_inputs)}
-             for index, meta in enumerate(metainfo)]
-    rendered_meta = renderer.render(metas, 0)
+    rendered_meta = renderer.render(_constant_metainfo(metainfo, meta_inputs), 0)
     width = max(len(t.name) for t in manifest.inputs)
     out_width = max(len(o.name) for o in manifest.outputs)
     doc_inputs = "\n".join(
