@@ -20,9 +20,13 @@ def _inverse_without_error_check(matrix: torch.Tensor, *args: Any, **kwargs: Any
 
 
 def _rows_data_dependent(input: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+    """A data-dependent row count that may be zero: aten::batch_norm's emptiness check cannot be decided for it.
+    Where the trace already knows the input is not empty (e.g. the sparse encoders' sites), the original runs."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, statically_known_true
 
-    return isinstance(input.shape[0], torch.SymInt) and bool(free_unbacked_symbols(input.shape[0]))
+    rows = input.shape[0]
+    return (isinstance(rows, torch.SymInt) and bool(free_unbacked_symbols(rows))
+            and not statically_known_true(input.numel() != 0))
 
 
 def _batch_norm_inference(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
