@@ -108,7 +108,7 @@ def _read_metadata(directory: Path) -> dict:
 
 
 class DetectionModel:
-    """An export of the detections scope and one cached session per backend.
+    """An export of the detections scope, with one runner per backend made on first use and kept.
 
     `predict(points, backend)` takes float32 rows of the columns the model uses (or the loader's load_dim columns,
     of which the use_dim ones are kept) or a .bin/.npy file, and returns Detections."""
@@ -210,7 +210,7 @@ class DetectionModel:
         return artifact["backend"]
 
     def runner(self, backend: str = "pt2") -> "Runner":
-        """The backend's session, created on first use and kept."""
+        """The backend's runner, made on first use and kept."""
         key = self._check_backend(backend)
         if key not in self._runners:
             self._runners[key] = self._make_runner(key)

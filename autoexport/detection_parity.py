@@ -152,8 +152,9 @@ class DetectionParity:
 
 def near_ties_of(model: Any) -> NearTies:
     """The head's score and NMS thresholds (mmdet3d test_cfg names)."""
-    head = getattr(model, "bbox_head", None) or getattr(model, "pts_bbox_head", None)
-    cfg = head.test_cfg
+    from .detections import detection_head_of
+
+    cfg = detection_head_of(model)[0].test_cfg
     return NearTies(float(cfg.get("score_thr", 0.0)), float(cfg.get("nms_thr", 0.0)), int(cfg.get("max_num", 0)))
 
 

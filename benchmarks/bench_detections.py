@@ -57,7 +57,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad():
         for call in calls.values():
-            call()  # warm-up: sessions, caches
+            call()  # warm-up: runtimes load their models and fill their caches
         for _ in range(args.runs):
             for name, call in calls.items():
                 times[name].append(_timed(call))
