@@ -12,37 +12,8 @@
 # Stages print "[gpu-mmcv] ..." lines; the CUDA build log goes to RESULT_DIR/mmcv_build.log (about 5 minutes with
 # 16 cores for one architecture). The comparison table goes to RESULT_DIR/gpu_check_mmcv.{txt,json}.
 set -euo pipefail
-WHEELS="$(cd "${1:?usage: gpu_mmcv_reference.sh WHEELS [RESULT_DIR]}" && pwd)"
-RESULTS="$(mkdir -p "${2:-gpu-results}" && cd "${2:-gpu-results}" && pwd)"
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-BUILD="${MMCV_BUILD_DIR:-/tmp/mmcv-cuda}"
-SITE="$BUILD/site"
-log() { echo "[gpu-mmcv] $(date +%H:%M:%S) $*"; }
-
-log "1/4 pure-Python dependencies into $SITE"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
-export PYTHONPATH="$SITE:$BUILD/mmcv-2.1.0:$REPO${PYTHONPATH:+:$PYTHONPATH}"
-
-if [ ! -f "$BUILD/mmcv-2.1.0/.built" ]; then
-    log "2/4 mmcv 2.1.0 CUDA ops for $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))')"
-    rm -rf "$BUILD/mmcv-2.1.0" && tar xzf "$WHEELS/mmcv-2.1.0.tar.gz" -C "$BUILD"
-    build_path="$PYTHONPATH"
-    if ! python3 -c "import pkg_resources" 2>/dev/null; then  # mmcv's setup.py imports it
-        python3 -m pip install -q --no-index --no-deps --target "$BUILD/setuptools" "$WHEELS"/build/setuptools-*.whl
-        build_path="$BUILD/setuptools:$build_path"
-    fi
-    arch="$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability(0))')"
-    (cd "$BUILD/mmcv-2.1.0" && PYTHONPATH="$build_path" MMCV_WITH_OPS=1 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" \
-        MAX_JOBS="${MAX_JOBS:-$(nproc)}" python3 setup.py build_ext --inplace >"$RESULTS/mmcv_build.log" 2>&1) || {
-        grep -m 20 -E "error|Error" "$RESULTS/mmcv_build.log" || tail -40 "$RESULTS/mmcv_build.log"
-        log "mmcv build failed (log: $RESULTS/mmcv_build.log)"; exit 1; }
-    touch "$BUILD/mmcv-2.1.0/.built"
-fi
-
-log "3/4 mmcv.ops imports with CUDA kernels"
-python3 -c "import mmcv, mmcv.ops, torch; from mmcv.utils import ext_loader; \
-print('mmcv', mmcv.__version__, 'ext', ext_loader.load_ext('_ext', ['furthest_point_sampling_forward']).__file__, \
-'torch', torch.__version__)"
+# shellcheck source=scripts/gpu_mmcv_build.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_mmcv_build.sh" "${1:?usage: gpu_mmcv_reference.sh WHEELS [RESULT_DIR]}" "${2:-gpu-results}"
 
 log "4/4 autoexport.ops on CUDA against mmcv's CUDA kernels"
 cd "$REPO"
