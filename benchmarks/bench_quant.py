@@ -2,7 +2,7 @@
 
     python benchmarks/bench_quant.py [--configs NAME ...] [--checkpoint NAME=PATH ...] [--runs 5]
         [--agreement-score-thr NAME=T ...]
-        [--calib-samples 16] [--eval-samples 20] [--out-root /tmp/autoexport-bench-quant] [--json FILE]
+        [--calib-samples 16] [--calib-data CONFIG=DIR ...] [--eval-samples 20] [--out-root /tmp/autoexport-bench-quant] [--json FILE]
 
 Each config is exported twice with autoexport (--precision fp32 and --precision int8, both with --backend iree);
 latency is the median of --runs calls after one warm-up on the stored held-out sample, numpy in -> numpy out.
@@ -30,7 +30,7 @@ DEFAULT_CONFIGS = [
 
 
 def bench(config: str, checkpoint: str | None, out_root: Path, runs: int, calib: int, evals: int,
-          score_thr: str | None) -> dict:
+          score_thr: str | None, calib_data: str | None = None) -> dict:
     row: dict = {"config": config, "checkpoint": checkpoint or "random weights"}
     latency: dict[str, float] = {}
     for precision in ("fp32", "int8"):
@@ -41,6 +41,8 @@ def bench(config: str, checkpoint: str | None, out_root: Path, runs: int, calib:
             args += ["--checkpoint", checkpoint]
         if precision == "int8":
             args += ["--calib-samples", str(calib), "--eval-samples", str(evals)]
+            if calib_data:
+                args += ["--calib-data", calib_data]
             if score_thr:
                 args += ["--agreement-score-thr", score_thr]
         code = autoexport_main(args)
@@ -66,7 +68,7 @@ def bench(config: str, checkpoint: str | None, out_root: Path, runs: int, calib:
             row["onnxruntime_kernels"] = report.get("onnxruntime_kernels")
             row["held_out_samples"] = report["held_out_samples"]
     row.update(latency)
-    for runtime in ("onnxruntime", "iree"):
+    for runtime in ("onnxruntime", "iree-llvm-cpu"):  # runner names
         fp32, int8 = latency.get(f"{runtime}_fp32_ms"), latency.get(f"{runtime}_int8_ms")
         if fp32 and int8:
             row[f"{runtime}_int8_speedup"] = round(fp32 / int8, 2)
@@ -82,8 +84,8 @@ def print_table(rows: list[dict]) -> None:
         det = r.get("detection_agreement") or {}
         pr = f"{det.get('precision') or 0:.3f}/{det.get('recall') or 0:.3f}" if det else "-"
         print(f"{r['config'][:60]:<60} {r.get('onnxruntime_fp32_ms', '-'):>9} {r.get('onnxruntime_int8_ms', '-'):>9} "
-              f"{r.get('onnxruntime_int8_speedup', '-'):>5} {r.get('iree_fp32_ms', '-'):>10} "
-              f"{r.get('iree_int8_ms', '-'):>10} {r.get('iree_int8_speedup', '-'):>5} "
+              f"{r.get('onnxruntime_int8_speedup', '-'):>5} {r.get('iree-llvm-cpu_fp32_ms', '-'):>10} "
+              f"{r.get('iree-llvm-cpu_int8_ms', '-'):>10} {r.get('iree-llvm-cpu_int8_speedup', '-'):>5} "
               f"{r.get('min_cosine', float('nan')):>8.5f} {pr:>12}")
 
 
@@ -93,6 +95,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="append", default=[], metavar="CONFIG=PATH")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-data", action="append", default=[], metavar="CONFIG=DIR",
+                        help="the config's own point cloud files to calibrate on (the rest are held out)")
     parser.add_argument("--eval-samples", type=int, default=20)
     parser.add_argument("--agreement-score-thr", action="append", default=[], metavar="CONFIG=T",
                         help="detection agreement at this score threshold instead of the model's test_cfg")
@@ -102,8 +106,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     thresholds = dict(item.split("=", 1) for item in args.agreement_score_thr)
+    calib_data = dict(item.split("=", 1) for item in args.calib_data)
     rows = [bench(c, checkpoints.get(c), args.out_root, args.runs, args.calib_samples, args.eval_samples,
-                  thresholds.get(c)) for c in args.configs]
+                  thresholds.get(c), calib_data.get(c)) for c in args.configs]
     print_table(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -128,12 +128,73 @@ def make_loops_for_like(model: Any) -> int:  # an onnx.ModelProto
     return len(loops)
 
 
+ROUND_HALF_EVEN_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds an fp32 |v| < 2**22 half to even
+
+
+def fake_quantize_activations(model: Any) -> int:  # an onnx.ModelProto
+    """Rewrite each activation QuantizeLinear -> DequantizeLinear pair (int8, zero point 0, one scale) into the same
+    arithmetic in float: Div by the scale, Clip to [-128, 127], round half to even by adding and subtracting
+    1.5 * 2**23, Mul by the scale. Exactly ONNX's Q/DQ (rounding after the clip equals clipping after the rounding
+    for integer bounds), but IREE 3.13 lowers its own quantize op element by element through a scalar rounding
+    call: PointPillars INT8 took 19.0 s per call with Q/DQ and 1.10 s in this form (FP32: 0.93 s). Weight pairs
+    (constant inputs) are left alone. Returns the number of pairs rewritten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    constants = {i.name: i for i in graph.initializer}
+    constants.update({o: n for n in graph.node if n.op_type == "Constant" for o in n.output})
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def int8_zero(name: str) -> bool:
+        zero = constants.get(name)
+        return isinstance(zero, TensorProto) and zero.data_type == TensorProto.INT8 and not numpy_helper.to_array(zero).any()
+
+    def scalar(name: str) -> bool:
+        scale = constants.get(name)
+        return isinstance(scale, TensorProto) and numpy_helper.to_array(scale).size == 1
+
+    position = {id(node): index for index, node in enumerate(graph.node)}
+    replacements: dict[int, list] = {}  # Quantize's position -> the float nodes
+    dequantizers: set[int] = set()  # positions of the Dequantize nodes they replace
+    for index, quant in enumerate(graph.node):
+        users = consumers.get(quant.output[0], []) if quant.op_type == "QuantizeLinear" else []
+        if (len(users) != 1 or users[0].op_type != "DequantizeLinear" or quant.input[0] in constants
+                or len(quant.input) < 3 or not int8_zero(quant.input[2]) or not scalar(quant.input[1])
+                or list(users[0].input[1:]) != list(quant.input[1:])):
+            continue
+        stem, scale = f"autoexport_fq{len(replacements)}", quant.input[1]
+        replacements[index] = [
+            helper.make_node("Div", [quant.input[0], scale], [f"{stem}_scaled"]),
+            helper.make_node("Clip", [f"{stem}_scaled", "autoexport_q_min", "autoexport_q_max"], [f"{stem}_clipped"]),
+            helper.make_node("Add", [f"{stem}_clipped", "autoexport_rne_magic"], [f"{stem}_shifted"]),
+            helper.make_node("Sub", [f"{stem}_shifted", "autoexport_rne_magic"], [f"{stem}_rounded"]),
+            helper.make_node("Mul", [f"{stem}_rounded", scale], [users[0].output[0]])]
+        dequantizers.add(position[id(users[0])])
+    if not replacements:
+        return 0
+    nodes = []
+    for index, node in enumerate(graph.node):
+        if index not in dequantizers:
+            nodes += replacements.get(index, [node])
+    del graph.node[:]
+    graph.node.extend(nodes)  # each replacement sits where its Quantize was: the order stays topological
+    graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (
+        ("autoexport_q_min", -128.0), ("autoexport_q_max", 127.0), ("autoexport_rne_magic", ROUND_HALF_EVEN_MAGIC)))
+    return len(replacements)
+
+
 def import_onnx(onnx_path: Path, mlir_path: Path) -> None:
     import onnx
 
     model = onnx.load(str(onnx_path))
-    rewritten = mlir_path.with_name(f".{mlir_path.stem}.loops.onnx")
-    if make_loops_for_like(model):
+    rewritten = mlir_path.with_name(f".{mlir_path.stem}.rewritten.onnx")
+    loops, fake_quantized = make_loops_for_like(model), fake_quantize_activations(model)
+    if fake_quantized:
+        log.info("  %d activation Q/DQ pairs written as float arithmetic for IREE", fake_quantized)
+    if loops or fake_quantized:
         onnx.save(model, str(rewritten))
         onnx_path = rewritten
     try:
