@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .fidelity import Detections
+from .fidelity import Detections, bev_iou
 
 MATCH_IOU = 0.5
 
@@ -45,19 +45,6 @@ class SampleDetectionParity:
     @property
     def passed(self) -> bool:
         return not self.unexplained
-
-
-def bev_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Exact rotated BEV IoU in float64 (autoexport.ops.nms). Not mmcv's box_iou_rotated: on near-identical thin
-    boxes it returns ~0 (5.9e-6 for two 17.8 m x 0.33 m boxes 1e-5 m apart), which would unmatch equal boxes."""
-    import torch
-
-    from .ops.nms import rotated_iou_matrix
-
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    both = torch.from_numpy(np.concatenate([a, b])[:, [0, 1, 3, 4, 6]].astype(np.float64))
-    return rotated_iou_matrix(both)[:len(a), len(a):].numpy()
 
 
 def _mmcv_bev_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

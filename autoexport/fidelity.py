@@ -91,12 +91,15 @@ class DetectionDecoder:
 # ---- matching ------------------------------------------------------------------------------------
 
 def bev_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Rotated IoU of the boxes' bird's-eye-view footprints: the exact one of detection parity. mmcv's
-    box_iou_rotated is wrong on near-identical boxes (0.33 for two car boxes 4e-6 m apart, measured), which made
-    equal FP32 and ONNX Runtime boxes count as disagreeing."""
-    from .detection_parity import bev_iou as exact_bev_iou
+    """Exact rotated BEV IoU in float64 (autoexport.ops.nms), for detection parity and detection agreement. Not
+    mmcv's box_iou_rotated: on near-identical boxes it is wrong (5.9e-6 for two 17.8 m x 0.33 m boxes 1e-5 m apart,
+    0.33 for a cyclist box and its 1.3e-6 m-shifted twin), which would unmatch equal boxes."""
+    from .ops.nms import rotated_iou_matrix
 
-    return exact_bev_iou(a, b)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    both = torch.from_numpy(np.concatenate([a, b])[:, [0, 1, 3, 4, 6]].astype(np.float64))
+    return rotated_iou_matrix(both)[:len(a), len(a):].numpy()
 
 
 def mmdet3d_detections(model: Any, points: np.ndarray, data_samples: list, device: str) -> Detections:
@@ -127,6 +130,14 @@ class MatchCounts:
         self.candidate += other.candidate
         self.matched += other.matched
         self.iou_sum += other.iou_sum
+
+    @property
+    def precision(self) -> float | None:
+        return self.matched / self.candidate if self.candidate else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.matched / self.reference if self.reference else None
 
 
 def match_detections(reference: Detections, candidate: Detections, iou_threshold: float = 0.5) -> MatchCounts:
@@ -245,7 +256,6 @@ def detection_agreement(decoder: DetectionDecoder, reference: list[dict[str, np.
     return {"decoder": f"{type(decoder.head).__name__}.predict_by_feat", "score_threshold": decoder.effective_score_thr,
             "iou_threshold": iou_threshold, "samples": len(per_sample), "reference_boxes": total.reference,
             "candidate_boxes": total.candidate, "matched": total.matched,
-            "precision": total.matched / total.candidate if total.candidate else None,
-            "recall": total.matched / total.reference if total.reference else None,
+            "precision": total.precision, "recall": total.recall,
             "mean_matched_iou": total.iou_sum / total.matched if total.matched else None,
             "per_sample": per_sample}

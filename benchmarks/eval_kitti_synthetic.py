@@ -118,14 +118,14 @@ def ap_table(metrics: dict) -> dict:
 
 
 def agreement(reference: list, candidate: list) -> dict:
-    from autoexport.fidelity import match_detections
+    from autoexport.fidelity import MatchCounts, match_detections
 
-    counts = [match_detections(r, c) for r, c in zip(reference, candidate)]
-    matched = sum(c.matched for c in counts)
-    ref_total, cand_total = sum(c.reference for c in counts), sum(c.candidate for c in counts)
-    return {"reference_boxes": ref_total, "candidate_boxes": cand_total, "matched": matched,
-            "recall": round(matched / ref_total, 4) if ref_total else None,
-            "precision": round(matched / cand_total, 4) if cand_total else None}
+    total = MatchCounts()
+    for ref, cand in zip(reference, candidate):
+        total.add(match_detections(ref, cand))
+    return {"reference_boxes": total.reference, "candidate_boxes": total.candidate, "matched": total.matched,
+            "recall": None if total.recall is None else round(total.recall, 4),
+            "precision": None if total.precision is None else round(total.precision, 4)}
 
 
 def main() -> None:
