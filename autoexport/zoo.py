@@ -480,7 +480,7 @@ class Sweep:
         start = time.monotonic()
         env = self._env()
         with open(log_path, "w") as sink:
-            # A new process session (setsid), so a timeout kills the export and whatever it started (iree-compile) together.
+            # Its own process group (setsid), so a timeout kills the export and whatever it started (iree-compile) together.
             proc = subprocess.Popen(self.command(entry), stdout=sink, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             with self.lock:

@@ -52,14 +52,14 @@ with eager_substitutions("cpu"):
     unloaded = model.load_state_dict(weights, strict=False)
     assert not unloaded.unexpected_keys, unloaded
     model64 = copy.deepcopy(model).double()
-    sessions = {s: ort.InferenceSession(str(folder / f"stages/{s}/model.onnx")) for s in graphs}
+    runners = {s: ort.InferenceSession(str(folder / f"stages/{s}/model.onnx")) for s in graphs}
     row_sets = {n: group for s in plan.stages for group in s.row_sets for n in group}
 
     def run_graph(stage: str, tensors: dict, chained: bool) -> dict:
-        names = [o.name for o in sessions[stage].get_outputs()]
-        inputs = [i.name for i in sessions[stage].get_inputs()]
+        names = [o.name for o in runners[stage].get_outputs()]
+        inputs = [i.name for i in runners[stage].get_inputs()]
         if chained:
-            return dict(zip(names, sessions[stage].run(None, {n: tensors[n] for n in inputs})))
+            return dict(zip(names, runners[stage].run(None, {n: tensors[n] for n in inputs})))
         with torch.no_grad():
             return {n: v.numpy() for n, v in zip(names, programs[stage](*[torch.from_numpy(tensors[n]) for n in inputs]))}
 
