@@ -11,6 +11,9 @@ boxes: precision and recall at BEV IoU >= 0.5 with the same label (autoexport.fi
         --candidate int8-ort=/tmp/pp_int8@onnxruntime --json benchmarks/results/cpu_kitti_synthetic_fidelity.json
 
 mmdet3d.evaluation imports the Lyft and nuScenes SDKs, create_data scikit-image: `bash benchmarks/setup_metrics.sh`.
+On a machine without a GPU, the metric's rotated-box overlaps come from benchmarks/kitti_rotate_iou_cpu.py (the
+same matrix as mmdet3d's numba.cuda kernel, in seconds where numba's CUDA simulator takes minutes);
+`--iou-kernel mmdet3d` keeps the kernel.
 """
 
 from __future__ import annotations
@@ -99,7 +102,9 @@ def run_candidate(name: str, predict: Predict, dataset: Any, ann_file: Path) -> 
         evaluator.process([sample])
         if (index + 1) % 50 == 0 or index + 1 == len(dataset):
             print(f"[eval] {name}: {index + 1}/{len(dataset)} frames", flush=True)
+    start = time.perf_counter()
     metrics = evaluator.evaluate(len(dataset))
+    print(f"[eval] {name}: KittiMetric took {time.perf_counter() - start:.1f} s", flush=True)
     return metrics, found, float(np.median(seconds) * 1000)
 
 
@@ -136,6 +141,8 @@ def main() -> None:
     parser.add_argument("--candidate", action="append", default=[], metavar="NAME=DIR@BACKEND",
                         help="a --scope detections export to evaluate too")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--iou-kernel", choices=("auto", "mmdet3d"), default="auto",
+                        help="auto: mmdet3d's numba.cuda kernel on a GPU, kitti_rotate_iou_cpu without one")
     args = parser.parse_args()
 
     from mmengine.config import Config
@@ -145,6 +152,11 @@ def main() -> None:
     from mmdet3d.utils import register_all_modules
 
     register_all_modules()  # mmdet3d.evaluation (KittiMetric) imports the SDKs of benchmarks/setup_metrics.sh
+    cpu_iou = args.iou_kernel == "auto" and not os.path.exists("/dev/nvidia0")
+    if cpu_iou:
+        import kitti_rotate_iou_cpu  # beside this script
+
+        kitti_rotate_iou_cpu.install()
     cfg = Config.fromfile(resolve_config(args.config))
     dataset = held_out_dataset(cfg, args.data)
     ann_file = args.data / "kitti_infos_val.pkl"
@@ -169,6 +181,7 @@ def main() -> None:
                          f"{torch.get_num_threads()} threads)",
               "config": args.config, "checkpoint": str(args.checkpoint), "frames": len(dataset),
               "metric": "mmdet3d KittiMetric (bbox), strict IoU: Car 0.7, Pedestrian/Cyclist 0.5",
+              "rotated_iou": "kitti_rotate_iou_cpu (shapely)" if cpu_iou else "mmdet3d numba.cuda kernel",
               "candidates": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
