@@ -140,12 +140,12 @@ class MatchCounts:
         return self.matched / self.reference if self.reference else None
 
 
-def match_detections(reference: Detections, candidate: Detections, iou_threshold: float = 0.5) -> MatchCounts:
+def matched_pairs(reference: Detections, candidate: Detections, iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
     """Greedy one-to-one matching, candidate boxes in descending score order, each to the unmatched reference
-    box of the same label with the highest BEV IoU, if that IoU reaches the threshold."""
+    box of the same label with the highest BEV IoU, if that IoU reaches the threshold: (candidate, reference, IoU)."""
     ious = bev_iou(candidate.boxes, reference.boxes)
     taken = np.zeros(len(reference.boxes), bool)
-    counts = MatchCounts(reference=len(reference.boxes), candidate=len(candidate.boxes))
+    pairs = []
     for i in np.argsort(-candidate.scores, kind="stable"):
         allowed = (reference.labels == candidate.labels[i]) & ~taken
         if not allowed.any():
@@ -154,9 +154,15 @@ def match_detections(reference: Detections, candidate: Detections, iou_threshold
         j = int(np.argmax(row))
         if row[j] >= iou_threshold:
             taken[j] = True
-            counts.matched += 1
-            counts.iou_sum += float(row[j])
-    return counts
+            pairs.append((int(i), j, float(row[j])))
+    return pairs
+
+
+def match_detections(reference: Detections, candidate: Detections, iou_threshold: float = 0.5) -> MatchCounts:
+    """Counts of matched_pairs."""
+    pairs = matched_pairs(reference, candidate, iou_threshold)
+    return MatchCounts(reference=len(reference.boxes), candidate=len(candidate.boxes), matched=len(pairs),
+                       iou_sum=sum(iou for _, _, iou in pairs))
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -259,3 +265,41 @@ def detection_agreement(decoder: DetectionDecoder, reference: list[dict[str, np.
             "precision": total.precision, "recall": total.recall,
             "mean_matched_iou": total.iou_sum / total.matched if total.matched else None,
             "per_sample": per_sample}
+
+
+def compare_detection_outputs(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]],
+                              score_threshold: float | None, iou_threshold: float = 0.5) -> tuple[list[OutputFidelity], dict]:
+    """A --scope detections graph against FP32: its rows are a selection (a near-tied score may add, drop or reorder
+    a box), so boxes_3d and scores_3d are compared over the boxes matched one-to-one (label, BEV IoU), and the
+    unmatched ones count in the detection agreement, computed from the graph's own decoding and NMS."""
+    from .detection_parity import detections_from_outputs
+
+    total, per_sample = MatchCounts(), []
+    matched_rows: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"boxes_3d": [], "scores_3d": []}
+    for ref_out, cand_out in zip(reference, candidate):
+        ref, cand = detections_from_outputs(ref_out), detections_from_outputs(cand_out)
+        pairs = matched_pairs(ref, cand, iou_threshold)
+        counts = MatchCounts(len(ref.boxes), len(cand.boxes), len(pairs), sum(iou for _, _, iou in pairs))
+        per_sample.append(asdict(counts))
+        total.add(counts)
+        c_idx, r_idx = [c for c, _, _ in pairs], [r for _, r, _ in pairs]
+        matched_rows["boxes_3d"].append((ref.boxes[r_idx], cand.boxes[c_idx]))
+        matched_rows["scores_3d"].append((ref.scores[r_idx], cand.scores[c_idx]))
+    rows = []
+    for name, pairs_of_samples in matched_rows.items():
+        usable = [(r, c) for r, c in pairs_of_samples if r.size]
+        if not usable:  # nothing matched: agreement only if neither side kept a box
+            agree = 1.0 if total.reference + total.candidate == 0 else 0.0
+            rows.append(OutputFidelity(f"{name} (matched boxes)", agree, agree, 0.0, 0.0, 0.0))
+            continue
+        cosines = [cosine(r, c) for r, c in usable]
+        errors = [np.abs(r - c) for r, c in usable]
+        rows.append(OutputFidelity(f"{name} (matched boxes)", min(cosines), float(np.mean(cosines)),
+                                   max(float(e.max()) for e in errors), float(np.mean([e.mean() for e in errors])),
+                                   max(float(np.abs(r).max()) for r, _ in usable)))
+    agreement = {"decoder": "in the exported graph", "score_threshold": score_threshold,
+                 "iou_threshold": iou_threshold, "samples": len(per_sample), "reference_boxes": total.reference,
+                 "candidate_boxes": total.candidate, "matched": total.matched, "precision": total.precision,
+                 "recall": total.recall, "mean_matched_iou": total.iou_sum / total.matched if total.matched else None,
+                 "per_sample": per_sample}
+    return rows, agreement

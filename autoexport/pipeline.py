@@ -22,7 +22,8 @@ from .split import SplitResult, export_split, split_plan_for
 from .configs import resolve_config
 from .errors import AutoExportError, ExportFailedError, ParityFailedError, UserInputError, first_line
 from .backends import BACKENDS, BackendSpec, LoweredArtifact, LoweringSource, parse_backend
-from .fidelity import DetectionDecoder, FidelityReport, compare_outputs, detection_agreement
+from .detection_parity import near_ties_of
+from .fidelity import DetectionDecoder, FidelityReport, compare_detection_outputs, compare_outputs, detection_agreement
 from .patches import OpFunctionSubstitution, eager_substitutions
 from .export import ExportedArtifacts, export_onnx, export_program, quiet_export_logs, save_pt2
 from .manifest import Manifest
@@ -264,17 +265,16 @@ def _fidelity(options: ExportOptions, analysis: Analysis, fp32_runner: EagerRunn
     target = options.tolerances.get(options.precision)
     report = FidelityReport(options.precision, candidate.name, "eager PyTorch FP32 (the FP32 export reproduces it "
                             "to 1e-4)", [s.name for s in samples],
-                            (target.min_cosine if target and target.min_cosine else FIDELITY_MIN_COSINE),
-                            compare_outputs(reference, outputs, manifest.output_names))
-    heads = heads_of(analysis.model, analysis.boundary)
-    try:
-        decoder = DetectionDecoder(heads[0], manifest, options.agreement_score_thr) if len(heads) == 1 else None
-    except LookupError as err:
-        decoder = None
-        report.notes.append(f"detection agreement not computed: {err}")
-    if decoder is not None:
-        metas = [[d.metainfo for d in s.data_samples] for s in samples]
-        report.detection = detection_agreement(decoder, reference, outputs, metas)
+                            (target.min_cosine if target and target.min_cosine else FIDELITY_MIN_COSINE))
+    if options.scope == "detections":
+        report.outputs, report.detection = compare_detection_outputs(reference, outputs,
+                                                                     near_ties_of(analysis.model).score_thr)
+        report.notes.append("--scope detections: the outputs are a selection, so boxes_3d and scores_3d are compared "
+                            "over the boxes matched one-to-one (same label, BEV IoU >= 0.5); boxes only one side "
+                            "kept count in the detection agreement")
+    else:
+        report.outputs = compare_outputs(reference, outputs, manifest.output_names)
+        _add_decoded_agreement(report, options, analysis, samples, reference, outputs)
     if not analysis.checkpoint:
         report.notes.append("random weights (no --checkpoint): scores sit near the classifier prior, so few boxes "
                             "pass the score threshold and they are borderline; detection agreement means more with "
@@ -298,6 +298,20 @@ def _fidelity(options: ExportOptions, analysis: Analysis, fp32_runner: EagerRunn
     else:
         report.extra["fp16"] = reduced.to_json()
     return report
+
+
+def _add_decoded_agreement(report: FidelityReport, options: ExportOptions, analysis: Analysis, samples: list,
+                           reference: list, outputs: list) -> None:
+    """Detection agreement of network-scope outputs, decoded by the model's own head."""
+    heads = heads_of(analysis.model, analysis.boundary)
+    try:
+        decoder = DetectionDecoder(heads[0], analysis.manifest, options.agreement_score_thr) if len(heads) == 1 else None
+    except LookupError as err:
+        decoder = None
+        report.notes.append(f"detection agreement not computed: {err}")
+    if decoder is not None:
+        metas = [[d.metainfo for d in s.data_samples] for s in samples]
+        report.detection = detection_agreement(decoder, reference, outputs, metas)
 
 
 @contextmanager

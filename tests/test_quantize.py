@@ -11,7 +11,7 @@ import torch
 
 from autoexport import quantize as Q
 from autoexport.errors import UserInputError
-from autoexport.fidelity import Detections, compare_outputs, match_detections
+from autoexport.fidelity import Detections, compare_detection_outputs, compare_outputs, match_detections
 from conftest import KITTI_PP, export_to
 
 
@@ -236,6 +236,37 @@ def test_detection_matching_counts() -> None:
     assert match_detections(eager, exported, 0.5).iou_sum == pytest.approx(1.0, abs=1e-5)
     rows = compare_outputs([{"a": np.array([1.0, 2.0])}], [{"a": np.array([1.0, 2.5])}], ["a"])
     assert rows[0].max_abs == pytest.approx(0.5) and rows[0].min_cosine < 1
+
+
+def _detections_outputs(boxes: list, scores: list, labels: list, capacity: int = 6) -> dict[str, np.ndarray]:
+    """What a --scope detections graph returns: rows padded to its capacity, and the count."""
+    padded = np.zeros((capacity, 7), np.float32)
+    padded[:len(boxes)] = np.array(boxes, np.float32).reshape(-1, 7)
+    return {"boxes_3d": padded, "scores_3d": np.pad(np.array(scores, np.float32), (0, capacity - len(scores))),
+            "labels_3d": np.pad(np.array(labels, np.int64), (0, capacity - len(labels))),
+            "num_detections": np.array(len(boxes), np.int64)}
+
+
+def test_detections_scope_fidelity_compares_matched_boxes() -> None:
+    """A detections graph's rows are a selection: INT8 may order two near-tied boxes the other way or drop one near
+    the score threshold. Compared in order, a swap reads as a wrong box; matched one-to-one, the boxes agree and
+    the dropped one counts against recall."""
+    car, cyclist, far = [10, 2, -1.7, 4.2, 1.8, 1.6, 0.3], [30, -12, -1.7, 1.8, 0.7, 1.7, -1.3], [60, 20, -1.6, 4, 1.7, 1.5, 2]
+    fp32 = _detections_outputs([car, cyclist, far], [0.96, 0.95, 0.11], [2, 1, 2])
+    nudged = [v + 0.01 for v in cyclist]
+    int8 = _detections_outputs([nudged, car], [0.951, 0.958], [1, 2])  # swapped order, the 0.11 box dropped
+    in_order = {o.output: o for o in compare_outputs([fp32], [int8], ["boxes_3d"])}
+    assert in_order["boxes_3d"].min_cosine < 0.9
+    rows, agreement = compare_detection_outputs([fp32], [int8], score_threshold=0.1)
+    by_name = {o.output: o for o in rows}
+    assert by_name["boxes_3d (matched boxes)"].min_cosine > 0.9999
+    assert by_name["boxes_3d (matched boxes)"].max_abs == pytest.approx(0.01, abs=1e-5)
+    assert by_name["scores_3d (matched boxes)"].max_abs == pytest.approx(0.002, abs=1e-6)
+    assert (agreement["reference_boxes"], agreement["candidate_boxes"], agreement["matched"]) == (3, 2, 2)
+    assert agreement["recall"] == pytest.approx(2 / 3) and agreement["precision"] == 1.0
+    # Nothing matched while FP32 kept boxes: the outputs do not agree at all.
+    rows, agreement = compare_detection_outputs([fp32], [_detections_outputs([], [], [])], score_threshold=0.1)
+    assert all(o.min_cosine == 0.0 for o in rows) and agreement["matched"] == 0
 
 
 @pytest.mark.parametrize("extra, message", [
