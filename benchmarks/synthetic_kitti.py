@@ -42,6 +42,9 @@ CLASS_OF_KIND = {"car": "Car", "pedestrian": "Pedestrian", "cyclist": "Cyclist"}
 KIND_PROBABILITY = {"car": 0.55, "pedestrian": 0.28, "cyclist": 0.17}
 POINTS_AT_10_M_PER_M2 = 160.0  # a car's side at 10 m gets ~1000 points, as in KITTI
 HALF_FOV = np.deg2rad(39.0)  # image_2 sees about +-40 degrees
+# Labelled objects are lower over the front FRONT_FRACTION of their length (FRONT_HEIGHT of their height), as a car's
+# bonnet is: a box looks the same from front and back, and a detector cannot learn the heading of what looks the same.
+FRONT_FRACTION, FRONT_HEIGHT = 0.35, 0.6
 
 
 def calibration() -> dict[str, np.ndarray]:
@@ -76,9 +79,22 @@ def place_objects(rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
     return placed
 
 
+def object_surface(rng: np.random.Generator, count: int, box: np.ndarray, front_lower: bool) -> np.ndarray:
+    """Points on a box's sides and roof ([x, y, z_bottom, l, w, h, yaw]); with front_lower, the front part of the
+    length (local +x, the heading) is squashed to FRONT_HEIGHT of the height."""
+    from autoexport.samples import _sample_box_surface
+
+    local = _sample_box_surface(rng, count, np.zeros(3), tuple(box[3:6]), 0.0).astype(np.float64)
+    if front_lower:
+        front = local[:, 0] > box[3] * (0.5 - FRONT_FRACTION)
+        local[front, 2] *= FRONT_HEIGHT
+    c, s = np.cos(box[6]), np.sin(box[6])
+    return (local @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]).T + box[:3]).astype(np.float32)
+
+
 def scene_cloud(rng: np.random.Generator, objects: list[tuple[str, np.ndarray]]) -> np.ndarray:
     """Ground, walls, poles, unlabelled boxes and the objects' surfaces, as KITTI's [N, 4] x y z intensity."""
-    from autoexport.samples import _sample_box_surface, _sample_ground
+    from autoexport.samples import _sample_ground
 
     pc = [0.0, -40.0, -3.0, 70.4, 40.0, 1.0]
     parts = [_sample_ground(rng, int(rng.integers(9000, 14000)), pc)]
@@ -94,12 +110,12 @@ def scene_cloud(rng: np.random.Generator, objects: list[tuple[str, np.ndarray]])
     intensity += [rng.uniform(0.1, 0.6, n_walls + 600)]
     clutter = [("clutter", np.array([*_sample_ground(rng, 1, pc)[0], *rng.uniform([0.5, 0.5, 0.4], [3.0, 1.5, 1.5]),
                                      rng.uniform(-np.pi, np.pi)])) for _ in range(int(rng.integers(3, 9)))]
-    for _kind, box in objects + clutter:
+    for kind, box in objects + clutter:
         distance = max(np.hypot(box[0], box[1]), 3.0)
         length, width, height = box[3:6]
         area = length * height + width * height + length * width
         count = int(np.clip(POINTS_AT_10_M_PER_M2 * area * (10.0 / distance) ** 2, 4, 4000))
-        parts.append(_sample_box_surface(rng, count, box[:3], (length, width, height), float(box[6])).astype(np.float32))
+        parts.append(object_surface(rng, count, box, front_lower=kind != "clutter"))
         intensity.append(rng.uniform(0.2, 0.95, count))
     xyz = np.concatenate(parts)
     cloud = np.concatenate([xyz, np.concatenate(intensity)[:, None]], 1).astype(np.float32)

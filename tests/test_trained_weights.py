@@ -41,20 +41,25 @@ def _scene(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cloud, boxes, labels
 
 
-def _same_class_iou(model, index: int, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """mmdet3d's inference_detector on held-out frame `index`: the BEV IoU of each placed object (rows) with each
-    detection of score >= 0.5 (columns), zero across classes; and the placed objects' labels."""
+def _detect(model, index: int, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """mmdet3d's inference_detector on held-out frame `index`: the placed boxes [M, 7] and labels, the detections of
+    score >= 0.5 [K, 7] and their labels."""
     from mmdet3d.apis import inference_detector
-
-    from autoexport.fidelity import bev_iou
 
     cloud, truth, truth_labels = _scene(index)
     path = tmp_path / f"{index:06d}.bin"
     cloud.astype(np.float32).tofile(path)
     result = inference_detector(model, str(path))[0].pred_instances_3d
     keep = result.scores_3d >= 0.5
-    boxes = result.bboxes_3d.tensor[keep, :7].numpy().astype(np.float64)
-    labels = result.labels_3d[keep].numpy()
+    return truth, truth_labels, result.bboxes_3d.tensor[keep, :7].numpy().astype(np.float64), result.labels_3d[keep].numpy()
+
+
+def _same_class_iou(model, index: int, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The BEV IoU of each placed object (rows) with each detection (columns), zero across classes; and the placed
+    objects' labels."""
+    from autoexport.fidelity import bev_iou
+
+    truth, truth_labels, boxes, labels = _detect(model, index, tmp_path)
     return bev_iou(truth, boxes) * (truth_labels[:, None] == labels[None, :]), truth_labels
 
 
@@ -83,6 +88,25 @@ def test_trained_pointpillars_finds_the_held_out_objects(detector, tmp_path: Pat
     assert hits / confident >= 0.95, f"{hits} of {confident} detections with score >= 0.5 lie on a placed object"
 
 
+def test_trained_pointpillars_knows_front_from_back(detector, tmp_path: Path) -> None:
+    """The synthetic objects are lower over their front (benchmarks/synthetic_kitti.py): the direction classifier
+    can learn the heading, and a flip by pi of near-tied direction scores is rare. A detector that cannot tell front
+    from back gets about half of the headings right. Cars only: a pedestrian's 0.8 x 0.6 m footprint hardly shows
+    its heading (over frames 3000-3029: cars 130 of 130 right, cyclists 37 of 39, pedestrians 60 of 70)."""
+    from autoexport.fidelity import bev_iou
+
+    right = matched = 0
+    for index in HELD_OUT:
+        truth, truth_labels, boxes, labels = _detect(detector, index, tmp_path)
+        iou = bev_iou(truth, boxes) * (truth_labels[:, None] == labels[None, :])
+        for row in np.flatnonzero((iou >= 0.5).any(1) & (truth_labels == 2)):
+            col = int(np.argmax(iou[row]))
+            error = (boxes[col, 6] - truth[row, 6] + np.pi) % (2 * np.pi) - np.pi
+            matched, right = matched + 1, right + int(abs(error) < np.pi / 4)
+    assert matched >= 10
+    assert right / matched >= 0.95, f"{right} of {matched} matched cars within 45 degrees of the true heading"
+
+
 def test_random_weights_find_nothing(tmp_path: Path) -> None:
     """The same check on the same scenes fails without the trained weights: the test above measures the weights."""
     from mmdet3d.apis import init_model
@@ -93,3 +117,28 @@ def test_random_weights_find_nothing(tmp_path: Path) -> None:
     model = init_model(str(resolve_config(CONFIG)), None, device="cpu")
     iou, _ = _same_class_iou(model, HELD_OUT[0], tmp_path)
     assert not (iou >= 0.7).any()
+
+
+def test_int8_detections_export_of_trained_pointpillars(tmp_path: Path) -> None:
+    """Points in, boxes out in INT8 with weights that detect: fidelity against FP32 is judged on matched boxes (a
+    detections graph's rows are a selection). Compared in order, this export's boxes_3d had min cosine 0.67."""
+    import json
+
+    from conftest import export_to
+
+    out = tmp_path / "pp_int8_detections"
+    code = export_to(CONFIG, out, "--checkpoint", str(WEIGHTS), "--scope", "detections", "--precision", "int8",
+                     "--format", "onnx", "--calib-samples", "8", "--eval-samples", "6")
+    # Exit 1 is the parity of INT8 selections against the quantized PyTorch model: ONNX Runtime's integer kernels
+    # move a box by a centimetre, and a neighbour crosses the config's NMS IoU threshold of 0.01; detection-level
+    # parity with near-ties at INT8's scale is open (benchmarks/RESULTS.md). The fidelity report is written either way.
+    assert code in (0, 1)
+    folder = out if code == 0 else out.parent / f"{out.name}.failed"
+    report = json.loads((folder / "quant_report.json").read_text())
+    outputs = {o["output"]: o for o in report["outputs"]}
+    assert set(outputs) == {"boxes_3d (matched boxes)", "scores_3d (matched boxes)"}
+    # Measured: matched boxes 0.99964, scores 0.9992; 67 FP32 boxes, 70 INT8, 67 matched.
+    assert report["passed"] and min(o["min_cosine"] for o in outputs.values()) >= 0.99
+    agreement = report["detection_agreement"]
+    assert agreement["reference_boxes"] >= 30  # the trained model finds the synthesized scenes' objects
+    assert agreement["precision"] >= 0.9 and agreement["recall"] >= 0.9, agreement
