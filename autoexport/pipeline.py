@@ -647,9 +647,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("lower", _stage_lower, lambda run: ", ".join(str(s) for s in run.specs),
           applies=lambda run: bool(run.specs)),
     Stage("verify", _stage_verify, _verify_line),
+    # FP32 only: mmdet3d's inference is the FP32 model, and reduced precision moves scores far beyond the near-tie
+    # tolerances of this check; INT8/FP16 boxes are compared with the reduced model's own (verify) and FP32 (fidelity).
     Stage("detections", _stage_detections,
           lambda run: "exported boxes against mmdet3d's own inference on every sample",
-          applies=lambda run: run.options.scope == "detections"),
+          applies=lambda run: run.options.scope == "detections" and run.options.precision == "fp32"),
     Stage("split", _stage_split, lambda run: "export named stages, check each alone and chained",
           applies=lambda run: run.split),
     Stage("fidelity", _stage_fidelity,

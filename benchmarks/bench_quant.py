@@ -2,7 +2,8 @@
 
     python benchmarks/bench_quant.py [--configs NAME ...] [--checkpoint NAME=PATH ...] [--runs 5]
         [--agreement-score-thr NAME=T ...]
-        [--calib-samples 16] [--calib-data CONFIG=DIR ...] [--eval-samples 20] [--out-root /tmp/autoexport-bench-quant] [--json FILE]
+        [--calib-samples 16] [--calib-data CONFIG=DIR ...] [--skip-layers CONFIG=PATTERN[,PATTERN] ...]
+        [--eval-samples 20] [--out-root /tmp/autoexport-bench-quant] [--json FILE]
 
 Each config is exported twice with autoexport (--precision fp32 and --precision int8, both with --backend iree);
 latency is the median of --runs calls after one warm-up on the stored held-out sample, numpy in -> numpy out.
@@ -30,8 +31,10 @@ DEFAULT_CONFIGS = [
 
 
 def bench(config: str, checkpoint: str | None, out_root: Path, runs: int, calib: int, evals: int,
-          score_thr: str | None, calib_data: str | None = None) -> dict:
+          score_thr: str | None, calib_data: str | None = None, skip_layers: str | None = None) -> dict:
     row: dict = {"config": config, "checkpoint": checkpoint or "random weights"}
+    if skip_layers:
+        row["skip_layers"] = skip_layers.split(",")
     latency: dict[str, float] = {}
     for precision in ("fp32", "int8"):
         out = out_root / f"{config}.{precision}"
@@ -45,6 +48,8 @@ def bench(config: str, checkpoint: str | None, out_root: Path, runs: int, calib:
                 args += ["--calib-data", calib_data]
             if score_thr:
                 args += ["--agreement-score-thr", score_thr]
+            if skip_layers:
+                args += ["--skip-layers", *skip_layers.split(",")]
         code = autoexport_main(args)
         if code != 0:
             row[f"{precision}_error"] = f"autoexport exited {code}"
@@ -97,6 +102,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--calib-data", action="append", default=[], metavar="CONFIG=DIR",
                         help="the config's own point cloud files to calibrate on (the rest are held out)")
+    parser.add_argument("--skip-layers", action="append", default=[], metavar="CONFIG=PATTERN[,PATTERN]",
+                        help="layers the config's INT8 export keeps in float (autoexport --skip-layers)")
     parser.add_argument("--eval-samples", type=int, default=20)
     parser.add_argument("--agreement-score-thr", action="append", default=[], metavar="CONFIG=T",
                         help="detection agreement at this score threshold instead of the model's test_cfg")
@@ -107,8 +114,9 @@ def main() -> None:
     checkpoints = dict(item.split("=", 1) for item in args.checkpoint)
     thresholds = dict(item.split("=", 1) for item in args.agreement_score_thr)
     calib_data = dict(item.split("=", 1) for item in args.calib_data)
+    skip_layers = dict(item.split("=", 1) for item in args.skip_layers)
     rows = [bench(c, checkpoints.get(c), args.out_root, args.runs, args.calib_samples, args.eval_samples,
-                  thresholds.get(c), calib_data.get(c)) for c in args.configs]
+                  thresholds.get(c), calib_data.get(c), skip_layers.get(c)) for c in args.configs]
     print_table(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
