@@ -139,6 +139,19 @@ class MatchCounts:
     def recall(self) -> float | None:
         return self.matched / self.reference if self.reference else None
 
+    @classmethod
+    def of(cls, reference: Detections, candidate: Detections, pairs: list[tuple[int, int, float]]) -> MatchCounts:
+        """The counts of one sample's matched_pairs."""
+        return cls(len(reference.boxes), len(candidate.boxes), len(pairs), sum(iou for _, _, iou in pairs))
+
+    def summary(self, per_sample: list[dict], decoder: str, score_threshold: float | None,
+                iou_threshold: float) -> dict:
+        """The detection_agreement record of fidelity reports (quant_report.json)."""
+        return {"decoder": decoder, "score_threshold": score_threshold, "iou_threshold": iou_threshold,
+                "samples": len(per_sample), "reference_boxes": self.reference, "candidate_boxes": self.candidate,
+                "matched": self.matched, "precision": self.precision, "recall": self.recall,
+                "mean_matched_iou": self.iou_sum / self.matched if self.matched else None, "per_sample": per_sample}
+
 
 def matched_pairs(reference: Detections, candidate: Detections, iou_threshold: float = 0.5) -> list[tuple[int, int, float]]:
     """Greedy one-to-one matching, candidate boxes in descending score order, each to the unmatched reference
@@ -160,9 +173,7 @@ def matched_pairs(reference: Detections, candidate: Detections, iou_threshold: f
 
 def match_detections(reference: Detections, candidate: Detections, iou_threshold: float = 0.5) -> MatchCounts:
     """Counts of matched_pairs."""
-    pairs = matched_pairs(reference, candidate, iou_threshold)
-    return MatchCounts(reference=len(reference.boxes), candidate=len(candidate.boxes), matched=len(pairs),
-                       iou_sum=sum(iou for _, _, iou in pairs))
+    return MatchCounts.of(reference, candidate, matched_pairs(reference, candidate, iou_threshold))
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -259,12 +270,8 @@ def detection_agreement(decoder: DetectionDecoder, reference: list[dict[str, np.
             sample_counts.add(match_detections(ref_det, cand_det, iou_threshold))
         per_sample.append(asdict(sample_counts))
         total.add(sample_counts)
-    return {"decoder": f"{type(decoder.head).__name__}.predict_by_feat", "score_threshold": decoder.effective_score_thr,
-            "iou_threshold": iou_threshold, "samples": len(per_sample), "reference_boxes": total.reference,
-            "candidate_boxes": total.candidate, "matched": total.matched,
-            "precision": total.precision, "recall": total.recall,
-            "mean_matched_iou": total.iou_sum / total.matched if total.matched else None,
-            "per_sample": per_sample}
+    return total.summary(per_sample, f"{type(decoder.head).__name__}.predict_by_feat", decoder.effective_score_thr,
+                         iou_threshold)
 
 
 def compare_detection_outputs(reference: list[dict[str, np.ndarray]], candidate: list[dict[str, np.ndarray]],
@@ -279,7 +286,7 @@ def compare_detection_outputs(reference: list[dict[str, np.ndarray]], candidate:
     for ref_out, cand_out in zip(reference, candidate):
         ref, cand = detections_from_outputs(ref_out), detections_from_outputs(cand_out)
         pairs = matched_pairs(ref, cand, iou_threshold)
-        counts = MatchCounts(len(ref.boxes), len(cand.boxes), len(pairs), sum(iou for _, _, iou in pairs))
+        counts = MatchCounts.of(ref, cand, pairs)
         per_sample.append(asdict(counts))
         total.add(counts)
         c_idx, r_idx = [c for c, _, _ in pairs], [r for _, r, _ in pairs]
@@ -297,9 +304,4 @@ def compare_detection_outputs(reference: list[dict[str, np.ndarray]], candidate:
         rows.append(OutputFidelity(f"{name} (matched boxes)", min(cosines), float(np.mean(cosines)),
                                    max(float(e.max()) for e in errors), float(np.mean([e.mean() for e in errors])),
                                    max(float(np.abs(r).max()) for r, _ in usable)))
-    agreement = {"decoder": "in the exported graph", "score_threshold": score_threshold,
-                 "iou_threshold": iou_threshold, "samples": len(per_sample), "reference_boxes": total.reference,
-                 "candidate_boxes": total.candidate, "matched": total.matched, "precision": total.precision,
-                 "recall": total.recall, "mean_matched_iou": total.iou_sum / total.matched if total.matched else None,
-                 "per_sample": per_sample}
-    return rows, agreement
+    return rows, total.summary(per_sample, "in the exported graph", score_threshold, iou_threshold)

@@ -1,4 +1,5 @@
-"""Shared fixtures. Exports of real models are module- or session-scoped: each takes tens of seconds."""
+"""Shared fixtures. Exports of real models are made once per test module or once per test run: each takes tens
+of seconds."""
 
 from __future__ import annotations
 

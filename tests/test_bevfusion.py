@@ -197,8 +197,8 @@ def test_stable_sort_translates_to_onnx_topk_with_ties_in_index_order(tmp_path: 
     program = torch.onnx.export(torch.export.export(Sorts(), (x,)), dynamo=True,
                                 custom_translation_table=translation_table())
     program.save(str(tmp_path / "sorts.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "sorts.onnx"))
-    ours = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    ort_model = ort.InferenceSession(str(tmp_path / "sorts.onnx"))
+    ours = ort_model.run(None, {ort_model.get_inputs()[0].name: x.numpy()})
     for got, expected in zip(ours, Sorts()(x)):
         assert np.array_equal(got, expected.numpy())
     assert not torch.equal(x.view(-1).argsort(descending=True)[:300], Sorts()(x)[0][0]), \

@@ -70,8 +70,8 @@ def test_matrix_inverse_exports_to_onnx() -> None:
         program = torch.export.export(Inverts(), (batch, single))
     assert [u.target for u in used] == ["torch.inverse"]
     onnx_program = torch.onnx.export(program, (), dynamo=True, custom_translation_table=translation_table())
-    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString())
-    outputs = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), (batch, single))})
+    ort_model = ort.InferenceSession(onnx_program.model_proto.SerializeToString())
+    outputs = ort_model.run(None, {i.name: t.numpy() for i, t in zip(ort_model.get_inputs(), (batch, single))})
     for got, expected in zip(outputs, Inverts()(batch, single)):
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-5, rtol=1e-5)
 
@@ -82,8 +82,8 @@ def _group_norm_in_onnx_runtime(norm: torch.nn.Module, x: torch.Tensor, translat
         exported = torch.export.export(norm, (x,))  # keeps aten.group_norm; decomposed: aten.native_group_norm
         program = torch.onnx.export(exported.run_decompositions() if decomposed else exported, dynamo=True,
                                     verbose=False, custom_translation_table=translations)
-    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return (session.run(None, {session.get_inputs()[0].name: x.numpy()})[0],
+    ort_model = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return (ort_model.run(None, {ort_model.get_inputs()[0].name: x.numpy()})[0],
             {n.op_type for n in program.model_proto.graph.node})
 
 
@@ -194,9 +194,9 @@ def test_imvoxelnet_onnx_follows_a_new_camera_calibration(imvoxelnet_export: tup
     feed = dict(np.load(out / "inputs" / "sample_0.npz"))
     shifted = feed["lidar2img"].copy()
     shifted[0, :] += 40.0 * shifted[2, :]  # principal point moved 40 px to the right
-    session = ort.InferenceSession(str(out / "model.onnx"))
-    original = session.run(None, feed)
-    moved = session.run(None, {**feed, "lidar2img": shifted})
+    ort_model = ort.InferenceSession(str(out / "model.onnx"))
+    original = ort_model.run(None, feed)
+    moved = ort_model.run(None, {**feed, "lidar2img": shifted})
     assert np.abs(moved[0] - original[0]).max() > 1e-3  # the matrix is used, not a constant
 
     model = build_model(load_config(resolve_config(IMVOXELNET)), "cpu", seed=0)
@@ -221,12 +221,12 @@ def test_custom_imports_fusion_sample_exports_with_camera_matrix_input(tmp_path:
     assert parity["passed"] and {c["runtime"] for c in parity["checks"]} == {"pt2", "onnxruntime"}
     # Both camera inputs reach the outputs: another calibration or a blank image changes the class scores.
     feed = dict(np.load(out / "inputs" / "sample_0.npz"))
-    session = ort.InferenceSession(str(out / "model.onnx"))
-    base = session.run(None, feed)[0]
+    ort_model = ort.InferenceSession(str(out / "model.onnx"))
+    base = ort_model.run(None, feed)[0]
     moved = feed["lidar2img"].copy()
     moved[0] += 40.0 * moved[2]
-    assert np.abs(session.run(None, {**feed, "lidar2img": moved})[0] - base).max() > 1e-2
-    assert np.abs(session.run(None, {**feed, "imgs": np.zeros_like(feed["imgs"])})[0] - base).max() > 1e-2
+    assert np.abs(ort_model.run(None, {**feed, "lidar2img": moved})[0] - base).max() > 1e-2
+    assert np.abs(ort_model.run(None, {**feed, "imgs": np.zeros_like(feed["imgs"])})[0] - base).max() > 1e-2
 
 
 def test_missing_custom_import_and_bad_module_arguments_exit_2(tmp_path: Path, caplog: pytest.LogCaptureFixture,

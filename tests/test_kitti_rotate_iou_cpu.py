@@ -32,6 +32,17 @@ np.savez(sys.argv[2], **{f"c{c}": module.rotate_iou_gpu_eval(data["boxes"], data
 """
 
 
+def _rotate_iou_cpu():
+    """benchmarks/kitti_rotate_iou_cpu.rotate_iou_cpu (benchmarks/ is not a package)."""
+    pytest.importorskip("shapely")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from kitti_rotate_iou_cpu import rotate_iou_cpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return rotate_iou_cpu
+
+
 def random_boxes(rng: np.random.Generator, count: int) -> np.ndarray:
     centers = rng.uniform(0, 6, (count, 2))  # a small area: most pairs overlap
     sizes = rng.uniform(0.5, 4, (count, 2))
@@ -39,12 +50,7 @@ def random_boxes(rng: np.random.Generator, count: int) -> np.ndarray:
 
 
 def test_matches_mmdet3d_kernel(tmp_path: Path) -> None:
-    pytest.importorskip("shapely")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from kitti_rotate_iou_cpu import rotate_iou_cpu
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    rotate_iou_cpu = _rotate_iou_cpu()
     rng = np.random.default_rng(0)
     boxes, query = random_boxes(rng, 70), random_boxes(rng, 40)
     query[:10] = boxes[:10] + rng.normal(0, 0.05, (10, 5))  # near-duplicates, as detections of a ground truth are
@@ -61,12 +67,7 @@ def test_matches_mmdet3d_kernel(tmp_path: Path) -> None:
 
 
 def test_criteria_on_known_boxes() -> None:
-    pytest.importorskip("shapely")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from kitti_rotate_iou_cpu import rotate_iou_cpu
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    rotate_iou_cpu = _rotate_iou_cpu()
     box = np.array([[0.0, 0.0, 4.0, 2.0, 0.0]])
     shifted = np.array([[1.0, 0.0, 4.0, 2.0, 0.0], [0.0, 0.0, 2.0, 4.0, np.pi / 2], [0.0, 0.0, 2.0, 2.0, 0.3]])
     # half-overlap along x: 3 x 2 shared of 8 + 8; a quarter turn of a 2 x 4 box is the same footprint

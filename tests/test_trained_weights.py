@@ -41,26 +41,22 @@ def _scene(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cloud, boxes, labels
 
 
-def _detect(model, index: int, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """mmdet3d's inference_detector on held-out frame `index`: the placed boxes [M, 7] and labels, the detections of
-    score >= 0.5 [K, 7] and their labels."""
+def _same_class_iou(model, index: int, tmp_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """mmdet3d's inference_detector on held-out frame `index`: the BEV IoU of each placed object (rows) with each
+    detection of score >= 0.5 (columns), zero across classes; the placed boxes [M, 7], their labels, and the
+    detections' boxes [K, 7]."""
     from mmdet3d.apis import inference_detector
+
+    from autoexport.fidelity import bev_iou
 
     cloud, truth, truth_labels = _scene(index)
     path = tmp_path / f"{index:06d}.bin"
     cloud.astype(np.float32).tofile(path)
     result = inference_detector(model, str(path))[0].pred_instances_3d
     keep = result.scores_3d >= 0.5
-    return truth, truth_labels, result.bboxes_3d.tensor[keep, :7].numpy().astype(np.float64), result.labels_3d[keep].numpy()
-
-
-def _same_class_iou(model, index: int, tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The BEV IoU of each placed object (rows) with each detection (columns), zero across classes; and the placed
-    objects' labels."""
-    from autoexport.fidelity import bev_iou
-
-    truth, truth_labels, boxes, labels = _detect(model, index, tmp_path)
-    return bev_iou(truth, boxes) * (truth_labels[:, None] == labels[None, :]), truth_labels
+    boxes = result.bboxes_3d.tensor[keep, :7].numpy().astype(np.float64)
+    labels = result.labels_3d[keep].numpy()
+    return bev_iou(truth, boxes) * (truth_labels[:, None] == labels[None, :]), truth, truth_labels, boxes
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +72,7 @@ def detector():
 def test_trained_pointpillars_finds_the_held_out_objects(detector, tmp_path: Path) -> None:
     objects = found = cars = cars_tight = confident = hits = 0
     for index in HELD_OUT:
-        iou, truth_labels = _same_class_iou(detector, index, tmp_path)
+        iou, _, truth_labels, _ = _same_class_iou(detector, index, tmp_path)
         car = truth_labels == 2
         objects, found = objects + len(iou), found + int((iou >= 0.5).any(1).sum())
         cars, cars_tight = cars + int(car.sum()), cars_tight + int((iou[car] >= 0.7).any(1).sum())
@@ -93,12 +89,9 @@ def test_trained_pointpillars_knows_front_from_back(detector, tmp_path: Path) ->
     can learn the heading, and a flip by pi of near-tied direction scores is rare. A detector that cannot tell front
     from back gets about half of the headings right. Cars only: a pedestrian's 0.8 x 0.6 m footprint hardly shows
     its heading (over frames 3000-3029: cars 130 of 130 right, cyclists 37 of 39, pedestrians 60 of 70)."""
-    from autoexport.fidelity import bev_iou
-
     right = matched = 0
     for index in HELD_OUT:
-        truth, truth_labels, boxes, labels = _detect(detector, index, tmp_path)
-        iou = bev_iou(truth, boxes) * (truth_labels[:, None] == labels[None, :])
+        iou, truth, truth_labels, boxes = _same_class_iou(detector, index, tmp_path)
         for row in np.flatnonzero((iou >= 0.5).any(1) & (truth_labels == 2)):
             col = int(np.argmax(iou[row]))
             error = (boxes[col, 6] - truth[row, 6] + np.pi) % (2 * np.pi) - np.pi
@@ -115,7 +108,7 @@ def test_random_weights_find_nothing(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     model = init_model(str(resolve_config(CONFIG)), None, device="cpu")
-    iou, _ = _same_class_iou(model, HELD_OUT[0], tmp_path)
+    iou = _same_class_iou(model, HELD_OUT[0], tmp_path)[0]
     assert not (iou >= 0.7).any()
 
 
